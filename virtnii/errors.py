@@ -1,0 +1,47 @@
+"""One exception family for everything virtnii refuses to do.
+
+Every error names the source (file or URL) and the problem, so that a batch over thousands of files can report
+one line per failure and carry on with the rest.
+"""
+
+from __future__ import annotations
+
+
+class VirtniiError(Exception):
+    """Base of all virtnii errors: ``str(err)`` is ``"<source>: <problem>"``."""
+
+    def __init__(self, source: str, problem: str) -> None:
+        self.source = source
+        self.problem = problem
+        super().__init__(f"{source}: {problem}")
+
+    def __reduce__(self):  # keep pickling (Dask, multiprocessing) working with two arguments
+        return (type(self), (self.source, self.problem))
+
+
+class SourceNotFound(VirtniiError):
+    """The source does not exist (or the storage refuses to say)."""
+
+
+class SourceAccessError(VirtniiError):
+    """The source exists but cannot be read (permissions, network, credentials)."""
+
+
+class InvalidNifti(VirtniiError):
+    """The bytes are not a NIfTI-1/NIfTI-2 image virtnii can expose (bad magic, sizes, dims, truncation)."""
+
+
+class UnsupportedNifti(VirtniiError):
+    """A valid NIfTI that cannot be exposed as a zarr array (e.g. float128, more than 5 dimensions)."""
+
+
+class InvalidGzip(VirtniiError):
+    """A ``.nii.gz`` whose gzip stream is not gzip, is truncated, or is corrupt."""
+
+
+class StaleSource(VirtniiError):
+    """The source changed (size, mtime or ETag) since it was indexed: re-scan it."""
+
+
+class ManifestError(VirtniiError):
+    """A manifest folder is missing, unreadable, or was written by an incompatible version."""
