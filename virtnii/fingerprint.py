@@ -1,0 +1,72 @@
+"""What a source looked like when it was indexed, and the check that it still looks the same.
+
+References are byte offsets into a file that virtnii does not own: if the file is replaced, the offsets point at
+other bytes and a reader would get wrong voxels silently. Every manifest therefore records each source's size
+plus its ETag (object stores, HTTP) or mtime (POSIX-like filesystems), and readers compare before trusting it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from typing import Any
+
+import fsspec
+
+from .errors import SourceAccessError, SourceNotFound, StaleSource
+
+Fingerprint = dict[str, Any]
+
+
+def _mtime(info: dict[str, Any]) -> float | None:
+    for key in ("mtime", "LastModified", "last_modified", "modified", "updated"):
+        value = info.get(key)
+        if value is None:
+            continue
+        if isinstance(value, _dt.datetime):
+            return value.timestamp()
+        if isinstance(value, (int, float)):
+            return float(value)
+        try:
+            return _dt.datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            continue
+    return None
+
+
+def from_info(info: dict[str, Any]) -> Fingerprint:
+    """Fingerprint from an fsspec ``info()``/``find(detail=True)`` entry: size, and ETag or mtime."""
+    fp: Fingerprint = {"size": int(info["size"])}
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        fp["etag"] = str(etag).strip('"')
+    else:
+        mtime = _mtime(info)
+        if mtime is not None:
+            fp["mtime"] = mtime
+    return fp
+
+
+def stat(fs: fsspec.AbstractFileSystem, path: str, url: str) -> Fingerprint:
+    """Fingerprint of ``path`` on ``fs`` now; errors name ``url``."""
+    try:
+        info = fs.info(path)
+    except FileNotFoundError as err:
+        raise SourceNotFound(url, "no such file or object") from err
+    except PermissionError as err:
+        raise SourceAccessError(url, f"permission denied ({err})") from err
+    except OSError as err:
+        raise SourceAccessError(url, f"cannot stat: {err}") from err
+    if info.get("type") == "directory":
+        raise SourceNotFound(url, "is a directory, not a file")
+    return from_info(info)
+
+
+def ensure_unchanged(url: str, recorded: Fingerprint, current: Fingerprint) -> None:
+    """Raise :class:`StaleSource` when ``current`` differs from what was ``recorded`` at indexing time."""
+    for key in ("size", "etag", "mtime"):
+        if key in recorded and key in current and recorded[key] != current[key]:
+            raise StaleSource(
+                url,
+                f"changed since it was indexed ({key} was {recorded[key]!r}, now {current[key]!r}); "
+                "re-run `virtnii scan` on it",
+            )
