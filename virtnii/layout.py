@@ -1,0 +1,119 @@
+"""Pure arithmetic that maps a NIfTI data block onto zarr chunks: shapes, chunk sizes, byte offsets.
+
+NIfTI stores voxels x fastest, then y, z, t, c (Fortran order over ``dim[1..5]``); zarr arrays here are C order
+over ``[t, c, z, y, x]``.  So the same bytes are a C-order zarr array with the axes reversed, and any chunk that is
+whole along every faster axis is one contiguous byte range of the file: a run of rows, of whole slices, of whole
+volumes.  Everything below is that one observation, done with numpy so that a 100k-chunk image costs nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+#: Axis names in NIfTI file order (fastest first); zarr order is the reverse.
+FILE_AXES = ("x", "y", "z", "t", "c")
+
+TARGET_CHUNK_BYTES = 4 * 2**20
+MAX_CHUNK_BYTES = 16 * 2**20
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one NIfTI data block is cut into zarr chunks.
+
+    ``file_shape`` and ``file_chunks`` are in NIfTI order (x, y, z, t, c), always of length 5;
+    ``ndim`` is how many trailing zarr axes the array keeps (3: z,y,x; 4: t,z,y,x; 5: t,c,z,y,x).
+    """
+
+    file_shape: tuple[int, ...]
+    file_chunks: tuple[int, ...]
+    itemsize: int
+    data_offset: int
+    ndim: int
+
+    @property
+    def axes(self) -> tuple[str, ...]:
+        """Zarr axis names, e.g. ``("t", "z", "y", "x")``."""
+        return FILE_AXES[::-1][5 - self.ndim:]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Zarr array shape (C order)."""
+        return self.file_shape[::-1][5 - self.ndim:]
+
+    @property
+    def chunks(self) -> tuple[int, ...]:
+        """Zarr chunk shape (C order)."""
+        return self.file_chunks[::-1][5 - self.ndim:]
+
+    @property
+    def chunk_nbytes(self) -> int:
+        """Bytes in one chunk (every chunk is full: chunk sizes divide the shape)."""
+        return math.prod(self.file_chunks) * self.itemsize
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes in the whole data block."""
+        return math.prod(self.file_shape) * self.itemsize
+
+    def chunk_grid(self) -> tuple[int, ...]:
+        """Number of chunks along each zarr axis."""
+        return tuple(s // c for s, c in zip(self.shape, self.chunks))
+
+    def chunk_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """All chunks as ``(indices, offsets)``.
+
+        ``indices`` is an ``(n, ndim)`` int array of zarr chunk coordinates in C order (row-major over the
+        grid, which is also increasing file offset), ``offsets`` the byte offset of each chunk in the data
+        file.  Every chunk has length :attr:`chunk_nbytes`.
+        """
+        grid = self.chunk_grid()
+        indices = np.indices(grid, dtype=np.int64).reshape(len(grid), -1).T
+        # byte stride of one chunk step along each zarr axis = chunk extent * element stride of that axis
+        file_strides = np.cumprod((self.itemsize,) + self.file_shape[:-1], dtype=np.int64)
+        chunk_strides = (file_strides * np.array(self.file_chunks, dtype=np.int64))[::-1][5 - self.ndim:]
+        offsets = self.data_offset + indices @ chunk_strides
+        return indices, offsets
+
+
+def zarr_ndim(nifti_shape: tuple[int, ...]) -> int:
+    """Zarr rank for a NIfTI shape: 3 for up to 3-D, 4 with time, 5 with time and channels (dim[5])."""
+    return min(max(len(nifti_shape), 3), 5)
+
+
+def best_divisor(n: int, unit_bytes: int, target: int, limit: int) -> int:
+    """Divisor ``k`` of ``n`` whose slab ``k * unit_bytes`` is closest to ``target`` (log scale), within ``limit``.
+
+    Divisors only, because uncompressed chunks must be full-sized: a partial edge chunk would reference bytes
+    beyond the data block.  Falls back to 1 when even one unit exceeds ``limit``.
+    """
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    candidates = sorted(set(small + [n // d for d in small]))
+    fitting = [k for k in candidates if k * unit_bytes <= limit] or [1]
+    return min(fitting, key=lambda k: abs(math.log2(k * unit_bytes / target)))
+
+
+def plan(nifti_shape: tuple[int, ...], itemsize: int, data_offset: int,
+         target: int = TARGET_CHUNK_BYTES, limit: int = MAX_CHUNK_BYTES) -> Layout:
+    """Choose contiguous chunks of about ``target`` bytes for a NIfTI of ``nifti_shape`` (x, y, z[, t[, c]]).
+
+    Rows are always whole; then, from the fastest axis up, each axis takes the divisor that brings the slab
+    closest to ``target``; once an axis is split, slower axes get chunk 1 so the chunk stays contiguous.
+    Typical results: whole z-slabs for 3-D volumes, several whole volumes per chunk for small fMRI frames,
+    bands of rows for single slices larger than ``limit``.
+    """
+    file_shape = tuple(int(n) for n in nifti_shape[:5]) + (1,) * (5 - min(len(nifti_shape), 5))
+    chunks = [file_shape[0]]
+    unit = itemsize * file_shape[0]
+    for axis in range(1, 5):
+        n = file_shape[axis]
+        k = best_divisor(n, unit, target, limit)
+        chunks.append(k)
+        unit *= k
+        if k < n:
+            chunks.extend([1] * (4 - axis))
+            break
+    return Layout(file_shape, tuple(chunks), itemsize, int(data_offset), zarr_ndim(nifti_shape))
