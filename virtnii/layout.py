@@ -1,9 +1,10 @@
 """Pure arithmetic that maps a NIfTI data block onto zarr chunks: shapes, chunk sizes, byte offsets.
 
-NIfTI stores voxels x fastest, then y, z, t, c (Fortran order over ``dim[1..5]``); zarr arrays here are C order
-over ``[t, c, z, y, x]``.  So the same bytes are a C-order zarr array with the axes reversed, and any chunk that is
-whole along every faster axis is one contiguous byte range of the file: a run of rows, of whole slices, of whole
-volumes.  Everything below is that one observation, done with numpy so that a 100k-chunk image costs nothing.
+NIfTI stores voxels x fastest, then y, z, t, c (Fortran order over ``dim[1..5]``); NIfTI-Zarr arrays are C order
+over ``[t, c, z, y, x]``.  A chunk that is whole along every faster file axis is one contiguous byte range of the
+file — a run of rows, of whole slices, of whole volumes — and its bytes are already in zarr's C order as long as
+it does not span both t and c (their order is swapped between file and zarr).  Everything below is that
+observation, done with numpy so that a 100k-chunk image costs nothing.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-#: Axis names in NIfTI file order (fastest first); zarr order is the reverse.
+#: Axis names in NIfTI file order (fastest first).
 FILE_AXES = ("x", "y", "z", "t", "c")
+#: For each axis of a NIfTI-Zarr array of rank 3, 4 or 5 (``[[t,] [c,] z, y, x]``), its position in FILE_AXES.
+ZARR_TO_FILE = {3: (2, 1, 0), 4: (3, 2, 1, 0), 5: (3, 4, 2, 1, 0)}
 
 TARGET_CHUNK_BYTES = 4 * 2**20
 MAX_CHUNK_BYTES = 16 * 2**20
@@ -35,19 +38,24 @@ class Layout:
     ndim: int
 
     @property
+    def file_axes(self) -> tuple[int, ...]:
+        """For each zarr axis, the file axis it is (``(2, 1, 0)`` for z, y, x)."""
+        return ZARR_TO_FILE[self.ndim]
+
+    @property
     def axes(self) -> tuple[str, ...]:
         """Zarr axis names, e.g. ``("t", "z", "y", "x")``."""
-        return FILE_AXES[::-1][5 - self.ndim:]
+        return tuple(FILE_AXES[a] for a in self.file_axes)
 
     @property
     def shape(self) -> tuple[int, ...]:
         """Zarr array shape (C order)."""
-        return self.file_shape[::-1][5 - self.ndim:]
+        return tuple(self.file_shape[a] for a in self.file_axes)
 
     @property
     def chunks(self) -> tuple[int, ...]:
         """Zarr chunk shape (C order)."""
-        return self.file_chunks[::-1][5 - self.ndim:]
+        return tuple(self.file_chunks[a] for a in self.file_axes)
 
     @property
     def chunk_nbytes(self) -> int:
@@ -74,7 +82,7 @@ class Layout:
         indices = np.indices(grid, dtype=np.int64).reshape(len(grid), -1).T
         # byte stride of one chunk step along each zarr axis = chunk extent * element stride of that axis
         file_strides = np.cumprod((self.itemsize,) + self.file_shape[:-1], dtype=np.int64)
-        chunk_strides = (file_strides * np.array(self.file_chunks, dtype=np.int64))[::-1][5 - self.ndim:]
+        chunk_strides = (file_strides * np.array(self.file_chunks, dtype=np.int64))[list(self.file_axes)]
         offsets = self.data_offset + indices @ chunk_strides
         return indices, offsets
 
@@ -101,7 +109,8 @@ def plan(nifti_shape: tuple[int, ...], itemsize: int, data_offset: int,
     """Choose contiguous chunks of about ``target`` bytes for a NIfTI of ``nifti_shape`` (x, y, z[, t[, c]]).
 
     Rows are always whole; then, from the fastest axis up, each axis takes the divisor that brings the slab
-    closest to ``target``; once an axis is split, slower axes get chunk 1 so the chunk stays contiguous.
+    closest to ``target``; once an axis is split, slower axes get chunk 1 so the chunk stays contiguous.  A
+    chunk never spans several channels of a multi-volume series (file and zarr order t, c differently).
     Typical results: whole z-slabs for 3-D volumes, several whole volumes per chunk for small fMRI frames,
     bands of rows for single slices larger than ``limit``.
     """
@@ -110,7 +119,8 @@ def plan(nifti_shape: tuple[int, ...], itemsize: int, data_offset: int,
     unit = itemsize * file_shape[0]
     for axis in range(1, 5):
         n = file_shape[axis]
-        k = best_divisor(n, unit, target, limit)
+        spans_t_and_c = axis == 4 and file_shape[3] > 1
+        k = 1 if spans_t_and_c else best_divisor(n, unit, target, limit)
         chunks.append(k)
         unit *= k
         if k < n:

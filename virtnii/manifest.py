@@ -1,0 +1,96 @@
+"""The manifest folder: references, sidecars and the index file, written all-or-nothing.
+
+Layout (documented for users in ``docs/manifest.md``)::
+
+    OUT/
+      virtnii.json        index file: format version, zarr format, one entry per image (written last)
+      refs.json           kerchunk v1 references of the whole hierarchy   (or refs.parquet/ with --format parquet)
+      gzindex/            gzip seek-point sidecars of .nii.gz sources (see docs/gzip.md)
+
+Everything is written into a sibling ``OUT.partial-<id>`` folder first and moved into place only when complete,
+so a failure or an interrupt never leaves a half-written manifest at ``OUT``.  Nothing from the storage options
+used to read sources (credentials, endpoints) is ever written: references carry only URLs.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any, Iterable
+
+import fsspec
+import kerchunk.df
+
+from .errors import ManifestError
+from .references import ImageRefs, hierarchy_docs
+
+INDEX_FILE = "virtnii.json"
+MANIFEST_VERSION = 1
+REF_FILES = {"json": "refs.json", "parquet": "refs.parquet"}
+
+
+class ManifestWriter:
+    """Collects sidecars in a temporary folder, then :meth:`commit` writes references and moves it into place."""
+
+    def __init__(self, out: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.out_url = out
+        self.fs, self.out = fsspec.core.url_to_fs(out, **(storage_options or {}))
+        self.out = self.out.rstrip("/")
+        self.tmp = f"{self.out}.partial-{uuid.uuid4().hex[:8]}"
+        self.fs.makedirs(self.tmp, exist_ok=True)
+
+    def __enter__(self) -> "ManifestWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.fs.exists(self.tmp):  # commit moved it away; anything left is an aborted write
+            self.fs.rm(self.tmp, recursive=True)
+
+    def commit(self, images: list[ImageRefs], entries: list[dict[str, Any]], zarr_format: int,
+               ref_format: str) -> None:
+        """Write references and the index file, then replace ``OUT`` with the finished folder."""
+        refs = build_refs(images, zarr_format)
+        ref_file = REF_FILES[ref_format]
+        target = f"{self.tmp}/{ref_file}"
+        if ref_format == "json":
+            with self.fs.open(target, "w") as f:
+                json.dump(refs, f, separators=(",", ":"))
+        else:
+            kerchunk.df.refs_to_dataframe(refs, self.fs.unstrip_protocol(target),
+                                          storage_options=self.fs.storage_options)
+        index = {
+            "virtnii_manifest": MANIFEST_VERSION,
+            "zarr_format": zarr_format,
+            "references": ref_file,
+            "images": entries,
+        }
+        with self.fs.open(f"{self.tmp}/{INDEX_FILE}", "w") as f:
+            json.dump(index, f, indent=1)
+        if self.fs.exists(self.out):
+            self.fs.rm(self.out, recursive=True)
+        self.fs.mv(self.tmp, self.out, recursive=True)
+
+
+def build_refs(images: Iterable[ImageRefs], zarr_format: int) -> dict[str, Any]:
+    """Kerchunk v1 references of a hierarchy holding ``images`` (one group each)."""
+    images = list(images)
+    refs: dict[str, Any] = hierarchy_docs([im.name for im in images], zarr_format, {})
+    for image in images:
+        refs.update(image.kerchunk())
+    return {"version": 1, "refs": refs}
+
+
+def read_index(manifest: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The index file of a manifest folder, checked for a version this code understands."""
+    fs, path = fsspec.core.url_to_fs(manifest, **(storage_options or {}))
+    index_path = f"{path.rstrip('/')}/{INDEX_FILE}"
+    try:
+        with fs.open(index_path, "rb") as f:
+            index = json.load(f)
+    except FileNotFoundError as err:
+        raise ManifestError(manifest, f"not a virtnii manifest (no {INDEX_FILE}); create one with `virtnii scan`") from err
+    except (OSError, ValueError) as err:
+        raise ManifestError(manifest, f"cannot read {INDEX_FILE}: {err}") from err
+    if not isinstance(index, dict) or index.get("virtnii_manifest") != MANIFEST_VERSION:
+        raise ManifestError(manifest, f"{INDEX_FILE} is not a version-{MANIFEST_VERSION} virtnii manifest")
+    return index

@@ -1,0 +1,112 @@
+"""Open a manifest as a read-only ``zarr.Group``, and turn an image group back into a nibabel image.
+
+Nothing is copied: ``open`` builds fsspec's ReferenceFileSystem over the manifest's references, with one
+filesystem per source protocol (sources read through :class:`~virtnii.verified.VerifiedFileSystem`, ``.nii.gz``
+data through the ``gzidx`` protocol), and zarr reads chunks straight from the sources.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import fsspec
+import nibabel as nib
+import numpy as np
+import zarr
+from nibabel.arrayproxy import ArrayProxy
+from nibabel.fileslice import canonical_slicers
+
+from .errors import InvalidNifti, ManifestError
+from .layout import ZARR_TO_FILE
+from .manifest import read_index
+from .verified import VerifiedFileSystem
+
+_IMAGE_CLASSES = {
+    b"n+1": (nib.Nifti1Header, nib.Nifti1Image), b"ni1": (nib.nifti1.Nifti1PairHeader, nib.Nifti1Pair),
+    b"n+2": (nib.Nifti2Header, nib.Nifti2Image), b"ni2": (nib.nifti2.Nifti2PairHeader, nib.Nifti2Pair),
+}
+
+
+def reference_options(manifest: str, manifest_options: dict[str, Any] | None = None,
+                      **storage_options: Any) -> dict[str, Any]:
+    """``storage_options`` for ``zarr.open_group("reference://", mode="r", storage_options=…)`` on a manifest.
+
+    ``storage_options`` are for the sources (e.g. ``anon=True``); ``manifest_options`` for the manifest folder
+    (default: the same options when the manifest and the sources share a protocol, else none).
+    """
+    manifest = manifest.rstrip("/")
+    index = read_index(manifest, manifest_options or {})
+    expected: dict[str, dict[str, dict[str, Any]]] = {}  # protocol -> {data url: fingerprint}
+    for image in index["images"]:
+        if image.get("gzip_index"):
+            continue  # read through gzidx://, which checks its source itself
+        url = image.get("data", image["source"])
+        protocol = fsspec.core.split_protocol(url)[0] or "file"
+        expected.setdefault(protocol, {})[url] = image.get("data_fingerprint", image["fingerprint"])
+    if manifest_options is None:
+        manifest_protocol = fsspec.core.split_protocol(manifest)[0] or "file"
+        manifest_options = dict(storage_options) if manifest_protocol in expected else {}
+    fss: dict[str, Any] = {protocol: VerifiedFileSystem(fsspec.filesystem(protocol, **storage_options), fps)
+                           for protocol, fps in expected.items()}
+    if any(image.get("gzip_index") for image in index["images"]):
+        fss["gzidx"] = fsspec.filesystem("gzidx", root=manifest, root_options=manifest_options,
+                                         target_options=storage_options, asynchronous=True,
+                                         skip_instance_cache=True)
+    refs = f"{manifest}/{index['references']}"
+    return {"fo": refs, "fs": fss, "target_options": manifest_options, "asynchronous": True}
+
+
+def open(manifest: str, manifest_options: dict[str, Any] | None = None, **storage_options: Any) -> zarr.Group:
+    """Open a manifest folder (local path or fsspec URL) as a read-only zarr group, one subgroup per image.
+
+    Every source is checked against the size and ETag/mtime recorded at scan time the first time it is read;
+    a changed source raises :class:`~virtnii.errors.StaleSource` instead of returning wrong voxels.
+    """
+    options = reference_options(manifest, manifest_options, **storage_options)
+    return zarr.open_group("reference://", mode="r", storage_options=options)
+
+
+class ZarrArrayProxy(ArrayProxy):
+    """nibabel's ArrayProxy with voxels from a NIfTI-Zarr array instead of a file.
+
+    Subclassing keeps nibabel's own scaling (``get_scaled``, slope/inter casting rules) and slicing semantics;
+    only the raw read is replaced.
+    """
+
+    def __init__(self, array: zarr.Array, header: nib.Nifti1Header) -> None:
+        super().__init__(array.store_path.path or "<zarr>", header, mmap=False)
+        self._array = array
+
+    def _get_unscaled(self, slicer: Any) -> np.ndarray:
+        nd = len(self._shape)
+        canonical = canonical_slicers(slicer, self._shape, False)
+        if any(s is None for s in canonical) or len(canonical) != nd:
+            return np.asarray(self._get_unscaled(()))[slicer]
+        file_axes = ZARR_TO_FILE[self._array.ndim]
+        zarr_index = tuple(canonical[a] if a < nd else 0 for a in file_axes)
+        block = np.asarray(self._array[zarr_index])
+        kept = [a for a in file_axes if a < nd and not isinstance(canonical[a], (int, np.integer))]
+        block = block.transpose(np.argsort(kept))
+        for axis in range(5, nd):  # singleton axes past the fifth (e.g. 6-D CIFTI-like shapes)
+            if not isinstance(canonical[axis], (int, np.integer)):
+                block = np.expand_dims(block, -1)[..., canonical[axis]]
+        return block.view(self._dtype) if self._dtype.fields else block
+
+
+def to_nibabel(group: zarr.Group) -> nib.Nifti1Image:
+    """A nibabel image over a NIfTI-Zarr image group, reading voxels lazily through zarr.
+
+    The header (so the affine and scl_slope/inter) is the group's binary ``nifti`` array; ``img.dataobj`` is a
+    proxy: ``np.asarray(img.dataobj)`` is scaled like nibabel's, ``img.dataobj.get_unscaled()`` raw.
+    """
+    if "nifti" not in group or "0" not in group:
+        raise ManifestError(str(group.store_path), "not a NIfTI-Zarr image group (needs arrays 'nifti' and '0')")
+    raw = np.asarray(group["nifti"][:]).tobytes()
+    magic = raw[344:347] if len(raw) >= 348 and raw[:4] in (b"\x5c\x01\x00\x00", b"\x00\x00\x01\x5c") else raw[4:7]
+    if magic not in _IMAGE_CLASSES:
+        raise InvalidNifti(str(group.store_path), f"the nifti array holds no NIfTI header (magic {magic!r})")
+    header_class, image_class = _IMAGE_CLASSES[magic]
+    header = header_class.from_fileobj(io.BytesIO(raw), check=True)
+    proxy = ZarrArrayProxy(group["0"], header)
+    return image_class(proxy, header.get_best_affine(), header)

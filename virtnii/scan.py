@@ -1,0 +1,358 @@
+"""Scan NIfTI sources (files, folders, globs at any fsspec URL) into one manifest.
+
+The flow per batch: list the sources (a folder listing gives sizes and ETags/mtimes for free), read each
+header with one concurrent ranged read, parse it with nibabel, index ``.nii.gz`` data in place (one streaming
+pass each, in worker threads), build references, and write the manifest all-or-nothing.  A bad source is
+reported and skipped; the good ones still make a manifest.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+import zlib
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import fsspec
+from tqdm.auto import tqdm
+
+from . import fingerprint, gzindex
+from .errors import InvalidGzip, InvalidNifti, ManifestError, SourceAccessError, SourceNotFound, VirtniiError
+from .header import HEAD_BYTES, NiftiHeader, header_extent, parse
+from .manifest import REF_FILES, ManifestWriter
+from .references import ZARR_FORMATS, ImageRefs, image_refs
+
+#: File names the scanner picks up in folders; ``.img``/``.img.gz`` are found through their ``.hdr``.
+NIFTI_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".hdr.gz")
+GZIP_INDEX_FOLDER = "gzindex"
+_GLOB = re.compile(r"[*?\[]")
+
+
+@dataclass
+class Source:
+    """One image to index: its header file and the file holding its voxels (the same file for ``.nii``)."""
+
+    fs: fsspec.AbstractFileSystem
+    path: str
+    info: dict[str, Any]
+    data_path: str = ""
+    data_info: dict[str, Any] = field(default_factory=dict)
+    name: str = ""
+
+    @property
+    def url(self) -> str:
+        return self.fs.unstrip_protocol(self.path)
+
+    @property
+    def data_url(self) -> str:
+        return self.fs.unstrip_protocol(self.data_path)
+
+    @property
+    def is_pair(self) -> bool:
+        return self.path.lower().endswith((".hdr", ".hdr.gz"))
+
+    @property
+    def is_gzip(self) -> bool:
+        return self.data_path.lower().endswith(".gz")
+
+
+@dataclass
+class ScanResult:
+    """What a scan made: the manifest URL (None when nothing could be indexed), its image entries, and failures."""
+
+    manifest: str | None
+    images: list[dict[str, Any]]
+    failures: list[VirtniiError]
+
+
+def scan(sources: Iterable[str] | str, out: str, *, zarr_format: int = 3, ref_format: str = "json",
+         storage_options: dict[str, Any] | None = None, manifest_options: dict[str, Any] | None = None,
+         progress: bool = False) -> ScanResult:
+    """Index NIfTI ``sources`` in place and write one manifest folder at ``out``.
+
+    Parameters
+    ----------
+    sources
+        Files (``.nii``, ``.nii.gz``, ``.hdr``, ``.hdr.gz``), folders (searched recursively) or globs, as local
+        paths or fsspec URLs (``s3://…``, ``https://…``, ``memory://…``).
+    out
+        Manifest folder (local path or fsspec URL); replaced if it exists.
+    zarr_format
+        3 (Zarr v3 + OME 0.5, default) or 2 (Zarr v2 + OME 0.4).
+    ref_format
+        ``"json"`` (kerchunk v1 JSON) or ``"parquet"`` (fsspec's lazy Parquet references; Zarr v2 only,
+        because fsspec's Parquet reader understands only Zarr v2 metadata).
+    storage_options
+        Options for reading the sources (e.g. ``{"anon": True}``); never written into the manifest.
+    manifest_options
+        Options for writing ``out`` when it is remote (default: none).
+    progress
+        Show a progress bar on stderr.
+    """
+    if zarr_format not in ZARR_FORMATS:
+        raise ManifestError(out, f"zarr_format must be 2 or 3, not {zarr_format!r}")
+    if ref_format not in REF_FILES:
+        raise ManifestError(out, f"reference format must be one of {sorted(REF_FILES)}, not {ref_format!r}")
+    if ref_format == "parquet" and zarr_format != 2:
+        raise ManifestError(out, "Parquet references need --zarr-format 2 (fsspec's Parquet reference reader "
+                                 "understands only Zarr v2 metadata)")
+    options = dict(storage_options or {})
+    found, failures = expand([sources] if isinstance(sources, str) else list(sources), options)
+    assign_names(found)
+    images: list[ImageRefs] = []
+    entries: list[dict[str, Any]] = []
+    with ManifestWriter(out, manifest_options) as writer, \
+            tqdm(total=len(found), unit="file", desc="scan", disable=not progress) as bar:
+        plain = [s for s in found if not s.is_gzip]
+        gzipped = [s for s in found if s.is_gzip]
+        for source, outcome in zip(plain, read_plain_headers(plain, zarr_format)):
+            _collect(source, outcome, images, entries, failures, bar)
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            jobs = {pool.submit(index_gzip_source, s, options, writer, zarr_format): s for s in gzipped}
+            for job in as_completed(jobs):
+                try:
+                    outcome = job.result()
+                except VirtniiError as err:
+                    outcome = err
+                _collect(jobs[job], outcome, images, entries, failures, bar)
+        if not images:
+            return ScanResult(None, [], failures)
+        order = sorted(range(len(images)), key=lambda i: images[i].name)
+        writer.commit([images[i] for i in order], [entries[i] for i in order], zarr_format, ref_format)
+    return ScanResult(out, [entries[i] for i in order], failures)
+
+
+def _collect(source: Source, outcome: tuple[NiftiHeader, ImageRefs, dict[str, Any]] | VirtniiError,
+             images: list[ImageRefs], entries: list[dict[str, Any]], failures: list[VirtniiError], bar: tqdm) -> None:
+    """Add one finished source to the results (or to the failures) and advance the progress bar."""
+    bar.update(1)
+    if isinstance(outcome, VirtniiError):
+        failures.append(outcome)
+        return
+    images.append(outcome[1])
+    entries.append(outcome[2])
+
+
+# ---------------------------------------------------------------------------------------------------- listing
+
+def expand(sources: list[str], options: dict[str, Any]) -> tuple[list[Source], list[VirtniiError]]:
+    """Resolve files, folders and globs to :class:`Source` objects with their listing info."""
+    found: dict[str, Source] = {}
+    failures: list[VirtniiError] = []
+    for src in sources:
+        try:
+            fs, path = fsspec.core.url_to_fs(src, **options)
+        except (ValueError, ImportError, TypeError) as err:
+            failures.append(SourceAccessError(src, f"cannot open this URL: {err}"))
+            continue
+        try:
+            listing = _list(fs, path, src)
+        except VirtniiError as err:
+            failures.append(err)
+            continue
+        for p in sorted(listing):
+            if not p.lower().endswith(NIFTI_SUFFIXES):
+                continue
+            source = Source(fs, p, listing[p])
+            found.setdefault(source.url, source)
+    sources_out = []
+    for source in found.values():
+        try:
+            _attach_data_file(source)
+            sources_out.append(source)
+        except VirtniiError as err:
+            failures.append(err)
+    return sources_out, failures
+
+
+def _list(fs: fsspec.AbstractFileSystem, path: str, src: str) -> dict[str, dict[str, Any]]:
+    """``{path: info}`` for a file, a folder (recursive) or a glob; explicit files keep any name."""
+    try:
+        if _GLOB.search(path):
+            return {p: i for p, i in fs.glob(path, detail=True).items() if i.get("type") != "directory"}
+        info = fs.info(path)
+        if info.get("type") == "directory":
+            return fs.find(path, detail=True)
+    except FileNotFoundError as err:
+        raise SourceNotFound(src, "no such file, folder or object") from err
+    except PermissionError as err:
+        raise SourceAccessError(src, f"permission denied ({err})") from err
+    except OSError as err:
+        raise SourceAccessError(src, f"cannot list: {err}") from err
+    if not path.lower().endswith(NIFTI_SUFFIXES):
+        raise InvalidNifti(src, f"not a NIfTI file name (expected one of {', '.join(NIFTI_SUFFIXES)})")
+    return {path: info}
+
+
+def _attach_data_file(source: Source) -> None:
+    """Point a ``.hdr`` at its ``.img`` (same folder, same compression); a ``.nii`` holds its own data."""
+    if not source.is_pair:
+        source.data_path, source.data_info = source.path, source.info
+        return
+    lower = source.path.lower()
+    stem = source.path[: -len(".hdr.gz")] if lower.endswith(".gz") else source.path[: -len(".hdr")]
+    suffix = ".img.gz" if lower.endswith(".gz") else ".img"
+    for candidate in (stem + suffix, stem + suffix.upper()):
+        try:
+            source.data_info = source.fs.info(candidate)
+            source.data_path = candidate
+            return
+        except FileNotFoundError:
+            continue
+        except OSError as err:
+            raise SourceAccessError(source.url, f"cannot stat its data file {candidate}: {err}") from err
+    raise SourceNotFound(source.url, f"no matching data file {posixpath.basename(stem + suffix)} beside this .hdr")
+
+
+def assign_names(sources: list[Source]) -> None:
+    """Group names: paths relative to the sources' common folder, extension dropped (BIDS folders kept)."""
+    if not sources:
+        return
+    folders = [posixpath.dirname(s.path) for s in sources]
+    common = posixpath.commonpath(folders) if len(set(f.startswith("/") for f in folders)) == 1 else ""
+    taken: set[str] = set()
+    for source in sources:
+        rel = posixpath.relpath(source.path, common) if common else source.path.lstrip("/")
+        name = re.sub(r"\.(nii|hdr)(\.gz)?$", "", rel, flags=re.IGNORECASE)
+        if name in taken:  # a.nii beside a.nii.gz: keep the extension to tell them apart
+            name = rel.replace(".", "_")
+        taken.add(name)
+        source.name = name
+
+
+# ---------------------------------------------------------------------------------------------------- headers
+
+def _fetch_ranges(fs: fsspec.AbstractFileSystem, paths: list[str], ends: list[int]) -> list[bytes | Exception]:
+    """First ``ends[i]`` bytes of each path, concurrently on async filesystems (one GET each)."""
+    if not paths:
+        return []
+    return fs.cat_ranges(paths, [0] * len(paths), ends, on_error="return")
+
+
+def _read_error(url: str, err: Exception) -> VirtniiError:
+    if isinstance(err, FileNotFoundError):
+        return SourceNotFound(url, "disappeared while scanning")
+    if isinstance(err, PermissionError):
+        return SourceAccessError(url, f"permission denied ({err})")
+    return SourceAccessError(url, f"read failed: {err}")
+
+
+def read_plain_headers(sources: list[Source], zarr_format: int) -> list[tuple[NiftiHeader, ImageRefs, dict[str, Any]] | VirtniiError]:
+    """Headers of uncompressed sources, one concurrent ranged read per file (a second only for big extensions)."""
+    outcomes: list[Any] = [None] * len(sources)
+    by_fs: dict[int, list[int]] = {}
+    for i, s in enumerate(sources):
+        by_fs.setdefault(id(s.fs), []).append(i)
+    for members in by_fs.values():
+        fs = sources[members[0]].fs
+        wants = [sources[i].info["size"] if sources[i].is_pair else min(sources[i].info["size"], HEAD_BYTES)
+                 for i in members]
+        heads = _fetch_ranges(fs, [sources[i].path for i in members], wants)
+        retry = []
+        for i, head in zip(members, heads):
+            s = sources[i]
+            if isinstance(head, Exception):
+                outcomes[i] = _read_error(s.url, head)
+                continue
+            try:
+                extent = header_extent(s.url, head, s.is_pair, s.info["size"])
+            except VirtniiError as err:
+                outcomes[i] = err
+                continue
+            if extent > len(head) and extent <= s.info["size"]:
+                retry.append((i, extent))
+            else:
+                outcomes[i] = head[:extent]
+        more = _fetch_ranges(fs, [sources[i].path for i, _ in retry], [e for _, e in retry])
+        for (i, _), head in zip(retry, more):
+            outcomes[i] = _read_error(sources[i].url, head) if isinstance(head, Exception) else head
+    return [o if isinstance(o, VirtniiError) else _plain_image(s, o, zarr_format) for s, o in zip(sources, outcomes)]
+
+
+def _plain_image(source: Source, raw: bytes, zarr_format: int) -> tuple[NiftiHeader, ImageRefs, dict[str, Any]] | VirtniiError:
+    try:
+        header = parse(source.url, raw, source.is_pair)
+        _check_data_size(source.data_url if source.is_pair else source.url, header, int(source.data_info["size"]))
+        refs = image_refs(source.name, header, source.data_url, zarr_format)
+    except VirtniiError as err:
+        return err
+    return header, refs, _entry(source, header, refs)
+
+
+def _check_data_size(url: str, header: NiftiHeader, size: int) -> None:
+    end = header.data_offset + header.nbytes
+    if end > size:
+        raise InvalidNifti(url, f"data truncated: the header promises {header.nbytes} bytes of voxels at offset "
+                                f"{header.data_offset} (ending at {end}) but the data holds only {size} bytes")
+
+
+# ------------------------------------------------------------------------------------------------------- gzip
+
+def gunzip_head(fs: fsspec.AbstractFileSystem, path: str, url: str, size: int,
+                need: Callable[[bytes], int]) -> bytes:
+    """The first ``need(head)`` uncompressed bytes of a gzip file, fetching compressed bytes in growing steps."""
+    step = min(size, 64 * 1024)
+    while True:
+        try:
+            compressed = fs.cat_file(path, start=0, end=step)
+        except Exception as err:  # noqa: BLE001 - any storage error is reported against the source
+            raise _read_error(url, err) from err
+        if compressed[:2] != b"\x1f\x8b":
+            raise InvalidGzip(url, "not gzip data (no gzip magic bytes): is it an uncompressed .nii named .gz?")
+        try:
+            head = zlib.decompressobj(wbits=31).decompress(compressed, 64 * 2**20)
+        except zlib.error as err:
+            raise InvalidGzip(url, f"corrupt gzip data at the start of the file: {err}") from err
+        wanted = need(head)
+        if len(head) >= wanted or step >= size:
+            return head[:wanted]
+        step = min(size, step * 4)
+
+
+def index_gzip_source(source: Source, options: dict[str, Any], writer: ManifestWriter, zarr_format: int
+                      ) -> tuple[NiftiHeader, ImageRefs, dict[str, Any]]:
+    """Header, seek-point index and references of a ``.nii.gz`` (or gzipped pair), indexed in place."""
+    fs, url = source.fs, source.url
+    if source.is_pair:
+        raw = gunzip_head(fs, source.path, url, source.info["size"], lambda head: 2**31)
+    else:
+        raw = gunzip_head(fs, source.path, url, source.info["size"],
+                          lambda head: header_extent(url, head, False, 2**62))
+    header = parse(url, raw, source.is_pair)
+    layout_refs = image_refs(source.name, header, "", zarr_format)
+    offsets = layout_refs.offsets.tolist()
+    index = gzindex.build_index(source.data_url, offsets, options)
+    _check_data_size(source.data_url, header, index.uncompressed_size)
+    sidecar_name = source.name.replace("/", "__")
+    descriptor = gzindex.write_sidecar(index, writer.fs, f"{writer.tmp}/{GZIP_INDEX_FOLDER}", sidecar_name)
+    layout_refs.url = f"gzidx://{GZIP_INDEX_FOLDER}/{descriptor}"
+    entry = _entry(source, header, layout_refs)
+    entry["gzip_index"] = f"{GZIP_INDEX_FOLDER}/{descriptor}"
+    entry["uncompressed_size"] = index.uncompressed_size
+    return header, layout_refs, entry
+
+
+# -------------------------------------------------------------------------------------------------- entries
+
+
+def _entry(source: Source, header: NiftiHeader, refs: ImageRefs) -> dict[str, Any]:
+    """The index-file entry of one image: where it came from, what it looked like, what it holds."""
+    layout = refs.layout
+    entry: dict[str, Any] = {
+        "name": source.name,
+        "source": source.url,
+        "fingerprint": fingerprint.from_info(source.info),
+        "nifti_version": header.version,
+        "shape": list(layout.shape),
+        "axes": "".join(layout.axes),
+        "chunks": list(layout.chunks),
+        "dtype": header.dtype.str if not header.dtype.fields else header.dtype.descr,
+        "nbytes": layout.nbytes,
+        "gzip_index": None,
+    }
+    if source.is_pair:
+        entry["data"] = source.data_url
+        entry["data_fingerprint"] = fingerprint.from_info(source.data_info)
+    return entry

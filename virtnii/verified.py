@@ -1,0 +1,55 @@
+"""An fsspec wrapper that refuses to serve bytes of a source that changed since it was indexed.
+
+References into a ``.nii`` are bare ``(url, offset, length)`` triples: if the file is replaced they silently
+point at other bytes.  :func:`virtnii.open` therefore reads sources through :class:`VerifiedFileSystem`, which
+compares each source's size and ETag/mtime with the manifest's record the first time the source is touched
+(one ``info`` call per source per opened manifest) and raises :class:`~virtnii.errors.StaleSource` on mismatch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fsspec.asyn import AsyncFileSystem
+from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+
+from . import fingerprint
+from .errors import SourceNotFound
+
+
+class VerifiedFileSystem(AsyncFileSystem):
+    """Reads through ``fs`` (any fsspec filesystem), checking ``expected[path]`` fingerprints once per path."""
+
+    cachable = False
+
+    def __init__(self, fs: Any, expected: dict[str, fingerprint.Fingerprint], **kwargs: Any) -> None:
+        super().__init__(asynchronous=True, **kwargs)
+        self.fs = fs if fs.async_impl else AsyncFileSystemWrapper(fs, asynchronous=True)
+        self.protocol = fs.protocol
+        self.expected = {fs._strip_protocol(url): fp for url, fp in expected.items()}
+        self._checked: set[str] = set()
+
+    async def _verify(self, url: str) -> str:
+        path = self.fs._strip_protocol(url)
+        if path in self._checked or path not in self.expected:
+            return path
+        try:
+            info = await self.fs._info(path)
+        except FileNotFoundError:
+            info = None
+        source = self.fs.unstrip_protocol(path)
+        if info is None:
+            raise SourceNotFound(source, "was indexed but no longer exists; re-run `virtnii scan`")
+        fingerprint.ensure_unchanged(source, self.expected[path], fingerprint.from_info(info))
+        self._checked.add(path)
+        return path
+
+    async def _cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
+        return await self.fs._cat_file(await self._verify(path), start=start, end=end, **kwargs)
+
+    async def _cat_ranges(self, paths: list[str], starts: list[int], ends: list[int], **kwargs: Any) -> list[bytes]:
+        verified = [await self._verify(p) for p in paths]
+        return await self.fs._cat_ranges(verified, starts, ends, **kwargs)
+
+    async def _info(self, path: str, **kwargs: Any) -> dict[str, Any]:
+        return await self.fs._info(path, **kwargs)
