@@ -15,7 +15,9 @@ import nibabel as nib
 import numpy as np
 import zarr
 from nibabel.arrayproxy import ArrayProxy
+from fsspec.implementations.reference import ReferenceFileSystem
 from nibabel.fileslice import canonical_slicers
+from zarr.storage import FsspecStore
 
 from .errors import InvalidNifti, ManifestError
 from .layout import ZARR_TO_FILE
@@ -64,7 +66,24 @@ def open(manifest: str, manifest_options: dict[str, Any] | None = None, **storag
     a changed source raises :class:`~virtnii.errors.StaleSource` instead of returning wrong voxels.
     """
     options = reference_options(manifest, manifest_options, **storage_options)
-    return zarr.open_group("reference://", mode="r", storage_options=options)
+    store = FsspecStore(_ReferenceFileSystem(**options), read_only=True, path="")
+    return zarr.open_group(store=store, mode="r")
+
+
+class _ReferenceFileSystem(ReferenceFileSystem):
+    """fsspec's ReferenceFileSystem, answering the ``/group`` listings zarr asks for.
+
+    zarr's FsspecStore with an empty root lists ``"/" + prefix``, which ReferenceFileSystem (keys have no
+    leading slash) answers with nothing, so subgroups looked empty when walking a manifest.
+    """
+
+    async def _ls(self, path: str, detail: bool = True, **kwargs: Any) -> list[Any]:
+        if not path.startswith("/"):
+            return await super()._ls(path, detail=detail, **kwargs)
+        entries = await super()._ls(path.lstrip("/"), detail=detail, **kwargs)
+        if detail:
+            return [{**entry, "name": "/" + entry["name"]} for entry in entries]
+        return ["/" + entry for entry in entries]
 
 
 class ZarrArrayProxy(ArrayProxy):

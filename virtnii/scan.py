@@ -39,6 +39,7 @@ class Source:
     info: dict[str, Any]
     data_path: str = ""
     data_info: dict[str, Any] = field(default_factory=dict)
+    base: str = ""
     name: str = ""
 
     @property
@@ -148,14 +149,14 @@ def expand(sources: list[str], options: dict[str, Any]) -> tuple[list[Source], l
             failures.append(SourceAccessError(src, f"cannot open this URL: {err}"))
             continue
         try:
-            listing = _list(fs, path, src)
+            listing, base = _list(fs, path, src)
         except VirtniiError as err:
             failures.append(err)
             continue
         for p in sorted(listing):
             if not p.lower().endswith(NIFTI_SUFFIXES):
                 continue
-            source = Source(fs, p, listing[p])
+            source = Source(fs, p, listing[p], base=base)
             found.setdefault(source.url, source)
     sources_out = []
     for source in found.values():
@@ -167,14 +168,19 @@ def expand(sources: list[str], options: dict[str, Any]) -> tuple[list[Source], l
     return sources_out, failures
 
 
-def _list(fs: fsspec.AbstractFileSystem, path: str, src: str) -> dict[str, dict[str, Any]]:
-    """``{path: info}`` for a file, a folder (recursive) or a glob; explicit files keep any name."""
+def _list(fs: fsspec.AbstractFileSystem, path: str, src: str) -> tuple[dict[str, dict[str, Any]], str]:
+    """``({path: info}, base folder)`` for a file, a folder (recursive) or a glob.
+
+    The base folder is what group names are made relative to: the folder itself, the glob's fixed leading
+    folder, or a file's parent.
+    """
     try:
         if _GLOB.search(path):
-            return {p: i for p, i in fs.glob(path, detail=True).items() if i.get("type") != "directory"}
+            base = posixpath.dirname(_GLOB.split(path, 1)[0])
+            return {p: i for p, i in fs.glob(path, detail=True).items() if i.get("type") != "directory"}, base
         info = fs.info(path)
         if info.get("type") == "directory":
-            return fs.find(path, detail=True)
+            return fs.find(path, detail=True), path.rstrip("/")
     except FileNotFoundError as err:
         raise SourceNotFound(src, "no such file, folder or object") from err
     except PermissionError as err:
@@ -183,7 +189,7 @@ def _list(fs: fsspec.AbstractFileSystem, path: str, src: str) -> dict[str, dict[
         raise SourceAccessError(src, f"cannot list: {err}") from err
     if not path.lower().endswith(NIFTI_SUFFIXES):
         raise InvalidNifti(src, f"not a NIfTI file name (expected one of {', '.join(NIFTI_SUFFIXES)})")
-    return {path: info}
+    return {path: info}, posixpath.dirname(path)
 
 
 def _attach_data_file(source: Source) -> None:
@@ -207,17 +213,26 @@ def _attach_data_file(source: Source) -> None:
 
 
 def assign_names(sources: list[Source]) -> None:
-    """Group names: paths relative to the sources' common folder, extension dropped (BIDS folders kept)."""
-    if not sources:
-        return
-    folders = [posixpath.dirname(s.path) for s in sources]
-    common = posixpath.commonpath(folders) if len(set(f.startswith("/") for f in folders)) == 1 else ""
+    """Group names: each path relative to the folder it was found under, extension dropped.
+
+    A file given by name is named by its stem; a folder's files keep their sub-paths (BIDS ``sub-01/anat/…``).
+    When two sources would share a name, both are named relative to the sources' common folder instead, and if
+    that still collides (``x.nii`` beside ``x.nii.gz``) the extension is kept.
+    """
+    def stem(rel: str) -> str:
+        return re.sub(r"\.(nii|hdr)(\.gz)?$", "", rel, flags=re.IGNORECASE)
+
+    names = [stem(posixpath.relpath(s.path, s.base) if s.base else s.path) for s in sources]
+    clashing = {n for n in names if names.count(n) > 1}
+    if clashing:
+        folders = [posixpath.dirname(s.path) for s, n in zip(sources, names) if n in clashing]
+        common = posixpath.commonpath(folders) if len({f.startswith("/") for f in folders}) == 1 else ""
+        names = [stem(posixpath.relpath(s.path, common) if common else s.path.lstrip("/")) if n in clashing else n
+                 for s, n in zip(sources, names)]
     taken: set[str] = set()
-    for source in sources:
-        rel = posixpath.relpath(source.path, common) if common else source.path.lstrip("/")
-        name = re.sub(r"\.(nii|hdr)(\.gz)?$", "", rel, flags=re.IGNORECASE)
-        if name in taken:  # a.nii beside a.nii.gz: keep the extension to tell them apart
-            name = rel.replace(".", "_")
+    for source, name in zip(sources, names):
+        if name in taken:
+            name = (posixpath.relpath(source.path, source.base) if source.base else source.path).replace(".", "_")
         taken.add(name)
         source.name = name
 

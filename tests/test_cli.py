@@ -1,0 +1,69 @@
+"""CLI: exit codes, one line per failure, info output; the CLI and the Python API agree."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import pytest
+
+from virtnii.cli import main
+
+DATA = Path(nib.__file__).parent / "tests" / "data"
+
+
+def test_scan_then_info(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    assert main(["scan", str(DATA / "anatomical.nii"), str(DATA / "functional.nii"), "-o", str(out), "-q"]) == 0
+    assert "indexed 2 image(s)" in capsys.readouterr().out
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "2 image(s), Zarr v3" in text and "anatomical" in text and "25x41x33" in text and ">i2" in text
+
+
+def test_partial_failure_exits_1_with_one_line_per_bad_source(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.nii"
+    bad.write_bytes(b"\x00" * 400)
+    code = main(["scan", str(DATA / "anatomical.nii"), str(bad), str(tmp_path / "nope.nii"), "-o",
+                 str(tmp_path / "out"), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert len(err) == 2 and all(line.startswith("virtnii: error: ") for line in err)
+    assert any("bad.nii" in line for line in err) and any("nope.nii" in line for line in err)
+    assert (tmp_path / "out" / "virtnii.json").exists()
+
+
+def test_nothing_indexed_exits_2_and_writes_nothing(tmp_path: Path, capsys) -> None:
+    assert main(["scan", str(tmp_path / "nope.nii"), "-o", str(tmp_path / "out"), "-q"]) == 2
+    assert "nothing indexed" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_option_combination_is_one_clear_line(tmp_path: Path, capsys) -> None:
+    code = main(["scan", str(DATA / "anatomical.nii"), "-o", str(tmp_path / "out"), "--format", "parquet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "need --zarr-format 2" in err and "Traceback" not in err
+
+
+def test_info_on_a_folder_that_is_not_a_manifest(tmp_path: Path, capsys) -> None:
+    assert main(["info", str(tmp_path)]) == 2
+    assert "not a virtnii manifest" in capsys.readouterr().err
+
+
+def test_storage_options_are_parsed_as_json_and_never_written(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    # LocalFileSystem accepts and ignores unknown options: a stand-in for credentials given on the command line
+    assert main(["scan", str(DATA / "anatomical.nii"), "-o", str(out), "-q", "-s", "secret=hunter2-XYZ",
+                 "-s", "max_concurrency=4"]) == 0
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert b"hunter2-XYZ" not in path.read_bytes(), path
+    index = json.loads((out / "virtnii.json").read_text())
+    assert "secret" not in json.dumps(index)
+
+
+def test_usage_errors_exit_2(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["scan", "x.nii"])
+    assert exc.value.code == 2

@@ -1,0 +1,68 @@
+"""Manifest folder: all-or-nothing writes, the index file, replacement of an existing manifest."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import pytest
+
+import virtnii
+from virtnii import manifest
+
+DATA = Path(nib.__file__).parent / "tests" / "data"
+
+
+def test_index_file_describes_each_image(tmp_path: Path) -> None:
+    virtnii.scan([str(DATA / "functional.nii")], str(tmp_path / "out"))
+    index = json.loads((tmp_path / "out" / "virtnii.json").read_text())
+    assert index["virtnii_manifest"] == 1 and index["zarr_format"] == 3 and index["references"] == "refs.json"
+    (image,) = index["images"]
+    assert image["name"] == "functional"
+    assert image["source"] == (DATA / "functional.nii").as_uri()
+    assert image["shape"] == [20, 3, 21, 17] and image["axes"] == "tzyx" and image["dtype"] == "<i2"
+    assert image["nbytes"] == 17 * 21 * 3 * 20 * 2
+    assert image["fingerprint"]["size"] == (DATA / "functional.nii").stat().st_size
+
+
+def test_failed_commit_leaves_no_partial_folder_and_keeps_old_manifest(tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "out"
+    virtnii.scan([str(DATA / "anatomical.nii")], str(out))
+    before = (out / "refs.json").read_bytes()
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(manifest, "build_refs", explode)
+    with pytest.raises(RuntimeError):
+        virtnii.scan([str(DATA / "functional.nii")], str(out))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (out / "refs.json").read_bytes() == before
+
+
+def test_rescan_replaces_manifest(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    virtnii.scan([str(DATA / "anatomical.nii")], str(out))
+    virtnii.scan([str(DATA / "functional.nii")], str(out), zarr_format=2)
+    index = manifest.read_index(str(out))
+    assert [i["name"] for i in index["images"]] == ["functional"] and index["zarr_format"] == 2
+    assert not (out / "zarr.json").exists()
+
+
+@pytest.mark.parametrize("content, problem", [(None, "not a virtnii manifest"),
+                                               ('{"virtnii_manifest": 99}', "not a version-1"),
+                                               ("{not json", "cannot read")])
+def test_unreadable_manifests_raise_manifest_error(tmp_path: Path, content: str | None, problem: str) -> None:
+    if content is not None:
+        (tmp_path / "virtnii.json").write_text(content)
+    with pytest.raises(virtnii.ManifestError, match=problem):
+        virtnii.open(str(tmp_path))
+
+
+def test_parquet_references_need_zarr_v2(tmp_path: Path) -> None:
+    with pytest.raises(virtnii.ManifestError, match="zarr-format 2"):
+        virtnii.scan([str(DATA / "anatomical.nii")], str(tmp_path / "out"), ref_format="parquet")
+    virtnii.scan([str(DATA / "anatomical.nii")], str(tmp_path / "out"), ref_format="parquet", zarr_format=2)
+    group = virtnii.open(str(tmp_path / "out"))
+    assert group["anatomical/0"].shape == (25, 41, 33)
