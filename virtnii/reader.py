@@ -15,11 +15,11 @@ import nibabel as nib
 import numpy as np
 import zarr
 from nibabel.arrayproxy import ArrayProxy
-from fsspec.implementations.reference import ReferenceFileSystem
+from fsspec.implementations.reference import ReferenceFileSystem, ReferenceNotReachable
 from nibabel.fileslice import canonical_slicers
 from zarr.storage import FsspecStore
 
-from .errors import InvalidNifti, ManifestError
+from .errors import InvalidNifti, ManifestError, VirtniiError
 from .layout import ZARR_TO_FILE
 from .manifest import read_index
 from .verified import VerifiedFileSystem
@@ -71,11 +71,21 @@ def open(manifest: str, manifest_options: dict[str, Any] | None = None, **storag
 
 
 class _ReferenceFileSystem(ReferenceFileSystem):
-    """fsspec's ReferenceFileSystem, answering the ``/group`` listings zarr asks for.
+    """fsspec's ReferenceFileSystem, answering the ``/group`` listings zarr asks for, and raising our errors.
 
     zarr's FsspecStore with an empty root lists ``"/" + prefix``, which ReferenceFileSystem (keys have no
-    leading slash) answers with nothing, so subgroups looked empty when walking a manifest.
+    leading slash) answers with nothing, so subgroups looked empty when walking a manifest.  And a
+    :class:`~virtnii.errors.VirtniiError` from a source (e.g. ``StaleSource``) surfaces as itself rather than
+    behind fsspec's generic ``ReferenceNotReachable``.
     """
+
+    async def _cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
+        try:
+            return await super()._cat_file(path, start=start, end=end, **kwargs)
+        except ReferenceNotReachable as err:
+            if isinstance(err.__cause__, VirtniiError):
+                raise err.__cause__ from None
+            raise
 
     async def _ls(self, path: str, detail: bool = True, **kwargs: Any) -> list[Any]:
         if not path.startswith("/"):
