@@ -308,6 +308,8 @@ def _check_data_size(url: str, header: NiftiHeader, size: int) -> None:
 def gunzip_head(fs: fsspec.AbstractFileSystem, path: str, url: str, size: int,
                 need: Callable[[bytes], int]) -> bytes:
     """The first ``need(head)`` uncompressed bytes of a gzip file, fetching compressed bytes in growing steps."""
+    if size == 0:
+        raise InvalidGzip(url, "empty file")
     step = min(size, 64 * 1024)
     while True:
         try:
