@@ -68,7 +68,15 @@ class ManifestWriter:
             json.dump(index, f, indent=1)
         if self.fs.exists(self.out):
             self.fs.rm(self.out, recursive=True)
-        self.fs.mv(self.tmp, self.out, recursive=True)
+        if getattr(self.fs, "local_file", False):
+            self.fs.mv(self.tmp, self.out, recursive=True)  # a rename: atomic
+            return
+        # Object stores cannot rename, and fsspec's recursive mv also copies the "folder" key itself, which
+        # does not exist there (NoSuchKey on S3): copy the files, the index file last, then delete the originals.
+        files = [f for f in self.fs.find(self.tmp) if not f.endswith(f"/{INDEX_FILE}")]
+        for batch in (files, [f"{self.tmp}/{INDEX_FILE}"]):
+            self.fs.copy(batch, [self.out + f[len(self.tmp):] for f in batch])
+        self.fs.rm(self.tmp, recursive=True)
 
 
 def build_refs(images: Iterable[ImageRefs], zarr_format: int) -> dict[str, Any]:
