@@ -35,10 +35,16 @@ def reference_options(manifest: str, manifest_options: dict[str, Any] | None = N
     """``storage_options`` for ``zarr.open_group("reference://", mode="r", storage_options=…)`` on a manifest.
 
     ``storage_options`` are for the sources (e.g. ``anon=True``); ``manifest_options`` for the manifest folder
-    (default: the same options when the manifest and the sources share a protocol, else none).
+    (default: the sources' options when the manifest is remote — typically the same bucket or store — and none
+    when it is local; pass ``manifest_options`` when a remote manifest needs other options than its sources).
+    The default cannot depend on the sources' protocols: they are only known after reading the index file, which
+    already needs the manifest's options.
     """
     manifest = manifest.rstrip("/")
-    index = read_index(manifest, manifest_options or {})
+    if manifest_options is None:
+        manifest_remote = (fsspec.core.split_protocol(manifest)[0] or "file") not in ("file", "local")
+        manifest_options = dict(storage_options) if manifest_remote else {}
+    index = read_index(manifest, manifest_options)
     expected: dict[str, dict[str, dict[str, Any]]] = {}  # protocol -> {data url: fingerprint}
     for image in index["images"]:
         if image.get("gzip_index"):
@@ -46,10 +52,7 @@ def reference_options(manifest: str, manifest_options: dict[str, Any] | None = N
         url = image.get("data", image["source"])
         protocol = fsspec.core.split_protocol(url)[0] or "file"
         expected.setdefault(protocol, {})[url] = image.get("data_fingerprint", image["fingerprint"])
-    if manifest_options is None:
-        manifest_protocol = fsspec.core.split_protocol(manifest)[0] or "file"
-        manifest_options = dict(storage_options) if manifest_protocol in expected else {}
-    fss: dict[str, Any] = {protocol: VerifiedFileSystem(fsspec.filesystem(protocol, **storage_options), fps)
+    fss: dict[str, Any] = {protocol: VerifiedFileSystem(_source_filesystem(protocol, storage_options), fps)
                            for protocol, fps in expected.items()}
     if any(image.get("gzip_index") for image in index["images"]):
         fss["gzidx"] = fsspec.filesystem("gzidx", root=manifest, root_options=manifest_options,
@@ -57,6 +60,19 @@ def reference_options(manifest: str, manifest_options: dict[str, Any] | None = N
                                          skip_instance_cache=True)
     refs = f"{manifest}/{index['references']}"
     return {"fo": refs, "fs": fss, "target_options": manifest_options, "asynchronous": True}
+
+
+def _source_filesystem(protocol: str, storage_options: dict[str, Any]) -> fsspec.AbstractFileSystem:
+    """A filesystem for reading sources from zarr's event loop.
+
+    An async implementation (s3fs, gcsfs, http) created in sync mode binds its session to fsspec's own loop
+    thread, and awaiting it from zarr's loop fails ("attached to a different loop"); so async ones are made in
+    async mode, uncached, to bind lazily to the loop that first awaits them.  Sync ones get wrapped later.
+    """
+    cls = fsspec.get_filesystem_class(protocol)
+    if cls.async_impl:
+        return cls(asynchronous=True, skip_instance_cache=True, **storage_options)
+    return cls(**storage_options)
 
 
 def open(manifest: str, manifest_options: dict[str, Any] | None = None, **storage_options: Any) -> zarr.Group:
