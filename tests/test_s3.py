@@ -1,0 +1,184 @@
+"""End to end over S3, the way a user indexes OpenNeuro: real nibabel files in a bucket, read through s3fs.
+
+Sources sit at ``s3://<bucket>/ds/sub-01/anat/…`` on the local moto server (``conftest.py``); manifests are
+written locally and to the bucket; every voxel and the affine are compared with nibabel reading the original
+files.  Also checked: credentials never reach a manifest, and a source replaced after scanning is refused.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+import virtnii
+from conftest import LocalS3
+
+DATA = Path(nib.__file__).parent / "tests" / "data"
+
+#: Group name → nibabel test file: big-endian int16 3D, int16 4D with scl_slope/inter, big-endian float32.
+PLAIN = {
+    "sub-01/anat/sub-01_T1w": "anatomical.nii",
+    "sub-01/func/sub-01_task-rest_bold": "functional.nii",
+    "sub-02/anat/sub-02_T1w": "reoriented_anat_moved.nii",
+}
+NAN_NAME = "sub-02/anat/sub-02_desc-masked_T1w"
+
+
+def _nan_image(path: Path) -> Path:
+    """``reoriented_anat_moved.nii`` (big-endian float32, which has no NaNs itself) with a NaN-masked corner.
+
+    Masked float images (NaN outside the brain) are common in derivatives, and NaN != NaN makes a naive
+    equality check pass or fail for the wrong reason.
+    """
+    img = nib.load(DATA / "reoriented_anat_moved.nii")
+    data = np.asanyarray(img.dataobj).copy()
+    data[:5, :, :4] = np.nan
+    out = nib.Nifti1Image(data, img.affine, img.header)
+    nib.save(out, path)
+    assert nib.load(path).header.endianness == ">", "the NaN copy must stay big-endian"
+    return path
+
+
+@pytest.fixture
+def dataset(s3: LocalS3, tmp_path: Path) -> dict[str, Any]:
+    """A bucket holding a small BIDS-like dataset at ``ds/``; returns the bucket name and the local originals."""
+    bucket = s3.create_bucket("openneuro")
+    files = {name: DATA / file for name, file in PLAIN.items()}
+    files[NAN_NAME] = _nan_image(tmp_path / "masked.nii")
+    fs = s3.filesystem()
+    for name, path in files.items():
+        fs.put_file(str(path), f"{bucket}/ds/{name}.nii")
+    fs.pipe_file(f"{bucket}/ds/dataset_description.json", b'{"Name": "test", "BIDSVersion": "1.10.0"}')
+    return {"bucket": bucket, **files}
+
+
+def _sources(dataset: dict[str, Any]) -> dict[str, Path]:
+    return {name: path for name, path in dataset.items() if name != "bucket"}
+
+
+def _assert_same_image(group: Any, name: str, original: Path) -> None:
+    """Every raw voxel, the scaled data and the affine of ``group[name]`` equal nibabel's for ``original``."""
+    expected = nib.load(original)
+    raw = np.asanyarray(expected.dataobj.get_unscaled())
+    array = group[name]["0"]
+    # big-endian files stay big-endian in place: zarr 3 keeps the byte order in the bytes codec and decodes
+    # to native order
+    endian = {"<": "little", ">": "big"}.get(raw.dtype.byteorder, sys.byteorder)
+    assert array.metadata.to_dict()["codecs"][0] == {"name": "bytes", "configuration": {"endian": endian}}
+    level = array[:]
+    np.testing.assert_array_equal(level, raw.T)  # zarr axes are [t, z, y, x]; NaNs compare equal here
+    img = virtnii.to_nibabel(group[name])
+    np.testing.assert_array_equal(np.asanyarray(img.dataobj.get_unscaled()), raw)
+    np.testing.assert_array_equal(np.asanyarray(img.dataobj), np.asanyarray(expected.dataobj))
+    np.testing.assert_array_equal(img.affine, expected.affine)
+
+
+def _manifest_files(fs: Any, root: str) -> Iterator[tuple[str, bytes]]:
+    for path in fs.find(root):
+        yield path, fs.cat_file(path)
+
+
+def _assert_no_secrets(s3: LocalS3, files: Iterator[tuple[str, bytes]]) -> None:
+    secrets = [s3.storage_options["key"], s3.storage_options["secret"], s3.endpoint, s3.endpoint.split("//")[1]]
+    seen = 0
+    for path, content in files:
+        seen += 1
+        for secret in secrets:
+            assert secret.encode() not in content, f"{secret!r} written into {path}"
+    assert seen >= 2  # at least the index file and the references
+
+
+def test_folder_url_scan_reads_every_voxel(s3: LocalS3, dataset: dict[str, Any], tmp_path: Path) -> None:
+    out = tmp_path / "manifest"
+    result = virtnii.scan(f"s3://{dataset['bucket']}/ds", str(out), storage_options=s3.storage_options)
+    assert not result.failures
+    sources = _sources(dataset)
+    assert sorted(e["name"] for e in result.images) == sorted(sources)
+    assert all(e["source"].startswith(f"s3://{dataset['bucket']}/ds/sub-0") for e in result.images)
+    assert all(e["fingerprint"].get("etag") for e in result.images)  # S3 sources are fingerprinted by ETag
+    group = virtnii.open(str(out), **s3.storage_options)
+    assert sorted(group.group_keys()) == ["sub-01", "sub-02"]
+    for name, original in sources.items():
+        _assert_same_image(group, name, original)
+    _assert_no_secrets(s3, ((str(p), p.read_bytes()) for p in out.rglob("*") if p.is_file()))
+
+
+def test_explicit_urls_with_manifest_on_s3(s3: LocalS3, dataset: dict[str, Any]) -> None:
+    bucket = dataset["bucket"]
+    urls = [f"s3://{bucket}/ds/{name}.nii" for name in PLAIN]
+    out = f"s3://{bucket}/manifests/ds-v1"
+    result = virtnii.scan(urls, out, storage_options=s3.storage_options, manifest_options=s3.storage_options)
+    assert not result.failures
+    assert result.manifest == out
+    group = virtnii.open(out, **s3.storage_options)  # manifest options default to the sources' (same protocol)
+    # explicitly named files are named by their stems
+    for name, file in PLAIN.items():
+        _assert_same_image(group, name.rsplit("/", 1)[1], DATA / file)
+    fs = s3.filesystem()
+    assert not [p for p in fs.ls(f"{bucket}/manifests") if ".partial-" in p]  # the temporary folder is gone
+    _assert_no_secrets(s3, _manifest_files(fs, f"{bucket}/manifests/ds-v1"))
+
+
+def _chain(err: BaseException) -> Iterator[BaseException]:
+    """``err`` and everything behind it: causes, contexts and exception-group members."""
+    todo, seen = [err], set()
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [x for x in (e.__cause__, e.__context__) if x is not None]
+        todo += list(getattr(e, "exceptions", ()))
+
+
+def test_overwritten_source_raises_stale_source(s3: LocalS3, dataset: dict[str, Any], tmp_path: Path) -> None:
+    bucket = dataset["bucket"]
+    out = tmp_path / "manifest"
+    assert not virtnii.scan(f"s3://{bucket}/ds", str(out), storage_options=s3.storage_options).failures
+    name = "sub-01/anat/sub-01_T1w"
+    url = f"s3://{bucket}/ds/{name}.nii"
+    original = (DATA / PLAIN[name]).read_bytes()
+    s3.filesystem().pipe_file(url, original[:-2] + b"\x7f\x7f")  # same size, other voxels: only the ETag differs
+    group = virtnii.open(str(out), **s3.storage_options)
+    _assert_same_image(group, "sub-02/anat/sub-02_T1w", dataset["sub-02/anat/sub-02_T1w"])  # others still read
+    with pytest.raises(Exception) as caught:
+        group[name]["0"][:]
+    stale = [e for e in _chain(caught.value) if isinstance(e, virtnii.StaleSource)]
+    assert stale, f"no StaleSource behind {caught.value!r}"
+    assert stale[0].source == url
+    assert "etag" in stale[0].problem
+    assert isinstance(caught.value, virtnii.StaleSource), f"StaleSource surfaces wrapped: {caught.value!r}"
+
+
+def test_deleted_source_raises_source_not_found(s3: LocalS3, dataset: dict[str, Any], tmp_path: Path) -> None:
+    bucket = dataset["bucket"]
+    out = tmp_path / "manifest"
+    assert not virtnii.scan(f"s3://{bucket}/ds", str(out), storage_options=s3.storage_options).failures
+    name = "sub-01/func/sub-01_task-rest_bold"
+    s3.filesystem().rm_file(f"{bucket}/ds/{name}.nii")
+    group = virtnii.open(str(out), **s3.storage_options)
+    with pytest.raises(virtnii.SourceNotFound, match=f"s3://{bucket}/ds/{name}.nii"):
+        group[name]["0"][:]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("virtnii.gzipfs") is None, reason="gzip layer not available")
+def test_nii_gz_over_s3(s3: LocalS3, tmp_path: Path) -> None:
+    bucket = s3.create_bucket("openneuro")
+    original = DATA / "example4d.nii.gz"  # 4D int16 with header extensions
+    url = f"s3://{bucket}/ds/sub-01/func/sub-01_task-rest_bold.nii.gz"
+    s3.filesystem().put_file(str(original), url)
+    out = f"s3://{bucket}/manifests/gz"
+    result = virtnii.scan(f"s3://{bucket}/ds", out, storage_options=s3.storage_options,
+                          manifest_options=s3.storage_options)
+    assert not result.failures
+    assert result.images[0]["gzip_index"]
+    group = virtnii.open(out, **s3.storage_options)
+    _assert_same_image(group, "sub-01/func/sub-01_task-rest_bold", original)
+    _assert_no_secrets(s3, _manifest_files(s3.filesystem(), f"{bucket}/manifests/gz"))
