@@ -12,12 +12,18 @@ measured.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import threading
 import time
+import urllib.parse
+import urllib.request
 import uuid
 from collections import Counter
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 import pytest
@@ -44,7 +50,9 @@ class MeteredApp:
     """WSGI middleware: sleeps ``latency`` seconds per request, counts requests (by method) and response bytes.
 
     The sleep happens in the server's per-connection thread, so concurrent clients overlap their waits just as
-    they overlap round trips to a real region; a serial client pays it once per request.
+    they overlap round trips to a real region; a serial client pays it once per request.  Requests under
+    ``/_meter/`` control it (``stats``, ``reset``, ``latency?seconds=``) and are neither delayed nor counted, so
+    the same calls work whether the server runs in this process or in another.
     """
 
     def __init__(self, app: Callable[..., Iterable[bytes]]) -> None:
@@ -54,49 +62,94 @@ class MeteredApp:
         self.requests: Counter[str] = Counter()
         self.bytes_out = 0
 
-    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterator[bytes]:
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path.startswith(CONTROL):
+            return self._control(path[len(CONTROL):], environ.get("QUERY_STRING", ""), start_response)
         if self.latency:
             time.sleep(self.latency)
         with self._lock:
             self.requests[environ.get("REQUEST_METHOD", "?")] += 1
+        return self._metered(self.app(environ, start_response))
+
+    def _metered(self, body: Iterable[bytes]) -> Iterator[bytes]:
         sent = 0
         try:
-            for chunk in self.app(environ, start_response):
+            for chunk in body:
                 sent += len(chunk)
                 yield chunk
         finally:
             with self._lock:
                 self.bytes_out += sent
 
-    def reset(self) -> None:
-        """Zero the counters (e.g. between the two sides of a benchmark)."""
+    def _control(self, command: str, query: str, start_response: Callable[..., Any]) -> list[bytes]:
         with self._lock:
-            self.requests.clear()
-            self.bytes_out = 0
+            if command == "reset":
+                self.requests.clear()
+                self.bytes_out = 0
+            elif command == "latency":
+                self.latency = float(urllib.parse.parse_qs(query)["seconds"][0])
+            body = json.dumps({"requests": dict(self.requests), "bytes_out": self.bytes_out,
+                               "latency": self.latency}).encode()
+        start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        return [body]
+
+
+CONTROL = "/_meter/"
+
+
+def make_server(port: int = 0) -> Any:
+    """A threaded werkzeug server for moto's S3 app behind :class:`MeteredApp`, on ``127.0.0.1:port``."""
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import make_server as werkzeug_server
+
+    class QuietHandler(MotoRequestHandler):
+        """moto's handler without werkzeug's access log, which would bury test output (and slow benchmarks)."""
+
+        def log(self, *args: Any) -> None:
+            pass
+
+    app = MeteredApp(DomainDispatcherApplication(create_backend_app))
+    return werkzeug_server("127.0.0.1", port, app, threaded=True, request_handler=QuietHandler)
+
+
+@dataclass
+class Meter:
+    """What the server counted since the last reset: requests by HTTP method, and response body bytes."""
+
+    requests: dict[str, int]
+    bytes_out: int
+
+    @property
+    def total_requests(self) -> int:
+        return sum(self.requests.values())
 
 
 class LocalS3:
-    """A moto S3 server on ``127.0.0.1`` and a free port, running in a daemon thread until :meth:`stop`.
+    """A moto S3 server on ``127.0.0.1`` and a free port, until :meth:`stop`.
 
-    ``storage_options`` are ready for s3fs (``s3fs.S3FileSystem(**s3.storage_options)``, ``virtnii.scan(…,
-    storage_options=…)``, ``virtnii.open(…, **…)``).
+    By default it runs in a daemon thread of this process (fast to start, enough for tests).  Benchmarks pass
+    ``separate_process=True``: moto's request handling then does not compete with the client for this
+    interpreter's GIL, as a real S3 would not, so the client's timings are its own.  ``storage_options`` are
+    ready for s3fs (``s3fs.S3FileSystem(**s3.storage_options)``, ``virtnii.scan(…, storage_options=…)``,
+    ``virtnii.open(…, **…)``).
     """
 
-    def __init__(self) -> None:
-        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
-        from werkzeug.serving import make_server
-
-        class QuietHandler(MotoRequestHandler):
-            """moto's handler without werkzeug's access log, which would bury test output (and slow benchmarks)."""
-
-            def log(self, *args: Any) -> None:
-                pass
-
-        self.app = MeteredApp(DomainDispatcherApplication(create_backend_app))
-        self._server = make_server("127.0.0.1", 0, self.app, threaded=True, request_handler=QuietHandler)
-        self.endpoint = f"http://127.0.0.1:{self._server.server_port}"
-        self._thread = threading.Thread(target=self._server.serve_forever, name="local-s3", daemon=True)
-        self._thread.start()
+    def __init__(self, separate_process: bool = False) -> None:
+        self._server: Any = None
+        self._process: subprocess.Popen[str] | None = None
+        if separate_process:
+            env = {**os.environ, **S3_ENVIRONMENT}
+            self._process = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE,
+                                             stdout=subprocess.PIPE, text=True, env=env)
+            assert self._process.stdout is not None
+            port = int(self._process.stdout.readline())
+        else:
+            self._server = make_server()
+            port = self._server.server_port
+            self._thread = threading.Thread(target=self._server.serve_forever, name="local-s3", daemon=True)
+            self._thread.start()
+        self.endpoint = f"http://127.0.0.1:{port}"
 
     @property
     def storage_options(self) -> dict[str, Any]:
@@ -116,19 +169,45 @@ class LocalS3:
         self.filesystem().call_s3("create_bucket", Bucket=name)  # s3fs.mkdir sends a us-east-1 constraint moto rejects
         return name
 
+    def _control(self, command: str) -> dict[str, Any]:
+        with urllib.request.urlopen(f"{self.endpoint}{CONTROL}{command}", timeout=10) as response:
+            return json.load(response)
+
+    def set_latency(self, seconds: float) -> None:
+        """Delay every following request by ``seconds`` (a simulated round trip)."""
+        self._control(f"latency?seconds={seconds}")
+
     @contextmanager
     def latency(self, seconds: float) -> Iterator[None]:
         """Simulate ``seconds`` of round-trip time on every request inside the block."""
-        before, self.app.latency = self.app.latency, seconds
+        before = self._control("stats")["latency"]
+        self.set_latency(seconds)
         try:
             yield
         finally:
-            self.app.latency = before
+            self.set_latency(before)
+
+    def reset_counters(self) -> None:
+        self._control("reset")
+
+    def meter(self) -> Meter:
+        """Requests and bytes served since the last :meth:`reset_counters`."""
+        stats = self._control("stats")
+        return Meter(stats["requests"], stats["bytes_out"])
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=10)
+        if self._process is not None:
+            assert self._process.stdin is not None
+            self._process.stdin.close()  # the server exits when its stdin closes (also when we die)
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        else:
+            self._server.shutdown()
+            self._server.server_close()
+            self._thread.join(timeout=10)
 
 
 def clear_fsspec_caches() -> None:
@@ -141,11 +220,11 @@ def clear_fsspec_caches() -> None:
 
 
 @contextmanager
-def running_s3() -> Iterator[LocalS3]:
+def running_s3(separate_process: bool = False) -> Iterator[LocalS3]:
     """Start a :class:`LocalS3` with fake credentials in the environment; stop it and restore the environment."""
     saved = {name: os.environ.get(name) for name in S3_ENVIRONMENT}
     os.environ.update(S3_ENVIRONMENT)
-    server = LocalS3()
+    server = LocalS3(separate_process)
     try:
         yield server
     finally:
@@ -171,6 +250,19 @@ def s3_server() -> Iterator[LocalS3]:
 def s3(s3_server: LocalS3) -> Iterator[LocalS3]:
     """The session's S3 server, with fsspec instance caches cleared around the test and latency reset."""
     clear_fsspec_caches()
-    s3_server.app.latency = 0.0
+    s3_server.set_latency(0.0)
     yield s3_server
     clear_fsspec_caches()
+
+
+def _serve_until_stdin_closes() -> None:
+    """Child-process mode of :class:`LocalS3`: print the port, serve until the parent closes our stdin."""
+    server = make_server()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    print(server.server_port, flush=True)
+    sys.stdin.read()
+    server.shutdown()
+
+
+if __name__ == "__main__":
+    _serve_until_stdin_closes()

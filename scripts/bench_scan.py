@@ -1,0 +1,241 @@
+"""Benchmark of ``virtnii.scan`` on thousands of small NIfTI files, locally and over S3 with simulated latency.
+
+The baseline is what a user writes today to read the headers of a dataset: list it, then for each file
+``with fs.open(path) as f: nib.Nifti1Header.from_fileobj(f)`` through fsspec — serial, one or more round trips
+per file.  virtnii reads every header with one concurrent ranged GET per file and also builds and writes a
+manifest, so it does strictly more work per file; what it saves is waiting.
+
+S3 is the local moto server of ``tests/conftest.py`` on loopback, with a sleep per request in the WSGI
+middleware to stand in for the round trip to a region (default 30 ms, like a laptop to us-east-1), and the same
+middleware counts requests and response bytes.  Both sides run warm (the files were just written, so the page
+cache holds them; there is no portable way to drop it without root).
+
+Run: ``python scripts/bench_scan.py [--count 2000] [--latency-ms 30] [--profile]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import fsspec
+import nibabel as nib
+import numpy as np
+
+import virtnii
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from conftest import LocalS3, clear_fsspec_caches, running_s3  # noqa: E402  (the tests' S3 server)
+
+DEFAULT_DIR = Path(__file__).parent / "_data" / "scan"
+TARGET_S3 = 10.0
+TARGET_LOCAL = 2.0
+
+
+# ------------------------------------------------------------------------------------------------- the data
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of file in the synthetic BIDS dataset: where it goes, its shape, dtype and voxel size."""
+
+    suffix: str
+    shape: tuple[int, ...]
+    dtype: str
+    zooms: tuple[float, ...]
+
+
+#: Low-resolution files of the sizes that fill real datasets (single EPI volumes, masks, stat maps, short 4D
+#: runs), 50–400 KB each: small enough that per-file latency, not bandwidth, decides the scan time.
+KINDS = [
+    Kind("anat/{sub}_acq-lowres_run-{run}_T1w", (64, 64, 48), "<i2", (4.0, 4.0, 4.0)),
+    Kind("func/{sub}_task-rest_run-{run}_bold", (32, 32, 20, 8), "<i2", (6.0, 6.0, 6.0, 2.0)),
+    Kind("fmap/{sub}_run-{run}_magnitude1", (48, 48, 24), "<i2", (5.0, 5.0, 5.0)),
+    Kind("dwi/{sub}_run-{run}_desc-fa_dwimap", (48, 48, 24), "<f4", (5.0, 5.0, 5.0)),
+    Kind("anat/{sub}_run-{run}_desc-brain_mask", (64, 64, 48), "|u1", (4.0, 4.0, 4.0)),
+]
+#: Every this-many files carry a 24 KiB header extension (AFNI/CIFTI-like XML), past the first 16 KiB read.
+EXTENSION_EVERY = 25
+
+
+def _phantom(shape: tuple[int, ...], dtype: str, rng: np.random.Generator) -> np.ndarray:
+    """A smooth head-like ellipsoid with a bias field plus noise, in the dtype's usual range."""
+    nx, ny, nz = shape[:3]
+    x, y, z = np.meshgrid(*(np.linspace(-1, 1, n, dtype=np.float32) for n in (nx, ny, nz)), indexing="ij")
+    radius = np.sqrt((x / 0.8) ** 2 + (y / 0.9) ** 2 + (z / 0.85) ** 2)
+    signal = np.where(radius < 1, (600 + 250 * np.sin(9 * radius)) * (1 + 0.2 * x), 0).astype(np.float32)
+    if len(shape) == 4:
+        signal = signal[..., None] * (1 + 0.01 * np.arange(shape[3], dtype=np.float32))
+    data = np.abs(signal + rng.standard_normal(signal.shape, dtype=np.float32) * 20)
+    if dtype == "|u1":
+        return (radius < 1).astype(np.uint8)
+    if dtype == "<f4":
+        return (data / 1000).astype(np.float32)
+    return np.rint(data).astype(np.dtype(dtype))
+
+
+def generate(folder: Path, count: int) -> list[Path]:
+    """Write ``count`` files as a BIDS-like tree under ``folder`` (reused when already there)."""
+    done = folder / ".complete"
+    if done.exists() and int(done.read_text()) == count:
+        return sorted(folder.rglob("*.nii"))
+    shutil.rmtree(folder, ignore_errors=True)
+    rng = np.random.default_rng(0)
+    bases = {kind: _phantom(kind.shape, kind.dtype, rng) for kind in KINDS}
+    angle = np.deg2rad(7)  # slightly oblique, as acquired
+    rotation = np.array([[1, 0, 0], [0, np.cos(angle), -np.sin(angle)], [0, np.sin(angle), np.cos(angle)]])
+    paths = []
+    for i in range(count):
+        kind = KINDS[i % len(KINDS)]
+        sub = f"sub-{i // (len(KINDS) * 2) + 1:04d}"
+        path = folder / sub / f"{kind.suffix.format(sub=sub, run=(i // len(KINDS)) % 2 + 1)}.nii"
+        affine = np.eye(4)
+        affine[:3, :3] = rotation @ np.diag(kind.zooms[:3])
+        affine[:3, 3] = [-96.0, -120.0, -70.0]
+        data = bases[kind].copy()
+        data.flat[i % data.size] += 1  # files differ, so ETags differ as on a real bucket
+        img = nib.Nifti1Image(data, affine)
+        img.header.set_zooms(kind.zooms)
+        img.header.set_xyzt_units("mm", "sec")
+        img.header["descrip"] = b"virtnii bench_scan"
+        img.set_qform(affine, code=1)
+        img.set_sform(affine, code=2)
+        if i % EXTENSION_EVERY == 0:
+            xml = b"<AFNI_attributes>" + b"<x>" * (24 * 1024 // 3) + b"</AFNI_attributes>"
+            img.header.extensions.append(nib.nifti1.Nifti1Extension(4, xml))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(img, path)
+        paths.append(path)
+    done.write_text(str(count))
+    return sorted(paths)
+
+
+# ------------------------------------------------------------------------------------------ the two sides
+
+def baseline(fs: fsspec.AbstractFileSystem, root: str) -> int:
+    """What a user writes today: list, then open each file and parse its header with nibabel, one by one."""
+    paths = [p for p in fs.find(root) if p.endswith(".nii")]
+    for path in paths:
+        with fs.open(path) as f:
+            nib.Nifti1Header.from_fileobj(f)
+    return len(paths)
+
+
+def scan(source: str, out: str, storage_options: dict[str, Any] | None = None) -> int:
+    result = virtnii.scan(source, out, storage_options=storage_options)
+    if result.failures:
+        raise SystemExit(f"virtnii.scan failed on {len(result.failures)} files, e.g. {result.failures[0]}")
+    return len(result.images)
+
+
+@dataclass
+class Measure:
+    """One side of a comparison: files handled, wall time, and (over S3) requests and response bytes."""
+
+    files: int
+    seconds: float
+    requests: int = 0
+    bytes_out: int = 0
+
+    @property
+    def rate(self) -> float:
+        return self.files / self.seconds
+
+
+def timed(run: Callable[[], int], repeat: int = 1, profile: cProfile.Profile | None = None) -> Measure:
+    """Best of ``repeat`` runs (warm: the first run already benefits from the page cache)."""
+    best = None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        if profile is not None:
+            profile.enable()
+        files = run()
+        if profile is not None:
+            profile.disable()
+        elapsed = time.perf_counter() - start
+        best = elapsed if best is None else min(best, elapsed)
+    return Measure(files, best)
+
+
+def metered(s3: LocalS3, run: Callable[[], int], profile: cProfile.Profile | None = None) -> Measure:
+    """One run against the S3 server from cold fsspec caches, with the server's request and byte counts."""
+    clear_fsspec_caches()
+    s3.reset_counters()
+    measure = timed(run, profile=profile)
+    meter = s3.meter()
+    measure.requests, measure.bytes_out = meter.total_requests, meter.bytes_out
+    return measure
+
+
+def report(where: str, ours: Measure, theirs: Measure, target: float) -> bool:
+    ratio = ours.rate / theirs.rate
+    print(f"\n{where}: {ours.files} files")
+    print(f"  baseline (serial fs.open + from_fileobj): {theirs.seconds:8.2f} s  {theirs.rate:9.1f} files/s")
+    print(f"  virtnii.scan (headers + manifest)       : {ours.seconds:8.2f} s  {ours.rate:9.1f} files/s")
+    if theirs.requests:
+        for name, m in (("baseline", theirs), ("virtnii ", ours)):
+            print(f"  {name}: {m.requests / m.files:6.2f} requests/file, {m.bytes_out / m.files / 1024:8.1f} KiB/file "
+                  f"({m.requests} requests, {m.bytes_out / 2**20:.1f} MiB)")
+    verdict = "meets" if ratio >= target else "MISSES"
+    print(f"  ratio virtnii/baseline: {ratio:.1f}x  ({verdict} the {target:.0f}x target)")
+    return ratio >= target
+
+
+def print_profile(profile: cProfile.Profile, title: str) -> None:
+    out = io.StringIO()
+    pstats.Stats(profile, stream=out).sort_stats("cumulative").print_stats(25)
+    print(f"\n--- cProfile of virtnii.scan, {title} (cumulative) ---\n{out.getvalue()}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="where the synthetic files go (reused)")
+    parser.add_argument("--count", type=int, default=2000, help="number of files (default 2000)")
+    parser.add_argument("--latency-ms", type=float, default=30.0, help="simulated S3 round trip (default 30)")
+    parser.add_argument("--repeat", type=int, default=3, help="local runs per side, best kept (default 3)")
+    parser.add_argument("--profile", action="store_true", help="print a cProfile of virtnii.scan on each side")
+    args = parser.parse_args()
+
+    t0 = time.perf_counter()
+    paths = generate(args.dir, args.count)
+    total = sum(p.stat().st_size for p in paths)
+    print(f"{len(paths)} files, {total / 2**20:.0f} MiB, in {args.dir} ({time.perf_counter() - t0:.1f} s to prepare)")
+    work = Path(tempfile.mkdtemp(prefix="virtnii-bench-scan-"))
+    ok = True
+    try:
+        local = fsspec.filesystem("file")
+        profile = cProfile.Profile() if args.profile else None
+        theirs = timed(lambda: baseline(local, str(args.dir)), args.repeat)
+        ours = timed(lambda: scan(str(args.dir), str(work / "local")), args.repeat, profile)
+        ok &= report("local disk (warm page cache)", ours, theirs, TARGET_LOCAL)
+        if profile is not None:
+            print_profile(profile, f"local, {args.repeat} runs")
+
+        with running_s3(separate_process=True) as s3:
+            bucket = s3.create_bucket("bench")
+            t0 = time.perf_counter()
+            s3.filesystem().put(str(args.dir) + "/", f"{bucket}/ds/", recursive=True)
+            print(f"\nuploaded to the local S3 server in {time.perf_counter() - t0:.1f} s")
+            root = f"s3://{bucket}/ds"
+            profile = cProfile.Profile() if args.profile else None
+            with s3.latency(args.latency_ms / 1000):
+                theirs = metered(s3, lambda: baseline(s3.filesystem(), root))
+                ours = metered(s3, lambda: scan(root, str(work / "s3"), s3.storage_options), profile)
+            ok &= report(f"S3 (local moto server, {args.latency_ms:g} ms per request)", ours, theirs, TARGET_S3)
+            if profile is not None:
+                print_profile(profile, "S3")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print("\nall targets met" if ok else "\nsome targets missed")
+
+
+if __name__ == "__main__":
+    main()
