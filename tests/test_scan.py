@@ -103,3 +103,97 @@ def test_memory_filesystem_sources_and_manifest() -> None:
     finally:
         fs.rm("/vn-src", recursive=True)
         fs.rm("/vn-out", recursive=True)
+
+
+# ------------------------------------------------------------------------------------------------ .nii.gz
+
+SITE = Path(nib.__file__).parent.parent
+REAL_GZ = sorted(
+    list(DATA.glob("*.nii.gz"))
+    + list((SITE / "nilearn" / "datasets" / "data").glob("*.nii.gz"))
+    + list((SITE / "dipy" / "data" / "files").glob("*.nii.gz"))
+    + list((SITE / "nitransforms" / "tests" / "data").glob("*warp_fsl.nii.gz"))
+)
+
+
+@pytest.fixture(scope="module")
+def gz_manifest(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
+    """One manifest over every real .nii.gz found in installed packages, scanned in place."""
+    out = tmp_path_factory.mktemp("gz") / "out"
+    result = virtnii.scan([str(p) for p in REAL_GZ], str(out))
+    assert not result.failures, result.failures
+    return out, {e["name"]: Path(e["source"].removeprefix("file://")) for e in result.images}
+
+
+def test_real_gzip_files_found() -> None:
+    assert len(REAL_GZ) >= 10  # nibabel, nilearn and dipy wheels ship these; fewer means a broken environment
+
+
+def test_every_voxel_of_real_gzip_files_equals_nibabel(gz_manifest) -> None:
+    out, sources = gz_manifest
+    group = virtnii.open(str(out))
+    assert len(sources) == len(REAL_GZ)
+    for name, path in sources.items():
+        ours = virtnii.to_nibabel(group[name])
+        theirs = nib.load(path)
+        np.testing.assert_array_equal(np.asarray(ours.dataobj.get_unscaled()), _raw(path), err_msg=name)
+        np.testing.assert_array_equal(ours.affine, theirs.affine)
+        assert ours.dataobj.slope == theirs.dataobj.slope and ours.dataobj.inter == theirs.dataobj.inter
+
+
+def test_gzip_manifest_survives_being_moved(gz_manifest, tmp_path: Path) -> None:
+    out, sources = gz_manifest
+    moved = tmp_path / "elsewhere" / "manifest"
+    shutil.copytree(out, moved)
+    name, path = next(iter(sources.items()))
+    for file in moved.rglob("*.json"):
+        assert str(out) not in file.read_text(), f"{file} holds the manifest's old absolute path"
+    group = virtnii.open(str(moved))
+    np.testing.assert_array_equal(np.asarray(virtnii.to_nibabel(group[name]).dataobj.get_unscaled()), _raw(path))
+
+
+def test_niizarr_reads_gzip_backed_groups(gz_manifest) -> None:
+    niizarr = pytest.importorskip("niizarr")
+    out, sources = gz_manifest
+    group = virtnii.open(str(out))
+    for name in ["example4d", "mni_icbm152_t1_tal_nlin_sym_09a_converted"]:
+        img = niizarr.zarr2nii(group[name])
+        np.testing.assert_array_equal(np.asarray(img.dataobj), _raw(sources[name]))
+        np.testing.assert_allclose(img.header.get_best_affine(), nib.load(sources[name]).affine)
+
+
+def test_gzipped_pair_and_multimember_gzip(tmp_path: Path) -> None:
+    import gzip
+
+    src = nib.load(DATA / "functional.nii")
+    pair = nib.Nifti1Pair(np.asanyarray(src.dataobj), src.affine)
+    nib.save(pair, tmp_path / "pair.img.gz")
+    assert (tmp_path / "pair.hdr.gz").exists()
+    raw = (DATA / "anatomical.nii").read_bytes()
+    cut = len(raw) // 3
+    (tmp_path / "multi.nii.gz").write_bytes(gzip.compress(raw[:cut]) + gzip.compress(raw[cut:]))
+    result = virtnii.scan([str(tmp_path)], str(tmp_path / "out"))
+    assert not result.failures, result.failures
+    group = virtnii.open(str(tmp_path / "out"))
+    np.testing.assert_array_equal(virtnii.to_nibabel(group["pair"]).dataobj.get_unscaled(),
+                                  np.asanyarray(src.dataobj))
+    np.testing.assert_array_equal(virtnii.to_nibabel(group["multi"]).dataobj.get_unscaled(),
+                                  _raw(DATA / "anatomical.nii"))
+
+
+def test_bad_gzip_sources_are_reported_by_name(tmp_path: Path) -> None:
+    import gzip
+
+    raw = gzip.compress((DATA / "anatomical.nii").read_bytes())
+    (tmp_path / "truncated.nii.gz").write_bytes(raw[: len(raw) // 2])
+    (tmp_path / "plain.nii.gz").write_bytes((DATA / "anatomical.nii").read_bytes())
+    (tmp_path / "empty.nii.gz").write_bytes(b"")
+    corrupt = bytearray(raw)
+    corrupt[len(raw) // 2: len(raw) // 2 + 64] = bytes(64)
+    (tmp_path / "corrupt.nii.gz").write_bytes(bytes(corrupt))
+    result = virtnii.scan([str(tmp_path)], str(tmp_path / "out"))
+    assert result.manifest is None and not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob("out.partial-*"))
+    by_file = {Path(f.source.removeprefix("file://")).name: f for f in result.failures}
+    assert sorted(by_file) == ["corrupt.nii.gz", "empty.nii.gz", "plain.nii.gz", "truncated.nii.gz"]
+    assert all(isinstance(f, virtnii.InvalidGzip) for f in by_file.values()), by_file
