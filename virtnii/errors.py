@@ -45,3 +45,12 @@ class StaleSource(VirtniiError):
 
 class ManifestError(VirtniiError):
     """A manifest folder is missing, unreadable, or was written by an incompatible version."""
+
+
+def from_os_error(source: str, err: Exception, doing: str) -> VirtniiError:
+    """The VirtniiError for a storage error met while ``doing`` something with ``source`` (e.g. ``"read"``)."""
+    if isinstance(err, FileNotFoundError):
+        return SourceNotFound(source, "no such file or object")
+    if isinstance(err, PermissionError):
+        return SourceAccessError(source, f"permission denied ({err})")
+    return SourceAccessError(source, f"cannot {doing}: {err}")

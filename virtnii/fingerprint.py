@@ -12,7 +12,7 @@ from typing import Any
 
 import fsspec
 
-from .errors import SourceAccessError, SourceNotFound, StaleSource
+from .errors import SourceNotFound, StaleSource, from_os_error
 
 Fingerprint = dict[str, Any]
 
@@ -50,12 +50,8 @@ def stat(fs: fsspec.AbstractFileSystem, path: str, url: str) -> Fingerprint:
     """Fingerprint of ``path`` on ``fs`` now; errors name ``url``."""
     try:
         info = fs.info(path)
-    except FileNotFoundError as err:
-        raise SourceNotFound(url, "no such file or object") from err
-    except PermissionError as err:
-        raise SourceAccessError(url, f"permission denied ({err})") from err
     except OSError as err:
-        raise SourceAccessError(url, f"cannot stat: {err}") from err
+        raise from_os_error(url, err, "stat") from err
     if info.get("type") == "directory":
         raise SourceNotFound(url, "is a directory, not a file")
     return from_info(info)

@@ -19,7 +19,8 @@ import fsspec
 from tqdm.auto import tqdm
 
 from . import fingerprint, gzindex
-from .errors import InvalidGzip, InvalidNifti, ManifestError, SourceAccessError, SourceNotFound, VirtniiError
+from .errors import (InvalidGzip, InvalidNifti, ManifestError, SourceAccessError, SourceNotFound, VirtniiError,
+                     from_os_error)
 from .header import HEAD_BYTES, NiftiHeader, header_extent, parse
 from .manifest import REF_FILES, ManifestWriter
 from .references import ZARR_FORMATS, ImageRefs, image_refs
@@ -181,12 +182,8 @@ def _list(fs: fsspec.AbstractFileSystem, path: str, src: str) -> tuple[dict[str,
         info = fs.info(path)
         if info.get("type") == "directory":
             return fs.find(path, detail=True), path.rstrip("/")
-    except FileNotFoundError as err:
-        raise SourceNotFound(src, "no such file, folder or object") from err
-    except PermissionError as err:
-        raise SourceAccessError(src, f"permission denied ({err})") from err
     except OSError as err:
-        raise SourceAccessError(src, f"cannot list: {err}") from err
+        raise from_os_error(src, err, "list") from err
     if not path.lower().endswith(NIFTI_SUFFIXES):
         raise InvalidNifti(src, f"not a NIfTI file name (expected one of {', '.join(NIFTI_SUFFIXES)})")
     return {path: info}, posixpath.dirname(path)
@@ -246,14 +243,6 @@ def _fetch_ranges(fs: fsspec.AbstractFileSystem, paths: list[str], ends: list[in
     return fs.cat_ranges(paths, [0] * len(paths), ends, on_error="return")
 
 
-def _read_error(url: str, err: Exception) -> VirtniiError:
-    if isinstance(err, FileNotFoundError):
-        return SourceNotFound(url, "disappeared while scanning")
-    if isinstance(err, PermissionError):
-        return SourceAccessError(url, f"permission denied ({err})")
-    return SourceAccessError(url, f"read failed: {err}")
-
-
 def read_plain_headers(sources: list[Source], zarr_format: int) -> list[tuple[NiftiHeader, ImageRefs, dict[str, Any]] | VirtniiError]:
     """Headers of uncompressed sources, one concurrent ranged read per file (a second only for big extensions)."""
     outcomes: list[Any] = [None] * len(sources)
@@ -269,7 +258,7 @@ def read_plain_headers(sources: list[Source], zarr_format: int) -> list[tuple[Ni
         for i, head in zip(members, heads):
             s = sources[i]
             if isinstance(head, Exception):
-                outcomes[i] = _read_error(s.url, head)
+                outcomes[i] = from_os_error(s.url, head, "read")
                 continue
             try:
                 extent = header_extent(s.url, head, s.is_pair, s.info["size"])
@@ -282,7 +271,7 @@ def read_plain_headers(sources: list[Source], zarr_format: int) -> list[tuple[Ni
                 outcomes[i] = head[:extent]
         more = _fetch_ranges(fs, [sources[i].path for i, _ in retry], [e for _, e in retry])
         for (i, _), head in zip(retry, more):
-            outcomes[i] = _read_error(sources[i].url, head) if isinstance(head, Exception) else head
+            outcomes[i] = from_os_error(sources[i].url, head, "read") if isinstance(head, Exception) else head
     return [o if isinstance(o, VirtniiError) else _plain_image(s, o, zarr_format) for s, o in zip(sources, outcomes)]
 
 
@@ -315,7 +304,7 @@ def gunzip_head(fs: fsspec.AbstractFileSystem, path: str, url: str, size: int,
         try:
             compressed = fs.cat_file(path, start=0, end=step)
         except Exception as err:  # noqa: BLE001 - any storage error is reported against the source
-            raise _read_error(url, err) from err
+            raise from_os_error(url, err, "read") from err
         if compressed[:2] != b"\x1f\x8b":
             raise InvalidGzip(url, "not gzip data (no gzip magic bytes): is it an uncompressed .nii named .gz?")
         try:
