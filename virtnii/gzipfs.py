@@ -1,0 +1,266 @@
+"""``gzidx://``: an fsspec filesystem serving the *uncompressed* bytes of gzip files through seek-point indexes.
+
+A zarr codec never learns which chunk it decodes, so it cannot start inflating mid-stream; a filesystem can.
+References into a ``.nii.gz`` therefore point at ``gzidx://<descriptor>`` with *uncompressed* offsets, exactly
+like references into a ``.nii``, and this filesystem turns each range into one ranged read of the compressed
+span it needs (from the seek point before the range to the compressed position that covers its end) and an
+inflate in a worker thread, so concurrent chunk reads use every core.
+
+``gzidx://gzindex/sub-01_T1w.gzidx.json`` names a descriptor written by :func:`virtnii.gzindex.write_sidecar`,
+relative to ``root`` (the manifest folder).  The descriptor names the source; before a source's first read in
+a process, its size and ETag/mtime are compared with those recorded at indexing time
+(:class:`~virtnii.errors.StaleSource` if they differ).  See docs/gzip.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+from fsspec.asyn import AsyncFileSystem
+from fsspec.spec import AbstractBufferedFile
+
+from . import fingerprint, gzindex
+from .errors import ManifestError, SourceAccessError, SourceNotFound
+
+
+@dataclass(frozen=True)
+class _Source:
+    """A descriptor's index, checked against its source, and where to fetch the compressed bytes."""
+
+    index: gzindex.GzipIndex
+    protocol: str
+    path: str
+
+
+# Per process: parsed indexes by descriptor URL (with the descriptor's own fingerprint, so a manifest re-written
+# in place is re-read), sources whose fingerprint was checked, one lock per descriptor so that a burst of
+# concurrent first reads loads it once, and the inflate workers.
+_INDEXES: dict[str, tuple[fingerprint.Fingerprint, gzindex.GzipIndex]] = {}
+_CHECKED: set[tuple[str, str]] = set()
+_LOCKS: dict[str, threading.Lock] = {}
+_LOCKS_GUARD = threading.Lock()
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _decode_pool() -> ThreadPoolExecutor:
+    """Inflate workers, one per core: ISA-L releases the GIL, so decodes of different chunks run in parallel."""
+    global _POOL
+    with _LOCKS_GUARD:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="virtnii-inflate")
+        return _POOL
+
+
+def _lock(url: str) -> threading.Lock:
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(url, threading.Lock())
+
+
+class GzipIndexFileSystem(AsyncFileSystem):
+    """Read-only filesystem of the uncompressed content of indexed gzip files.
+
+    Parameters
+    ----------
+    root
+        URL of the manifest folder that descriptor paths are relative to (required).
+    root_options
+        fsspec storage options for reading ``root``.
+    target_options
+        fsspec storage options for the sources, e.g. ``{"anon": True}`` or an ``endpoint_url``.
+    """
+
+    protocol = "gzidx"
+    root_marker = ""
+
+    def __init__(self, root: str | None = None, root_options: dict[str, Any] | None = None,
+                 target_options: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if not root:
+            raise ValueError("gzidx:// needs root=<manifest folder URL>: descriptor paths such as "
+                             "gzidx://gzindex/x.gzidx.json are relative to it")
+        super().__init__(**kwargs)
+        self.root = root.rstrip("/")
+        self.root_options = dict(root_options or {})
+        self.target_options = dict(target_options or {})
+        self._root_fs, self._root_path = fsspec.core.url_to_fs(self.root, **self.root_options)
+        self._sources: dict[str, _Source] = {}
+        self._targets: dict[str, fsspec.AbstractFileSystem] = {}
+
+    # -- sources ------------------------------------------------------------------------------------------
+
+    async def _source(self, path: str) -> _Source:
+        path = self._strip_protocol(path)
+        source = self._sources.get(path)
+        if source is None:
+            source = await asyncio.to_thread(self._load, path)
+            self._sources[path] = source
+        return source
+
+    def _load(self, path: str) -> _Source:
+        """Read (or reuse) the descriptor's index and check its source once per process; runs in a thread."""
+        descriptor_path = f"{self._root_path}/{path}"
+        url = self._root_fs.unstrip_protocol(descriptor_path)
+        with _lock(url):
+            try:
+                descriptor_fp = fingerprint.stat(self._root_fs, descriptor_path, url)
+            except SourceNotFound as err:
+                raise ManifestError(url, f"no gzip index descriptor here (is root={self.root!r} the manifest "
+                                         "folder?)") from err
+            cached = _INDEXES.get(url)
+            if cached is not None and cached[0] == descriptor_fp:
+                index = cached[1]
+            else:
+                index = gzindex.read_sidecar(self._root_fs, descriptor_path)
+                _INDEXES[url] = (descriptor_fp, index)
+        fs, source_path = fsspec.core.url_to_fs(index.source, **self.target_options)
+        checked = (index.source, json.dumps(index.fingerprint, sort_keys=True))
+        if checked not in _CHECKED:
+            try:
+                current = fingerprint.stat(fs, source_path, index.source)
+            except SourceNotFound as err:
+                raise SourceNotFound(index.source, "was indexed but no longer exists; re-run `virtnii scan`"
+                                     ) from err
+            fingerprint.ensure_unchanged(index.source, index.fingerprint, current)
+            _CHECKED.add(checked)
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        return _Source(index, protocol, source_path)
+
+    def _target(self, protocol: str) -> fsspec.AbstractFileSystem:
+        """The sources' filesystem: fsspec's ordinary cached instance, whose sessions live on fsspec's loop."""
+        fs = self._targets.get(protocol)
+        if fs is None:
+            fs = self._targets[protocol] = fsspec.filesystem(protocol, **self.target_options)
+        return fs
+
+    async def _fetch(self, source: _Source, start: int, end: int) -> bytes:
+        """Compressed bytes ``[start, end)`` of the source, in one ranged read.
+
+        Async sources (s3, http) are driven on their own loop (fsspec's I/O thread) whatever loop is calling,
+        because their sessions are bound to it; sync ones (local, memory) read in a thread.
+        """
+        fs = self._target(source.protocol)
+        try:
+            if not fs.async_impl:
+                return await asyncio.to_thread(fs.cat_file, source.path, start=start, end=end)
+            read = fs._cat_file(source.path, start=start, end=end)
+            if asyncio.get_running_loop() is fs.loop:
+                return await read
+            return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(read, fs.loop))
+        except FileNotFoundError as err:
+            raise SourceNotFound(source.index.source, "was indexed but no longer exists; re-run `virtnii scan`"
+                                 ) from err
+        except OSError as err:
+            raise SourceAccessError(source.index.source, f"read of bytes {start}-{end} failed: {err}") from err
+
+    # -- reading ------------------------------------------------------------------------------------------
+
+    async def _cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any
+                        ) -> bytes:
+        source = await self._source(path)
+        start, end = _bounds(start, end, source.index.uncompressed_size)
+        if start >= end:
+            return b""
+        span = source.index.span(start, end)
+        data = await self._fetch(source, span.cmp_start, span.cmp_end)
+        return await _in_pool(source.index.decode, span, data, start, end)
+
+    async def _cat_ranges(self, paths: list[str], starts: list[int | None] | int | None,
+                          ends: list[int | None] | int | None, max_gap: int | None = None,
+                          batch_size: int | None = None, on_error: str = "return", **kwargs: Any) -> list[Any]:
+        """Read many ranges: adjacent or overlapping ranges of one file share one compressed fetch.
+
+        Within such a run each seek point is inflated once, in parallel with the run's other points.
+        """
+        count = len(paths)
+        starts = starts if isinstance(starts, list) else [starts] * count
+        ends = ends if isinstance(ends, list) else [ends] * count
+        if len(starts) != count or len(ends) != count:
+            raise ValueError("paths, starts and ends must have the same length")
+        by_path: dict[str, list[tuple[int, int | None, int | None]]] = {}
+        for i, (p, s, e) in enumerate(zip(paths, starts, ends)):
+            by_path.setdefault(self._strip_protocol(p), []).append((i, s, e))
+        results: list[Any] = [None] * count
+        outcomes = await asyncio.gather(*(self._read_file_ranges(p, r, results) for p, r in by_path.items()),
+                                        return_exceptions=True)
+        for (p, ranges), outcome in zip(by_path.items(), outcomes):
+            if isinstance(outcome, BaseException):
+                for i, _, _ in ranges:
+                    results[i] = outcome
+        if on_error != "return":
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+        return results
+
+    async def _read_file_ranges(self, path: str, ranges: list[tuple[int, int | None, int | None]],
+                                results: list[Any]) -> None:
+        source = await self._source(path)
+        size = source.index.uncompressed_size
+        bounded = sorted((*_bounds(s, e, size), i) for i, s, e in ranges)
+        runs: list[list[tuple[int, int, int]]] = []
+        for start, end, i in bounded:
+            if runs and start <= max(e for _, e, _ in runs[-1]):
+                runs[-1].append((start, end, i))
+            else:
+                runs.append([(start, end, i)])
+        await asyncio.gather(*(self._read_run(source, run, results) for run in runs))
+
+    async def _read_run(self, source: _Source, run: list[tuple[int, int, int]], results: list[Any]) -> None:
+        """One fetch for a run of touching ranges; one inflate per seek point the run starts from."""
+        index = source.index
+        groups: dict[int, list[tuple[int, int, int]]] = {}
+        for start, end, i in run:
+            groups.setdefault(index.span(start, end).point, []).append((start, end, i))
+        pieces = []
+        for members in groups.values():
+            start, end = min(m[0] for m in members), max(m[1] for m in members)
+            pieces.append((index.span(start, end), start, end, members))
+        fetch_start = min(p[0].cmp_start for p in pieces)
+        data = memoryview(await self._fetch(source, fetch_start, max(p[0].cmp_end for p in pieces)))
+
+        async def decode(span: gzindex.Span, start: int, end: int) -> bytes:
+            view = data[span.cmp_start - fetch_start:span.cmp_end - fetch_start]
+            return await _in_pool(index.decode, span, view, start, end) if start < end else b""
+
+        decoded = await asyncio.gather(*(decode(*piece[:3]) for piece in pieces))
+        for (_, start, _, members), out in zip(pieces, decoded):
+            for s, e, i in members:
+                results[i] = out if len(members) == 1 else out[s - start:e - start]
+
+    async def _info(self, path: str, **kwargs: Any) -> dict[str, Any]:
+        source = await self._source(path)
+        return {"name": self._strip_protocol(path), "size": source.index.uncompressed_size, "type": "file",
+                "source": source.index.source}
+
+    def _open(self, path: str, mode: str = "rb", block_size: int | None = None, autocommit: bool = True,
+              cache_options: dict[str, Any] | None = None, **kwargs: Any) -> _GzipIndexFile:
+        if mode != "rb":
+            raise NotImplementedError(f"gzidx:// is read-only (mode {mode!r})")
+        return _GzipIndexFile(self, path, mode, block_size=block_size or "default", cache_options=cache_options,
+                              **kwargs)
+
+
+class _GzipIndexFile(AbstractBufferedFile):
+    """File-like read access (``fs.open``) over :meth:`GzipIndexFileSystem.cat_file`."""
+
+    def _fetch_range(self, start: int, end: int) -> bytes:
+        return self.fs.cat_file(self.path, start=start, end=end)
+
+
+def _bounds(start: int | None, end: int | None, size: int) -> tuple[int, int]:
+    """fsspec range semantics: None means the file's start/end, negatives count from the end."""
+    start = 0 if start is None else (size + start if start < 0 else start)
+    end = size if end is None else (size + end if end < 0 else end)
+    start = min(max(start, 0), size)
+    return start, min(max(end, start), size)
+
+
+async def _in_pool(func: Any, *args: Any) -> Any:
+    return await asyncio.wrap_future(_decode_pool().submit(func, *args))
+
