@@ -98,6 +98,9 @@ def parse(url: str, raw: bytes, is_pair: bool) -> NiftiHeader:
         header = klass.from_fileobj(io.BytesIO(raw), check=True)
         shape = header.get_data_shape()
     except (HeaderDataError, ValueError, struct.error) as err:
+        unchecked = klass.from_fileobj(io.BytesIO(raw), check=False)
+        if int(unchecked["datatype"]) in nib.nifti1.data_type_codes.code:
+            _zarr_dtype(url, unchecked)  # nibabel's check rejects known types it cannot load (float128): unsupported
         raise InvalidNifti(url, f"invalid header: {err}") from err
     dims = [int(d) for d in header["dim"][1:1 + int(header["dim"][0])]]
     if not dims or any(d <= 0 for d in dims):
@@ -119,6 +122,6 @@ def _zarr_dtype(url: str, header: nib.Nifti1Header) -> np.dtype:
     if dtype.fields:
         return np.dtype([(name.lower(), dtype.fields[name][0]) for name in dtype.names])
     if dtype.kind not in _ZARR_KINDS or dtype.itemsize > 16 or (dtype.kind == "f" and dtype.itemsize > 8):
-        raise UnsupportedNifti(url, f"datatype {code} ({dtype}) has no zarr equivalent")
+        raise UnsupportedNifti(url, f"datatype {code} ({nib.nifti1.data_type_codes.label[code]}) has no zarr equivalent")
     return dtype
 
