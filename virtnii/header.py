@@ -32,8 +32,8 @@ class NiftiHeader:
     """What the references need from one header.
 
     ``raw`` is the header exactly as stored (fixed header, extension flag and extensions): it becomes the
-    NIfTI-Zarr ``nifti`` array.  ``data_offset`` is where nibabel starts reading voxels in the data file
-    (``vox_offset``, corrected the way nibabel corrects it).
+    NIfTI-Zarr ``nifti`` array.  ``data_offset`` is where the voxels start in the data file:
+    ``vox_offset``, at least 352 (NIfTI-1) or 544 (NIfTI-2) in a single file as the standard says.
     """
 
     version: int
@@ -108,8 +108,10 @@ def parse(url: str, raw: bytes, is_pair: bool) -> NiftiHeader:
     if len(shape) > 5 and any(d != 1 for d in shape[5:]):
         raise UnsupportedNifti(url, f"{len(shape)}-D data {tuple(shape)}: NIfTI-Zarr holds at most 5 axes (t, c, z, y, x)")
     dtype = _zarr_dtype(url, header)
-    return NiftiHeader(version, header, bytes(raw), tuple(int(n) for n in shape[:5]), dtype,
-                       int(header.get_data_offset()), is_pair)
+    data_offset = int(header.get_data_offset())
+    if not is_pair:  # the standard: "if vox_offset is less than 352 in a .nii file, it is equivalent to 352";
+        data_offset = max(data_offset, size + 4)  # nibabel 5 reads an unset (0) vox_offset from byte 0, the header
+    return NiftiHeader(version, header, bytes(raw), tuple(int(n) for n in shape[:5]), dtype, data_offset, is_pair)
 
 
 def _zarr_dtype(url: str, header: nib.Nifti1Header) -> np.dtype:
