@@ -25,7 +25,8 @@ import zarr
 import virtnii
 import virtnii.layout
 import virtnii.references
-from nifti_samples import SAMPLES, assert_same_voxels, file_to_zarr_order, nibabel_raw, write_samples
+from nifti_samples import (SAMPLES, assert_same_voxels, file_to_zarr_order, nibabel_image, nibabel_raw,
+                           write_samples)
 
 SCHEMA = Path(__file__).resolve().parents[2] / "shared" / "spec" / "nifti-zarr-schema-1.0.rc1.json"
 NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
@@ -109,7 +110,7 @@ def sample_scan(request: pytest.FixtureRequest, sample_files: dict[str, Path],
 
 def _assert_matches_nibabel(group: zarr.Group, path: Path) -> None:
     """Voxels (zarr array, nibabel proxy raw and scaled), affine and slope/inter all equal nibabel's."""
-    expected = nib.load(path)
+    expected = nibabel_image(path)
     raw = nibabel_raw(path)
     assert_same_voxels(group["0"][...], file_to_zarr_order(raw))
     image = virtnii.to_nibabel(group)

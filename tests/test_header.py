@@ -1,0 +1,267 @@
+"""Header parsing and the errors for everything that is not an indexable NIfTI.
+
+A batch over thousands of files meets every kind of wrong input: empty and truncated downloads, HTML error pages
+saved under a ``.nii`` name, gzip data without ``.gz``, lone ``.hdr`` files, headers other tools wrote wrong.
+Each must fail as the right :class:`~virtnii.VirtniiError` subclass naming the file, the rest of the batch must
+still be indexed, and no half-written manifest may be left behind.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import stat
+from pathlib import Path
+from typing import Callable
+
+import fsspec
+import nibabel as nib
+import numpy as np
+import pytest
+from fsspec.implementations.local import LocalFileSystem
+
+import virtnii
+import virtnii.manifest
+from nifti_samples import patch_header, voxels, write_nifti
+from virtnii.header import HEAD_BYTES, header_extent, parse
+
+NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
+
+
+def _good(folder: Path, name: str = "good.nii", **write: object) -> Path:
+    return write_nifti(folder / name, voxels((4, 3, 2), "i2"), **write)
+
+
+def _read_head(path: Path, is_pair: bool = False) -> bytes:
+    """What the scanner hands to :func:`parse`: the bytes named by :func:`header_extent`."""
+    blob = path.read_bytes()
+    return blob[: header_extent(str(path), blob[:HEAD_BYTES], is_pair, len(blob))]
+
+
+# -------------------------------------------------------------------------------------------- good headers
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("endian", ["<", ">"])
+def test_parse_follows_nibabel(tmp_path: Path, version: int, endian: str) -> None:
+    path = write_nifti(tmp_path / "a.nii", voxels((5, 4, 3, 2), endian + "f4"), version=version, endian=endian,
+                       extensions=(("comment", b"x" * 20),))
+    parsed = parse(str(path), _read_head(path), is_pair=False)
+    proxy = nib.load(path).dataobj
+    assert parsed.version == version
+    assert parsed.shape == (5, 4, 3, 2)
+    assert parsed.dtype == np.dtype(endian + "f4")
+    assert parsed.data_offset == proxy.offset
+    assert parsed.raw == path.read_bytes()[: proxy.offset]  # header, extension flag and extensions
+    assert parsed.nbytes == 5 * 4 * 3 * 2 * 4
+    assert not parsed.is_pair
+
+
+def test_parse_pair_reads_the_whole_hdr(tmp_path: Path) -> None:
+    path = write_nifti(tmp_path / "a.hdr", voxels((5, 4, 3), "i2"), version=2, extensions=(("comment", b"ext"),))
+    parsed = parse(str(path), _read_head(path, is_pair=True), is_pair=True)
+    assert parsed.is_pair and parsed.version == 2
+    assert parsed.raw == path.read_bytes()
+    assert parsed.data_offset == 0
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_unset_vox_offset_in_a_single_file_means_right_after_the_header(tmp_path: Path, version: int) -> None:
+    """The standard: "less than 352 in a .nii file is equivalent to 352" (544 for NIfTI-2).
+
+    nibabel 5 reads such a file from byte 0 (its header bytes become voxels); virtnii must not follow it there.
+    """
+    path = patch_header(_good(tmp_path, version=version), vox_offset=0)
+    assert parse(str(path), _read_head(path), is_pair=False).data_offset == {1: 352, 2: 544}[version]
+    virtnii.scan([str(path)], str(tmp_path / "out"))
+    voxels_read = virtnii.to_nibabel(virtnii.open(str(tmp_path / "out"))["good"]).dataobj.get_unscaled()
+    np.testing.assert_array_equal(voxels_read, voxels((4, 3, 2), "i2"))
+
+
+def test_header_extent_covers_large_extensions(tmp_path: Path) -> None:
+    """Extensions past the first ranged read make the scanner read again, up to vox_offset."""
+    path = _good(tmp_path, extensions=(("comment", b"e" * (3 * HEAD_BYTES)),))
+    blob = path.read_bytes()
+    extent = header_extent(str(path), blob[:HEAD_BYTES], False, len(blob))
+    assert extent == nib.load(path).dataobj.offset > HEAD_BYTES
+    result = virtnii.scan([str(path)], str(tmp_path / "out"))
+    assert not result.failures
+    assert np.asarray(virtnii.open(str(tmp_path / "out"))["good"]["nifti"][:]).tobytes() == blob[:extent]
+
+
+# --------------------------------------------------------------------------------------------- bad inputs
+
+BadMaker = Callable[[Path, Path], Path]
+
+
+def _bytes(name: str, content: Callable[[bytes], bytes]) -> BadMaker:
+    """A bad file ``name`` whose bytes are ``content(good file bytes)``."""
+    def make(folder: Path, good: Path) -> Path:
+        path = folder / name
+        path.write_bytes(content(good.read_bytes()))
+        return path
+    return make
+
+
+def _patched(name: str, **fields: object) -> BadMaker:
+    """A copy of the good file with header ``fields`` overwritten."""
+    def make(folder: Path, good: Path) -> Path:
+        return patch_header(Path(shutil.copy(good, folder / name)), **fields)
+    return make
+
+
+def _lone_hdr(folder: Path, good: Path) -> Path:
+    return Path(shutil.copy(NIBABEL_DATA / "nifti1.hdr", folder / "lone.hdr"))
+
+
+def _hdr_with_nii_magic(folder: Path, good: Path) -> Path:
+    """A .hdr/.img pair whose header says ``n+1`` (single file): the voxels are not where a pair puts them."""
+    blob = good.read_bytes()
+    (folder / "nii_magic.img").write_bytes(blob[352:])
+    path = folder / "nii_magic.hdr"
+    path.write_bytes(blob[:352])
+    return path
+
+
+#: case → (maker, expected error class, words the message must contain)
+BAD_CASES: dict[str, tuple[BadMaker, type[virtnii.VirtniiError], str]] = {
+    "empty": (_bytes("empty.nii", lambda b: b""), virtnii.InvalidNifti, "empty"),
+    "three_bytes": (_bytes("three.nii", lambda b: b[:3]), virtnii.InvalidNifti, "too short"),
+    "cut_in_header": (_bytes("cut_header.nii", lambda b: b[:200]), virtnii.InvalidNifti, "truncated header"),
+    "header_only": (_bytes("header_only.nii", lambda b: b[:352]), virtnii.InvalidNifti, "data truncated"),
+    "one_byte_short": (_bytes("short.nii", lambda b: b[:-1]), virtnii.InvalidNifti, "data truncated"),
+    "pair_magic_in_nii": (_bytes("magic.nii", lambda b: b[:344] + b"ni1\0" + b[348:]), virtnii.InvalidNifti,
+                          "wrong magic"),
+    "no_magic": (_bytes("nomagic.nii", lambda b: b[:344] + b"\0\0\0\0" + b[348:]), virtnii.InvalidNifti,
+                 "wrong magic"),
+    "bad_sizeof_hdr": (_bytes("sizeof.nii", lambda b: (349).to_bytes(4, "little") + b[4:]), virtnii.InvalidNifti,
+                       "sizeof_hdr"),
+    "zero_dim": (_patched("zero_dim.nii", dim=[3, 4, 0, 2, 1, 1, 1, 1]), virtnii.InvalidNifti, "dimensions"),
+    "negative_dim": (_patched("neg_dim.nii", dim=[3, 4, -3, 2, 1, 1, 1, 1]), virtnii.InvalidNifti, "dimensions"),
+    "no_dims": (_patched("no_dims.nii", dim=[0, 4, 3, 2, 1, 1, 1, 1]), virtnii.InvalidNifti, "dimensions"),
+    "vox_offset_inside_header": (_patched("vox_low.nii", vox_offset=100), virtnii.InvalidNifti, "vox offset"),
+    "vox_offset_past_end": (_patched("vox_high.nii", vox_offset=1e9), virtnii.InvalidNifti, "data truncated"),
+    "float128": (_patched("float128.nii", datatype=1536, bitpix=128), virtnii.UnsupportedNifti, "float128"),
+    "complex256": (_patched("complex256.nii", datatype=2048, bitpix=256), virtnii.UnsupportedNifti, "complex256"),
+    "binary": (_patched("binary.nii", datatype=1, bitpix=1), virtnii.UnsupportedNifti, "binary"),
+    "unknown_datatype": (_patched("dt9999.nii", datatype=9999), virtnii.InvalidNifti, "9999"),
+    "html_page": (_bytes("page.nii", lambda b: b"\n<!DOCTYPE html>\n<html><body>404 Not Found</body></html>\n"),
+                  virtnii.InvalidNifti, "HTML"),
+    "s3_xml_error": (_bytes("denied.nii", lambda b: b"<?xml version='1.0'?><Error><Code>AccessDenied</Code></Error>"),
+                     virtnii.InvalidNifti, "XML"),
+    "git_lfs_pointer": (_bytes("lfs.nii", lambda b: b"version https://git-lfs.github.com/spec/v1\noid sha256:0\n"),
+                        virtnii.InvalidNifti, "not a NIfTI"),
+    "gzip_named_nii": (_bytes("gz.nii", gzip.compress), virtnii.InvalidNifti, "gzip"),
+    "hdr_without_img": (_lone_hdr, virtnii.SourceNotFound, "lone.img"),
+    "pair_with_single_file_magic": (_hdr_with_nii_magic, virtnii.InvalidNifti, "wrong magic"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_batch(tmp_path_factory: pytest.TempPathFactory) -> tuple[virtnii.ScanResult, dict[str, Path], Path]:
+    """One scan of a good file, every bad case and a missing file, as a real batch would meet them."""
+    folder = tmp_path_factory.mktemp("bad")
+    good = _good(folder)
+    files = {case: maker(folder, good) for case, (maker, _, _) in BAD_CASES.items()}
+    files["missing"] = folder / "missing.nii"
+    out = folder / "manifest"
+    result = virtnii.scan([str(good)] + [str(p) for p in files.values()], str(out))
+    return result, files, out
+
+
+@pytest.mark.parametrize("case", list(BAD_CASES))
+def test_bad_input_fails_with_its_error_naming_the_file(bad_batch: tuple, case: str) -> None:
+    result, files, _ = bad_batch
+    _, error_class, words = BAD_CASES[case]
+    errors = [f for f in result.failures if f.source.endswith("/" + files[case].name)]
+    assert len(errors) == 1, [str(f) for f in result.failures]
+    [error] = errors
+    assert type(error) is error_class, str(error)
+    assert words.lower() in str(error).lower()
+    assert str(error).startswith(error.source) and files[case].name in str(error)
+
+
+def test_missing_file_is_source_not_found(bad_batch: tuple) -> None:
+    result, files, _ = bad_batch
+    [error] = [f for f in result.failures if "missing.nii" in f.source]
+    assert isinstance(error, virtnii.SourceNotFound)
+
+
+def test_good_sources_survive_a_bad_batch(bad_batch: tuple) -> None:
+    result, files, out = bad_batch
+    assert [e["name"] for e in result.images] == ["good"]
+    assert len(result.failures) == len(files)
+    np.testing.assert_array_equal(virtnii.to_nibabel(virtnii.open(str(out))["good"]).dataobj.get_unscaled(),
+                                  voxels((4, 3, 2), "i2"))
+    assert not list(out.parent.glob("manifest.partial-*"))
+
+
+def test_parse_errors_name_the_url() -> None:
+    with pytest.raises(virtnii.InvalidNifti, match="^s3://bucket/x.nii: empty file$"):
+        parse("s3://bucket/x.nii", b"", is_pair=False)
+
+
+def test_all_failed_scan_leaves_no_manifest(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.nii"
+    bad.write_bytes(b"<html></html>")
+    result = virtnii.scan([str(bad), str(tmp_path / "missing.nii")], str(tmp_path / "out"))
+    assert result.manifest is None and result.images == []
+    assert len(result.failures) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.nii"]
+
+
+def test_failure_while_writing_leaves_no_partial_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error after sidecars/references started (here: building references) removes the partial folder."""
+    good = _good(tmp_path)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(virtnii.manifest, "build_refs", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        virtnii.scan([str(good)], str(tmp_path / "out"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good.nii"]
+
+
+# ------------------------------------------------------------------------------------------- access errors
+
+
+def test_unreadable_file_is_source_access_error(tmp_path: Path) -> None:
+    path = _good(tmp_path, "locked.nii")
+    path.chmod(0)
+    try:
+        if os.access(path, os.R_OK):
+            pytest.skip("running as root (or with CAP_DAC_OVERRIDE): chmod 000 does not stop reads; "
+                        "test_permission_error_from_storage_is_source_access_error covers the mapping")
+        result = virtnii.scan([str(path)], str(tmp_path / "out"))
+        [error] = result.failures
+        assert isinstance(error, virtnii.SourceAccessError) and "locked.nii" in str(error)
+    finally:
+        path.chmod(stat.S_IRUSR | stat.S_IWUSR)
+
+
+class _DeniedFileSystem(LocalFileSystem):
+    """Local files that can be listed but not read, like an object store answering 403 to GET."""
+
+    protocol = ("denied",)
+
+    @classmethod
+    def _strip_protocol(cls, path: str) -> str:
+        path = fsspec.utils.stringify_path(path)
+        return super()._strip_protocol(path[len("denied://"):] if path.startswith("denied://") else path)
+
+    def _open(self, path: str, mode: str = "rb", **kwargs: object) -> object:
+        if "r" in mode:
+            raise PermissionError(13, "Permission denied", path)
+        return super()._open(path, mode, **kwargs)
+
+
+def test_permission_error_from_storage_is_source_access_error(tmp_path: Path) -> None:
+    fsspec.register_implementation("denied", _DeniedFileSystem, clobber=True)
+    denied, readable = _good(tmp_path, "denied.nii"), _good(tmp_path, "readable.nii")
+    result = virtnii.scan([f"denied://{denied}", str(readable)], str(tmp_path / "out"))
+    assert [e["name"] for e in result.images] == ["readable"]
+    [error] = result.failures
+    assert isinstance(error, virtnii.SourceAccessError)
+    assert error.source == f"denied://{denied}" and "permission denied" in str(error)
