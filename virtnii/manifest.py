@@ -54,7 +54,8 @@ class ManifestWriter:
         target = f"{self.tmp}/{ref_file}"
         if ref_format == "json":
             with self.fs.open(target, "w") as f:
-                json.dump(refs, f, separators=(",", ":"))
+                # one dumps + write: json.dump streams through the pure-Python encoder, ~10x slower on big manifests
+                f.write(json.dumps(refs, separators=(",", ":")))
         else:
             kerchunk.df.refs_to_dataframe(refs, self.fs.unstrip_protocol(target),
                                           storage_options=self.fs.storage_options)
@@ -65,7 +66,7 @@ class ManifestWriter:
             "images": entries,
         }
         with self.fs.open(f"{self.tmp}/{INDEX_FILE}", "w") as f:
-            json.dump(index, f, indent=1)
+            f.write(json.dumps(index, indent=1))
         if self.fs.exists(self.out):
             self.fs.rm(self.out, recursive=True)
         if getattr(self.fs, "local_file", False):
