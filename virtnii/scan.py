@@ -145,7 +145,7 @@ def expand(sources: list[str], options: dict[str, Any]) -> tuple[list[Source], l
     failures: list[VirtniiError] = []
     for src in sources:
         try:
-            fs, path = fsspec.core.url_to_fs(src, **options)
+            fs, path = fsspec.core.url_to_fs(src, **with_s3_pool(src, options))
         except (ValueError, ImportError, TypeError) as err:
             failures.append(SourceAccessError(src, f"cannot open this URL: {err}"))
             continue
@@ -167,6 +167,21 @@ def expand(sources: list[str], options: dict[str, Any]) -> tuple[list[Source], l
         except VirtniiError as err:
             failures.append(err)
     return sources_out, failures
+
+
+#: Concurrent connections per S3 filesystem while scanning.  botocore's default of 10 caps a scan, which issues one
+#: GET per file, at 10 per round trip (~330 files/s at 30 ms, before any other cost); 64 measured ~1.4x faster
+#: on the simulated 30 ms S3 of scripts/bench_scan.py.
+S3_POOL_CONNECTIONS = 64
+
+
+def with_s3_pool(url: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with a larger botocore connection pool for ``s3://`` URLs, unless the caller set one."""
+    if fsspec.core.split_protocol(url)[0] not in ("s3", "s3a"):
+        return options
+    config = dict(options.get("config_kwargs") or {})
+    config.setdefault("max_pool_connections", S3_POOL_CONNECTIONS)
+    return {**options, "config_kwargs": config}
 
 
 def _list(fs: fsspec.AbstractFileSystem, path: str, src: str) -> tuple[dict[str, dict[str, Any]], str]:
