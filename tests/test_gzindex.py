@@ -16,7 +16,7 @@ import pytest
 import rapidgzip
 
 from virtnii import gzindex
-from virtnii.errors import InvalidGzip, SourceAccessError, SourceNotFound
+from virtnii.errors import InvalidGzip, ManifestError, SourceAccessError, SourceNotFound
 
 SITE = Path(nib.__file__).parent.parent
 REAL_FILES = sorted(
@@ -81,6 +81,28 @@ def test_every_bit_offset_and_only_needed_points(tmp_path: Path) -> None:
     per_offset = np.searchsorted(index.points["uncmp_offset"], offsets, side="right") - 1
     assert set(per_offset.tolist()) | {0} == set(range(len(index.points)))
     assert (np.asarray(offsets) - index.points["uncmp_offset"][per_offset] < 128 * 1024).all()
+    _check_reads(index, raw, plain, [0, *offsets, len(plain)])
+
+
+def _block_type(raw: bytes, point: np.void) -> int:
+    """BTYPE of the deflate block starting at a seek point (0 stored, 1 fixed, 2 dynamic Huffman)."""
+    bit = 8 * int(point["cmp_offset"]) - int(point["bits"])  # deflate packs bits from the low end of each byte
+    header = [(raw[(bit + i) // 8] >> ((bit + i) % 8)) & 1 for i in range(3)]
+    return header[1] | header[2] << 1
+
+
+def test_stored_blocks_at_unaligned_points(tmp_path: Path) -> None:
+    """Noisy data makes zlib emit stored blocks, which pad to the file's byte grid: decode must keep that grid."""
+    rng = np.random.default_rng(7)
+    plain = b"".join(rng.bytes(90_000) + _mri_like(60_000, seed) for seed in range(30))
+    path = tmp_path / "stored.gz"
+    path.write_bytes(gzip.compress(plain, compresslevel=6))
+    raw = path.read_bytes()
+    offsets = list(range(7, len(plain), 20_000))
+    index = gzindex.build_index(str(path), offsets)
+    stored = [p for p in index.points[1:] if _block_type(raw, p) == 0]
+    assert any(p["bits"] for p in stored), "no unaligned seek point at a stored block: the test lost its point"
+    assert {_block_type(raw, p) for p in index.points[1:]} >= {0, 2}
     _check_reads(index, raw, plain, [0, *offsets, len(plain)])
 
 
@@ -257,3 +279,17 @@ def test_decode_of_damaged_data_is_invalid_gzip(tmp_path: Path) -> None:
     raw[span.cmp_start + 1: span.cmp_start + 40] = zlib.compress(b"junk" * 50)[:39]
     with pytest.raises(InvalidGzip):
         index.decode(span, bytes(raw[span.cmp_start:span.cmp_end]), 500_000, 600_000)
+
+
+def test_damaged_sidecar_is_a_manifest_error(tmp_path: Path) -> None:
+    path = tmp_path / "s.gz"
+    path.write_bytes(gzip.compress(_mri_like(200_000)))
+    fs = fsspec.filesystem("file")
+    folder = str(tmp_path / "gzindex")
+    name = gzindex.write_sidecar(gzindex.build_index(str(path), [1000]), fs, folder, "s")
+    (tmp_path / "gzindex" / "s.gzidx.gz").write_bytes(gzip.compress(b"GZIDX\x01\x00 cut short"))
+    with pytest.raises(ManifestError, match="s.gzidx.json.*GZIDX"):
+        gzindex.read_sidecar(fs, f"{folder}/{name}")
+    (tmp_path / "gzindex" / "s.gzidx.gz").unlink()
+    with pytest.raises(ManifestError, match="missing"):
+        gzindex.read_sidecar(fs, f"{folder}/{name}")

@@ -15,9 +15,9 @@ a 1 GiB int16 MRI-like file (577 MB gz, 2 cores): ``gzip -dc`` 6.97 s; this pass
 points sit up to 1 MiB before the offsets; rapidgzip 1.86 s but its points are its ~2 MB-compressed chunk
 boundaries, so each 4 MiB read would inflate up to twice the bytes.  See docs/gzip.md.
 
-Decoding from a point needs the bit offset fed to the inflater; Python's inflaters have no ``inflatePrime``,
-so the compressed bytes are shifted by those bits with numpy first.  ISA-L (``isal``) inflates about twice
-as fast as zlib and accepts a dictionary, so decoding uses it.
+Decoding from a point uses the same C inflate: ``inflatePrime`` feeds the bits of the block's first byte and the
+window becomes the dictionary.  (Python's inflaters cannot start mid-byte, and shifting the compressed bytes
+into alignment breaks on stored blocks, which pad to the file's byte grid: see :class:`_RawInflater`.)
 """
 
 from __future__ import annotations
@@ -34,10 +34,9 @@ from typing import Any, BinaryIO
 
 import fsspec
 import numpy as np
-from isal import isal_zlib
 
 from . import fingerprint
-from .errors import InvalidGzip, SourceAccessError, SourceNotFound, StaleSource, VirtniiError
+from .errors import InvalidGzip, ManifestError, StaleSource, from_os_error
 
 #: Bytes of output kept with each seek point: the largest distance a deflate back-reference can reach.
 WINDOW_SIZE = 32768
@@ -108,7 +107,7 @@ class GzipIndex:
 
     def __post_init__(self) -> None:
         if len(self.points) == 0 or self.points["uncmp_offset"][0] != 0:
-            raise InvalidGzip(self.source, "gzip index has no seek point at offset 0")
+            raise ValueError(f"gzip index of {self.source} has no seek point at offset 0")
         # Every point, member start and the file end is also a stop: merge them once for span().
         ends = np.concatenate([
             self.stops,
@@ -139,21 +138,20 @@ class GzipIndex:
         row = self.points[span.point]
         position = int(row["uncmp_offset"])
         member = int(np.searchsorted(self.members["uncmp_offset"], position, side="right")) - 1
-        window = self.windows[span.point].tobytes() if row["has_window"] else None
-        stream = _realign(data, int(row["bits"])) if row["bits"] else data
+        window = self.windows[span.point] if row["has_window"] else None
+        stream, bits = memoryview(data), int(row["bits"])
         parts = []
         while True:
             member_end = (int(self.members["uncmp_offset"][member + 1]) if member + 1 < len(self.members)
                           else self.uncompressed_size)
             stop = min(end, member_end)
-            parts.append(self._inflate(stream, window, start - position if start > position else 0,
-                                       stop - max(start, position)))
+            parts.append(self._inflate(stream, bits, window, max(start - position, 0), stop - max(start, position)))
             position = stop
             if position >= end:
                 return parts[0] if len(parts) == 1 else b"".join(parts)
-            member += 1
+            member += 1  # the next member's deflate data starts on a byte, with nothing to refer back to
             stream = memoryview(data)[int(self.members["cmp_offset"][member]) - span.cmp_start:]
-            window = None
+            bits, window = 0, None
 
     def read_range(self, fetch: Callable[[int, int], bytes], start: int, end: int) -> bytes:
         """Uncompressed ``[start, end)``, fetching compressed bytes with ``fetch(cmp_start, cmp_end)`` once."""
@@ -164,24 +162,14 @@ class GzipIndex:
         start = max(0, min(start, self.uncompressed_size))
         return start, max(start, min(end, self.uncompressed_size))
 
-    def _inflate(self, stream: bytes | memoryview, window: bytes | None, skip: int, length: int) -> bytes:
-        """``length`` bytes after the first ``skip`` of the raw deflate ``stream`` (primed with ``window``)."""
-        inflater = isal_zlib.decompressobj(wbits=-15, zdict=window) if window else isal_zlib.decompressobj(wbits=-15)
+    def _inflate(self, stream: memoryview, bits: int, window: np.ndarray | None, skip: int, length: int) -> bytes:
+        """``length`` bytes after the first ``skip`` of the raw deflate ``stream`` that starts ``bits`` bits
+        before the end of its first byte, with ``window`` as the dictionary."""
         try:
-            while skip:
-                skipped = inflater.decompress(stream, skip)
-                if not skipped:
-                    break
-                skip -= len(skipped)
-                stream = inflater.unconsumed_tail
-            out = inflater.decompress(stream, length)
-        except isal_zlib.error as err:
-            raise InvalidGzip(self.source, f"corrupt deflate data where the index says a block starts ({err}); "
-                                           "the file or its index is damaged: re-run `virtnii scan`") from err
-        if skip or len(out) != length:
-            raise InvalidGzip(self.source, f"compressed data ended {length - len(out) + skip} bytes short of what "
-                                           "the index promises; the file or its index is damaged")
-        return out
+            return _RawInflater(stream, bits, window).read(skip, length)
+        except _InflateError as err:
+            raise InvalidGzip(self.source, f"{err}; the file or its index is damaged: re-run `virtnii scan`"
+                              ) from err
 
     # -- GZIDX v1 -----------------------------------------------------------------------------------------
 
@@ -197,12 +185,12 @@ class GzipIndex:
     @classmethod
     def from_gzidx(cls, data: bytes, source: str, fp: fingerprint.Fingerprint, *,
                    stops: np.ndarray | None = None, members: np.ndarray | None = None) -> GzipIndex:
-        """Parse GZIDX v1 bytes (ours, indexed_gzip's or rapidgzip's); errors name ``source``."""
+        """Parse GZIDX v1 bytes (ours, indexed_gzip's or rapidgzip's); ``ValueError`` if they are not."""
         if len(data) < _GZIDX_HEADER.size or data[:5] != _GZIDX_MAGIC:
-            raise InvalidGzip(source, "gzip index is not in the GZIDX format (bad magic)")
+            raise ValueError("not a GZIDX gzip index (bad magic)")
         _, version, _, cmp_size, uncmp_size, _, window_size, n = _GZIDX_HEADER.unpack_from(data)
         if version > _GZIDX_VERSION or window_size < WINDOW_SIZE:
-            raise InvalidGzip(source, f"unsupported gzip index (GZIDX version {version}, window {window_size})")
+            raise ValueError(f"unsupported GZIDX gzip index (version {version}, window {window_size})")
         raw = np.frombuffer(data, np.dtype([("cmp_offset", "<u8"), ("uncmp_offset", "<u8"), ("bits", "u1"),
                                             ("has_window", "u1")]), n, _GZIDX_HEADER.size)
         points = np.zeros(n, POINT_DTYPE)
@@ -210,25 +198,14 @@ class GzipIndex:
             points[name] = raw[name]
         points["has_window"] = raw["has_window"] != 0
         start = _GZIDX_HEADER.size + n * _GZIDX_POINT.size
-        stored = np.frombuffer(data, np.uint8, int(points["has_window"].sum()) * window_size, start)
-        if len(data) < start + stored.size:
-            raise InvalidGzip(source, "gzip index is truncated")
+        stored_size = int(points["has_window"].sum()) * window_size
+        if len(data) < start + stored_size:
+            raise ValueError("truncated GZIDX gzip index")
+        stored = np.frombuffer(data, np.uint8, stored_size, start)
         windows = np.zeros((n, WINDOW_SIZE), np.uint8)
         windows[points["has_window"]] = stored.reshape(-1, window_size)[:, window_size - WINDOW_SIZE:]
         return cls(source, fp, cmp_size, uncmp_size, points, windows,
                    *(x for x in (stops, members) if x is not None))
-
-
-def _realign(data: bytes | memoryview, bits: int) -> bytes:
-    """Shift a bit stream starting ``bits`` bits before the end of its first byte so that it starts on a byte.
-
-    A deflate block that starts mid-byte occupies the top ``bits`` bits of ``data[0]``; Python's inflaters
-    only start on byte boundaries, so every byte is rebuilt from the top of itself and the bottom of the next.
-    """
-    raw = np.frombuffer(data, np.uint8)
-    out = raw >> np.uint8(8 - bits)
-    out[:-1] |= raw[1:] << np.uint8(bits)
-    return out.tobytes()
 
 
 # ------------------------------------------------------------------------------------------ zlib via ctypes
@@ -254,20 +231,38 @@ class _ZngStream(ctypes.Structure):
                 ("adler", ctypes.c_uint32), ("reserved", ctypes.c_ulong)]
 
 
-_Z_OK, _Z_STREAM_END, _Z_NEED_DICT, _Z_BUF_ERROR, _Z_BLOCK = 0, 1, 2, -5, 5
+_Z_OK, _Z_STREAM_END, _Z_NEED_DICT, _Z_BUF_ERROR, _Z_NO_FLUSH, _Z_BLOCK = 0, 1, 2, -5, 0, 5
 _GZIP_WBITS = 15 + 16  # gzip wrapper only: zlib then checks each member's CRC-32 and length itself
+_RAW_WBITS = -15  # raw deflate, for decoding from a seek point
+_MAX_AVAIL = 1 << 30  # avail_in/avail_out are 32-bit: feed huge spans in pieces
 
 
 @dataclass(frozen=True)
 class _Zlib:
-    """The ``inflate`` entry points of one zlib build, bound through ctypes."""
+    """The inflate entry points of one zlib build, bound through ctypes (``init(stream_ref, wbits)``)."""
 
     name: str
     stream: type[ctypes.Structure]
-    init: Callable[[Any], int]
+    init: Callable[[Any, int], int]
     inflate: Callable[[Any, int], int]
     reset: Callable[[Any], int]
     end: Callable[[Any], int]
+    prime: Callable[[Any, int, int], int]
+    set_dictionary: Callable[[Any, Any, int], int]
+
+
+def _bind(lib: ctypes.CDLL, prefix: str, stream: type[ctypes.Structure]) -> dict[str, Any]:
+    """Declare argument types (pointers must not be squeezed into C ints) of the functions we call."""
+    ptr = ctypes.POINTER(stream)
+    signatures = {"inflate": [ptr, ctypes.c_int], "inflateReset": [ptr], "inflateEnd": [ptr],
+                  "inflatePrime": [ptr, ctypes.c_int, ctypes.c_int],
+                  "inflateSetDictionary": [ptr, ctypes.c_void_p, ctypes.c_uint]}
+    bound = {}
+    for name, argtypes in signatures.items():
+        func = getattr(lib, prefix + name)
+        func.argtypes, func.restype = argtypes, ctypes.c_int
+        bound[name] = func
+    return bound
 
 
 def _zlib_ng() -> _Zlib | None:
@@ -276,11 +271,13 @@ def _zlib_ng() -> _Zlib | None:
         from zlib_ng import zlib_ng
 
         lib = ctypes.CDLL(zlib_ng.__file__)
+        f = _bind(lib, "zng_", _ZngStream)
         init2 = lib.zng_inflateInit2
     except (ImportError, OSError, AttributeError):
         return None
-    return _Zlib("zlib-ng", _ZngStream, lambda s: init2(s, _GZIP_WBITS), lib.zng_inflate, lib.zng_inflateReset,
-                 lib.zng_inflateEnd)
+    init2.argtypes, init2.restype = [ctypes.POINTER(_ZngStream), ctypes.c_int], ctypes.c_int
+    return _Zlib("zlib-ng", _ZngStream, init2, f["inflate"], f["inflateReset"], f["inflateEnd"],
+                 f["inflatePrime"], f["inflateSetDictionary"])
 
 
 def _system_zlib() -> _Zlib:
@@ -291,12 +288,16 @@ def _system_zlib() -> _Zlib:
             lib = ctypes.CDLL(name)
         except OSError:
             continue
+        f = _bind(lib, "", _ZStream)
         lib.zlibVersion.restype = ctypes.c_char_p
         version = lib.zlibVersion()
-        return _Zlib("zlib", _ZStream,
-                     lambda s: lib.inflateInit2_(s, _GZIP_WBITS, version, ctypes.sizeof(_ZStream)),
-                     lib.inflate, lib.inflateReset, lib.inflateEnd)
-    raise ImportError("virtnii needs zlib as a shared library (libz) or the zlib-ng package to index gzip files")
+        init2 = lib.inflateInit2_
+        init2.argtypes = [ctypes.POINTER(_ZStream), ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+        init2.restype = ctypes.c_int
+        return _Zlib("zlib", _ZStream, lambda s, wbits: init2(s, wbits, version, ctypes.sizeof(_ZStream)),
+                     f["inflate"], f["inflateReset"], f["inflateEnd"], f["inflatePrime"],
+                     f["inflateSetDictionary"])
+    raise ImportError("virtnii needs zlib as a shared library (libz) or the zlib-ng package to read gzip files")
 
 
 _ZLIB: _Zlib | None = None
@@ -307,6 +308,74 @@ def _zlib() -> _Zlib:
     if _ZLIB is None:
         _ZLIB = _zlib_ng() or _system_zlib()
     return _ZLIB
+
+
+class _InflateError(Exception):
+    """Raw inflate failed; :class:`GzipIndex` turns it into an :class:`InvalidGzip` naming the source."""
+
+
+class _RawInflater:
+    """Raw inflate from a seek point: ``inflatePrime`` feeds the block's first bits, the window is the dictionary.
+
+    Python's inflaters cannot start mid-byte.  Shifting the whole stream by the point's bits looks like a
+    workaround but is wrong: a stored (uncompressed) block pads to a byte boundary of the *original* stream,
+    so any stored block after the point (common in noisy float data) is misread.  zlib's own
+    ``inflatePrime`` keeps the original byte grid.  ctypes releases the GIL during ``inflate``, so several
+    ranges decode in parallel.
+    """
+
+    def __init__(self, stream: memoryview, bits: int, window: np.ndarray | None) -> None:
+        self.zlib = _zlib()
+        self.strm = self.zlib.stream()
+        self.ref = ctypes.byref(self.strm)
+        self.input = np.frombuffer(stream, np.uint8)
+        if self.zlib.init(self.ref, _RAW_WBITS) != _Z_OK:
+            raise MemoryError("inflateInit2 failed")
+        self.used = 0
+        if bits and len(self.input):
+            self.zlib.prime(self.ref, bits, int(self.input[0]) >> (8 - bits))
+            self.used = 1
+        if window is not None:
+            self.zlib.set_dictionary(self.ref, window.ctypes.data, len(window))
+
+    def read(self, skip: int, length: int) -> bytes:
+        try:
+            if skip:
+                scratch = np.empty(min(skip, 1 << 20), np.uint8)
+                while skip:
+                    produced = self._inflate_into(scratch[:min(skip, len(scratch))])
+                    if not produced:
+                        raise _InflateError(f"compressed data ended {skip + length} bytes short of the range")
+                    skip -= produced
+            out = np.empty(length, np.uint8)
+            done = 0
+            while done < length:
+                produced = self._inflate_into(out[done:])
+                if not produced:
+                    raise _InflateError(f"compressed data ended {length - done} bytes short of the range")
+                done += produced
+            return out.tobytes()
+        finally:
+            self.zlib.end(self.ref)
+
+    def _inflate_into(self, out: np.ndarray) -> int:
+        """Inflate into ``out`` until it is full, the input or the stream ends; returns bytes produced."""
+        strm = self.strm
+        strm.next_out, strm.avail_out = out.ctypes.data, min(len(out), _MAX_AVAIL)
+        produced = 0
+        while strm.avail_out:
+            available = min(len(self.input) - self.used, _MAX_AVAIL)
+            strm.next_in, strm.avail_in = self.input.ctypes.data + self.used, available
+            before = strm.avail_out
+            ret = self.zlib.inflate(self.ref, _Z_NO_FLUSH)
+            self.used += available - strm.avail_in
+            produced += before - strm.avail_out
+            if ret == _Z_STREAM_END or (ret == _Z_BUF_ERROR and available == 0):
+                break
+            if ret not in (_Z_OK, _Z_BUF_ERROR):
+                message = (strm.msg or b"").decode(errors="replace") or f"zlib error {ret}"
+                raise _InflateError(f"corrupt deflate data from the seek point ({message})")
+        return produced
 
 
 # ----------------------------------------------------------------------------------------- the index pass
@@ -329,7 +398,7 @@ class _Indexer:
         self.zlib = _zlib()
         self.strm = self.zlib.stream()
         self.ref = ctypes.byref(self.strm)
-        if self.zlib.init(self.ref) != _Z_OK:
+        if self.zlib.init(self.ref, _GZIP_WBITS) != _Z_OK:
             raise MemoryError("inflateInit2 failed")
         self.buf = np.zeros(WINDOW_SIZE + self._OUT, np.uint8)
         self.fill = WINDOW_SIZE
@@ -469,10 +538,8 @@ def _pieces(f: BinaryIO, url: str) -> Iterator[bytes]:
     def read() -> bytes:
         try:
             return f.read(_READ_PIECE)
-        except FileNotFoundError as err:
-            raise SourceNotFound(url, "disappeared while being indexed") from err
         except OSError as err:
-            raise SourceAccessError(url, f"read failed while indexing: {err}") from err
+            raise from_os_error(url, err, "read") from err
 
     with ThreadPoolExecutor(1, thread_name_prefix="virtnii-gzread") as pool:
         pending = pool.submit(read)
@@ -543,12 +610,8 @@ def build_index(url: str, offsets: Sequence[int], storage_options: dict[str, Any
 def _open(fs: fsspec.AbstractFileSystem, path: str, url: str) -> BinaryIO:
     try:
         return fs.open(path, "rb", cache_type="none")
-    except FileNotFoundError as err:
-        raise SourceNotFound(url, "no such file or object") from err
-    except PermissionError as err:
-        raise SourceAccessError(url, f"permission denied ({err})") from err
     except OSError as err:
-        raise SourceAccessError(url, f"cannot open: {err}") from err
+        raise from_os_error(url, err, "open") from err
 
 
 # ---------------------------------------------------------------------------------------------- sidecars
@@ -587,20 +650,19 @@ def write_sidecar(index: GzipIndex, fs: fsspec.AbstractFileSystem, folder_path: 
 
 
 def read_sidecar(fs: fsspec.AbstractFileSystem, descriptor_path: str) -> GzipIndex:
-    """Load the index a descriptor written by :func:`write_sidecar` points to."""
+    """Load the index a descriptor written by :func:`write_sidecar` points to; problems are ManifestErrors."""
     url = fs.unstrip_protocol(descriptor_path)
     try:
         meta = json.loads(fs.cat_file(descriptor_path))
         if meta.get("virtnii_gzip_index") != DESCRIPTOR_VERSION:
-            raise InvalidGzip(url, f"unsupported gzip index descriptor version {meta.get('virtnii_gzip_index')!r}")
+            raise ManifestError(url, f"unsupported gzip index descriptor version {meta.get('virtnii_gzip_index')!r}")
         folder = descriptor_path.rsplit("/", 1)[0] if "/" in descriptor_path else ""
         data = gzip.decompress(fs.cat_file(f"{folder}/{meta['index']}" if folder else meta["index"]))
+        stops = np.array(list(zip(meta["stops"]["uncompressed"], meta["stops"]["compressed"])), STOP_DTYPE)
+        members = np.array(list(zip(meta["members"]["uncompressed"], meta["members"]["compressed"])),
+                           MEMBER_DTYPE)
+        return GzipIndex.from_gzidx(data, meta["source"], meta["fingerprint"], stops=stops, members=members)
     except FileNotFoundError as err:
-        raise SourceNotFound(url, f"gzip index missing ({err})") from err
-    except VirtniiError:
-        raise
-    except (OSError, ValueError, KeyError, EOFError) as err:
-        raise InvalidGzip(url, f"unreadable gzip index: {err}") from err
-    stops = np.array(list(zip(meta["stops"]["uncompressed"], meta["stops"]["compressed"])), STOP_DTYPE)
-    members = np.array(list(zip(meta["members"]["uncompressed"], meta["members"]["compressed"])), MEMBER_DTYPE)
-    return GzipIndex.from_gzidx(data, meta["source"], meta["fingerprint"], stops=stops, members=members)
+        raise ManifestError(url, f"gzip index missing: {err}") from err
+    except (OSError, ValueError, KeyError, TypeError, EOFError) as err:
+        raise ManifestError(url, f"unreadable gzip index: {err}") from err

@@ -27,7 +27,7 @@ from fsspec.asyn import AsyncFileSystem
 from fsspec.spec import AbstractBufferedFile
 
 from . import fingerprint, gzindex
-from .errors import ManifestError, SourceAccessError, SourceNotFound
+from .errors import ManifestError, SourceNotFound, from_os_error
 
 
 @dataclass(frozen=True)
@@ -152,11 +152,8 @@ class GzipIndexFileSystem(AsyncFileSystem):
             if asyncio.get_running_loop() is fs.loop:
                 return await read
             return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(read, fs.loop))
-        except FileNotFoundError as err:
-            raise SourceNotFound(source.index.source, "was indexed but no longer exists; re-run `virtnii scan`"
-                                 ) from err
         except OSError as err:
-            raise SourceAccessError(source.index.source, f"read of bytes {start}-{end} failed: {err}") from err
+            raise from_os_error(source.index.source, err, f"read bytes {start}-{end}") from err
 
     # -- reading ------------------------------------------------------------------------------------------
 
