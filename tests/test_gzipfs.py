@@ -210,3 +210,9 @@ def test_s3_source_and_manifest(s3: Any) -> None:
     group = zarr.open_group("reference://", mode="r", storage_options={
         "fo": _refs(url, "file:///unused"), "fs": {"gzidx": options}})
     np.testing.assert_array_equal(group["gz"][:], _volume())
+
+
+def test_docs_example_runs() -> None:
+    text = (Path(__file__).parent.parent / "docs" / "gzip.md").read_text()
+    example = text.split("## Example", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(example, "docs/gzip.md", "exec"), {})
