@@ -115,7 +115,10 @@ class GzipIndex:
             np.array(list(zip(self.members["uncmp_offset"], self.members["cmp_offset"])), STOP_DTYPE),
             np.array([(self.uncompressed_size, self.compressed_size)], STOP_DTYPE),
         ])
-        self._ends = np.sort(ends, order=["uncmp_offset", "cmp_end"])
+        ends = np.sort(ends, order=["uncmp_offset", "cmp_end"])
+        self._stop_offsets = ends["uncmp_offset"]
+        # the tightest bound for "everything before offset u" is the smallest cmp_end among stops at or after u
+        self._stop_bounds = np.minimum.accumulate(ends["cmp_end"][::-1])[::-1]
 
     # -- reading ------------------------------------------------------------------------------------------
 
@@ -125,10 +128,8 @@ class GzipIndex:
         point = int(np.searchsorted(self.points["uncmp_offset"], start, side="right")) - 1
         row = self.points[point]
         cmp_start = int(row["cmp_offset"]) - (1 if row["bits"] else 0)
-        first_end = int(np.searchsorted(self._ends["uncmp_offset"], end, side="left"))
-        cmp_end = min(int(self._ends["cmp_end"][first_end:].min()) if first_end < len(self._ends)
-                      else self.compressed_size, self.compressed_size)
-        return Span(point, cmp_start, max(cmp_end, cmp_start))
+        first_stop = int(np.searchsorted(self._stop_offsets, end, side="left"))  # exists: the file end is one
+        return Span(point, cmp_start, max(int(self._stop_bounds[first_stop]), cmp_start))
 
     def decode(self, span: Span, data: bytes | memoryview, start: int, end: int) -> bytes:
         """Uncompressed ``[start, end)`` from ``data``, the compressed bytes ``[span.cmp_start, span.cmp_end)``."""
@@ -145,7 +146,9 @@ class GzipIndex:
             member_end = (int(self.members["uncmp_offset"][member + 1]) if member + 1 < len(self.members)
                           else self.uncompressed_size)
             stop = min(end, member_end)
-            parts.append(self._inflate(stream, bits, window, max(start - position, 0), stop - max(start, position)))
+            if start < member_end:  # else the range starts in a later member: nothing to inflate in this one
+                parts.append(self._inflate(stream, bits, window, max(start - position, 0),
+                                           stop - max(start, position)))
             position = stop
             if position >= end:
                 return parts[0] if len(parts) == 1 else b"".join(parts)
@@ -204,8 +207,9 @@ class GzipIndex:
         stored = np.frombuffer(data, np.uint8, stored_size, start)
         windows = np.zeros((n, WINDOW_SIZE), np.uint8)
         windows[points["has_window"]] = stored.reshape(-1, window_size)[:, window_size - WINDOW_SIZE:]
+        extra = {"stops": stops, "members": members}
         return cls(source, fp, cmp_size, uncmp_size, points, windows,
-                   *(x for x in (stops, members) if x is not None))
+                   **{name: value for name, value in extra.items() if value is not None})
 
 
 # ------------------------------------------------------------------------------------------ zlib via ctypes

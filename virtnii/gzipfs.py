@@ -35,7 +35,7 @@ class _Source:
     """A descriptor's index, checked against its source, and where to fetch the compressed bytes."""
 
     index: gzindex.GzipIndex
-    protocol: str
+    fs: fsspec.AbstractFileSystem  # fsspec's ordinary cached instance for the source, created with target_options
     path: str
 
 
@@ -90,7 +90,6 @@ class GzipIndexFileSystem(AsyncFileSystem):
         self.target_options = dict(target_options or {})
         self._root_fs, self._root_path = fsspec.core.url_to_fs(self.root, **self.root_options)
         self._sources: dict[str, _Source] = {}
-        self._targets: dict[str, fsspec.AbstractFileSystem] = {}
 
     # -- sources ------------------------------------------------------------------------------------------
 
@@ -128,15 +127,7 @@ class GzipIndexFileSystem(AsyncFileSystem):
                                      ) from err
             fingerprint.ensure_unchanged(index.source, index.fingerprint, current)
             _CHECKED.add(checked)
-        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-        return _Source(index, protocol, source_path)
-
-    def _target(self, protocol: str) -> fsspec.AbstractFileSystem:
-        """The sources' filesystem: fsspec's ordinary cached instance, whose sessions live on fsspec's loop."""
-        fs = self._targets.get(protocol)
-        if fs is None:
-            fs = self._targets[protocol] = fsspec.filesystem(protocol, **self.target_options)
-        return fs
+        return _Source(index, fs, source_path)
 
     async def _fetch(self, source: _Source, start: int, end: int) -> bytes:
         """Compressed bytes ``[start, end)`` of the source, in one ranged read.
@@ -144,7 +135,7 @@ class GzipIndexFileSystem(AsyncFileSystem):
         Async sources (s3, http) are driven on their own loop (fsspec's I/O thread) whatever loop is calling,
         because their sessions are bound to it; sync ones (local, memory) read in a thread.
         """
-        fs = self._target(source.protocol)
+        fs = source.fs
         try:
             if not fs.async_impl:
                 return await asyncio.to_thread(fs.cat_file, source.path, start=start, end=end)
