@@ -128,15 +128,24 @@ class ZarrArrayProxy(ArrayProxy):
         canonical = canonical_slicers(slicer, self._shape, False)
         if any(s is None for s in canonical) or len(canonical) != nd:
             return np.asarray(self._get_unscaled(()))[slicer]
+        reversed_axes = [isinstance(s, slice) and s.step is not None and s.step < 0 for s in canonical]
+        canonical = tuple(_ascending(s, n) if rev else s for s, n, rev in zip(canonical, self._shape, reversed_axes))
         file_axes = ZARR_TO_FILE[self._array.ndim]
         zarr_index = tuple(canonical[a] if a < nd else 0 for a in file_axes)
         block = np.asarray(self._array[zarr_index])
         kept = [a for a in file_axes if a < nd and not isinstance(canonical[a], (int, np.integer))]
         block = block.transpose(np.argsort(kept))
+        block = block[tuple(slice(None, None, -1) if reversed_axes[a] else slice(None) for a in sorted(kept))]
         for axis in range(5, nd):  # singleton axes past the fifth (e.g. 6-D CIFTI-like shapes)
             if not isinstance(canonical[axis], (int, np.integer)):
                 block = np.expand_dims(block, -1)[..., canonical[axis]]
         return block.view(self._dtype) if self._dtype.fields else block
+
+
+def _ascending(index: slice, length: int) -> slice:
+    """The elements of a negative-step slice in increasing order (zarr reads only steps >= 1; flipped after)."""
+    picked = range(*index.indices(length))
+    return slice(picked[-1], picked[0] + 1, -index.step) if picked else slice(0, 0)
 
 
 def to_nibabel(group: zarr.Group) -> nib.Nifti1Image:
