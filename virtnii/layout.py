@@ -75,8 +75,9 @@ class Layout:
         """All chunks as ``(indices, offsets)``.
 
         ``indices`` is an ``(n, ndim)`` int array of zarr chunk coordinates in C order (row-major over the
-        grid, which is also increasing file offset), ``offsets`` the byte offset of each chunk in the data
-        file.  Every chunk has length :attr:`chunk_nbytes`.
+        grid: increasing file offset, except in a 5-D image with several times and channels, where the file
+        orders t inside c), ``offsets`` the byte offset of each chunk in the data file.  Every chunk has
+        length :attr:`chunk_nbytes`.
         """
         grid = self.chunk_grid()
         indices = np.indices(grid, dtype=np.int64).reshape(len(grid), -1).T
