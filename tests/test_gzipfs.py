@@ -96,6 +96,27 @@ def test_cat_ranges_merges_touching_ranges_into_one_fetch(indexed: dict[str, Any
     assert end - start < os.path.getsize(indexed["source"]) / 3  # only the chunk's compressed span
 
 
+def test_long_runs_are_split_into_several_fetches(indexed: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    from virtnii import gzipfs
+
+    slab = SLAB * SHAPE[1] * SHAPE[2] * 2
+    monkeypatch.setattr(gzipfs, "_MAX_RUN", 2 * slab)
+    fetches: list[int] = []
+    original = GzipIndexFileSystem._fetch
+
+    async def counting(self: GzipIndexFileSystem, source: Any, start: int, end: int) -> bytes:
+        fetches.append(start)
+        return await original(self, source, start, end)
+
+    monkeypatch.setattr(GzipIndexFileSystem, "_fetch", counting)
+    fs = GzipIndexFileSystem(root=indexed["root"], skip_instance_cache=True)
+    offsets = _chunk_offsets()
+    ends = [*offsets[1:], len(indexed["plain"])]
+    out = fs.cat_ranges([indexed["url"]] * len(offsets), offsets, ends)
+    assert out == [indexed["plain"][s:e] for s, e in zip(offsets, ends)]
+    assert len(fetches) == len(offsets) // 2
+
+
 def test_cat_ranges_reports_errors_per_range(indexed: dict[str, Any], tmp_path: Path) -> None:
     fs = GzipIndexFileSystem(root=indexed["root"], skip_instance_cache=True)
     out = fs.cat_ranges([indexed["url"], "gzindex/missing.gzidx.json"], [0, 0], [10, 10])

@@ -47,6 +47,9 @@ _CHECKED: set[tuple[str, str]] = set()
 _LOCKS: dict[str, threading.Lock] = {}
 _LOCKS_GUARD = threading.Lock()
 _POOL: ThreadPoolExecutor | None = None
+#: Uncompressed bytes after which a run of touching ranges is split into another fetch: one huge request
+#: would delay every inflate until all of it arrived, while runs of a few chunks overlap fetching and inflating.
+_MAX_RUN = 64 << 20
 
 
 def _decode_pool() -> ThreadPoolExecutor:
@@ -192,11 +195,14 @@ class GzipIndexFileSystem(AsyncFileSystem):
         size = source.index.uncompressed_size
         bounded = sorted((*_bounds(s, e, size), i) for i, s, e in ranges)
         runs: list[list[tuple[int, int, int]]] = []
+        run_end = -1
         for start, end, i in bounded:
-            if runs and start <= max(e for _, e, _ in runs[-1]):
+            if runs and start <= run_end and end - runs[-1][0][0] <= _MAX_RUN:
                 runs[-1].append((start, end, i))
+                run_end = max(run_end, end)
             else:
                 runs.append([(start, end, i)])
+                run_end = end
         await asyncio.gather(*(self._read_run(source, run, results) for run in runs))
 
     async def _read_run(self, source: _Source, run: list[tuple[int, int, int]], results: list[Any]) -> None:
