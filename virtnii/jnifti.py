@@ -8,9 +8,7 @@ schema; the code tables are the NIfTI-1 standard's.
 from __future__ import annotations
 
 import math
-from typing import Any
-
-import nibabel as nib
+from typing import Any, Mapping
 
 _DATATYPES = {
     2: "uint8", 4: "int16", 8: "int32", 16: "single", 32: "complex64", 64: "double", 128: "rgb24",
@@ -50,9 +48,12 @@ def _number(value: Any) -> float:
     return number if math.isfinite(number) else 0.0
 
 
-def to_jnifti(header: nib.Nifti1Header, has_extensions: bool) -> dict[str, Any]:
-    """JNIfTI JSON for ``header`` (NIfTI-1 or NIfTI-2), valid against the NIfTI-Zarr 1.0 schema."""
-    h = header
+def to_jnifti(h: Mapping[str, Any], has_extensions: bool) -> dict[str, Any]:
+    """JNIfTI JSON for header fields ``h`` (NIfTI-1 or NIfTI-2, named as in nibabel's header dtypes).
+
+    ``h`` may be a nibabel header or, much faster for thousands of files, a plain dict of its fields
+    (:attr:`virtnii.header.NiftiHeader.fields`).
+    """
     ndim = int(h["dim"][0])
     naxes = min(max(ndim, 3), 5)
     intent, nparams = _INTENTS.get(int(h["intent_code"]), ("", 0))

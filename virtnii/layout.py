@@ -9,6 +9,7 @@ observation, done with numpy so that a 100k-chunk image costs nothing.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -79,13 +80,23 @@ class Layout:
         orders t inside c), ``offsets`` the byte offset of each chunk in the data file.  Every chunk has
         length :attr:`chunk_nbytes`.
         """
-        grid = self.chunk_grid()
-        indices = np.indices(grid, dtype=np.int64).reshape(len(grid), -1).T
-        # byte stride of one chunk step along each zarr axis = chunk extent * element stride of that axis
-        file_strides = np.cumprod((self.itemsize,) + self.file_shape[:-1], dtype=np.int64)
-        chunk_strides = (file_strides * np.array(self.file_chunks, dtype=np.int64))[list(self.file_axes)]
-        offsets = self.data_offset + indices @ chunk_strides
-        return indices, offsets
+        indices, relative = _chunk_table(self.file_shape, self.file_chunks, self.itemsize, self.ndim)
+        return indices, self.data_offset + relative
+
+
+@functools.lru_cache(maxsize=256)
+def _chunk_table(file_shape: tuple[int, ...], file_chunks: tuple[int, ...], itemsize: int,
+                 ndim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Chunk indices and offsets relative to the data start; cached (and read-only) per shape and chunking."""
+    layout = Layout(file_shape, file_chunks, itemsize, 0, ndim)
+    grid = layout.chunk_grid()
+    indices = np.indices(grid, dtype=np.int64).reshape(len(grid), -1).T
+    # byte stride of one chunk step along each zarr axis = chunk extent * element stride of that axis
+    file_strides = np.cumprod((itemsize,) + file_shape[:-1], dtype=np.int64)
+    chunk_strides = (file_strides * np.array(file_chunks, dtype=np.int64))[list(layout.file_axes)]
+    offsets = indices @ chunk_strides
+    indices.flags.writeable = offsets.flags.writeable = False
+    return indices, offsets
 
 
 def zarr_ndim(nifti_shape: tuple[int, ...]) -> int:
@@ -107,15 +118,22 @@ def best_divisor(n: int, unit_bytes: int, target: int, limit: int) -> int:
 
 def plan(nifti_shape: tuple[int, ...], itemsize: int, data_offset: int,
          target: int = TARGET_CHUNK_BYTES, limit: int = MAX_CHUNK_BYTES) -> Layout:
+    """Layout of a NIfTI data block at ``data_offset``: see :func:`_chunking` for how chunks are chosen."""
+    file_shape = tuple(int(n) for n in nifti_shape[:5]) + (1,) * (5 - min(len(nifti_shape), 5))
+    return Layout(file_shape, _chunking(file_shape, itemsize, target, limit), itemsize, int(data_offset),
+                  zarr_ndim(nifti_shape))
+
+
+@functools.lru_cache(maxsize=1024)
+def _chunking(file_shape: tuple[int, ...], itemsize: int, target: int, limit: int) -> tuple[int, ...]:
     """Choose contiguous chunks of about ``target`` bytes for a NIfTI of ``nifti_shape`` (x, y, z[, t[, c]]).
 
     Rows are always whole; then, from the fastest axis up, each axis takes the divisor that brings the slab
     closest to ``target``; once an axis is split, slower axes get chunk 1 so the chunk stays contiguous.  A
     chunk never spans several channels of a multi-volume series (file and zarr order t, c differently).
     Typical results: whole z-slabs for 3-D volumes, several whole volumes per chunk for small fMRI frames,
-    bands of rows for single slices larger than ``limit``.
+    bands of rows for single slices larger than ``limit``.  Cached: archives repeat a few shapes many times.
     """
-    file_shape = tuple(int(n) for n in nifti_shape[:5]) + (1,) * (5 - min(len(nifti_shape), 5))
     chunks = [file_shape[0]]
     unit = itemsize * file_shape[0]
     for axis in range(1, 5):
@@ -127,4 +145,4 @@ def plan(nifti_shape: tuple[int, ...], itemsize: int, data_offset: int,
         if k < n:
             chunks.extend([1] * (4 - axis))
             break
-    return Layout(file_shape, tuple(chunks), itemsize, int(data_offset), zarr_ndim(nifti_shape))
+    return tuple(chunks)

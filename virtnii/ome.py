@@ -8,16 +8,14 @@ factor`` and ``translation = (factor - 1) / 2 * voxel size``, so that voxel cent
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
-
-import nibabel as nib
+from typing import Any, Mapping, Sequence
 
 _SPACE = {1: "meter", 2: "millimeter", 3: "micrometer"}
 _TIME = {8: "second", 16: "millisecond", 24: "microsecond"}
 _PIXDIM = {"x": 1, "y": 2, "z": 3, "t": 4}
 
 
-def axes(names: Sequence[str], header: nib.Nifti1Header) -> list[dict[str, str]]:
+def axes(names: Sequence[str], header: Mapping[str, Any]) -> list[dict[str, str]]:
     """OME ``axes`` for zarr axis ``names`` (e.g. ``("t", "z", "y", "x")``), with units from ``xyzt_units``."""
     units = int(header["xyzt_units"])
     space, time = _SPACE.get(units & 0x07), _TIME.get(units & 0x38)
@@ -31,7 +29,7 @@ def axes(names: Sequence[str], header: nib.Nifti1Header) -> list[dict[str, str]]
     return out
 
 
-def voxel_size(names: Sequence[str], header: nib.Nifti1Header) -> list[float]:
+def voxel_size(names: Sequence[str], header: Mapping[str, Any]) -> list[float]:
     """Step along each zarr axis at full resolution; 1.0 where the header gives none (0, negative, NaN)."""
     sizes = []
     for name in names:
@@ -40,7 +38,7 @@ def voxel_size(names: Sequence[str], header: nib.Nifti1Header) -> list[float]:
     return sizes
 
 
-def multiscales(name: str, names: Sequence[str], header: nib.Nifti1Header,
+def multiscales(name: str, names: Sequence[str], header: Mapping[str, Any],
                 factors: Sequence[Sequence[int]], zarr_format: int) -> dict[str, Any]:
     """Group attributes holding OME multiscales for levels ``"0", "1", …`` downsampled by ``factors``.
 

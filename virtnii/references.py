@@ -109,14 +109,14 @@ def image_refs(name: str, header: NiftiHeader, url: str, zarr_format: int, data_
     """
     layout = plan(header.shape, header.dtype.itemsize, header.data_offset if data_offset is None else data_offset)
     names = layout.axes
-    docs = group_docs(name, ome.multiscales(name.rsplit("/", 1)[-1], names, header.header, [[1] * len(names)],
+    fields = header.fields
+    docs = group_docs(name, ome.multiscales(name.rsplit("/", 1)[-1], names, fields, [[1] * len(names)],
                                             zarr_format), zarr_format)
     level = f"{name}/0"
     docs.update(array_docs(level, layout.shape, layout.chunks, header.dtype, names, {}, zarr_format))
     raw = header.raw
-    has_extensions = len(header.header.extensions) > 0
     docs.update(array_docs(f"{name}/nifti", (len(raw),), (len(raw),), np.dtype("u1"), ["bytes"],
-                           jnifti.to_jnifti(header.header, has_extensions), zarr_format))
+                           jnifti.to_jnifti(fields, header.has_extensions), zarr_format))
     indices, offsets = layout.chunk_table()
     keys = [chunk_key(level, index, zarr_format) for index in indices.tolist()]
     return ImageRefs(name, docs, {chunk_key(f"{name}/nifti", (0,), zarr_format): raw}, layout, url, keys, offsets)
