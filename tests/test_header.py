@@ -197,6 +197,16 @@ def test_good_sources_survive_a_bad_batch(bad_batch: tuple) -> None:
     assert not list(out.parent.glob("manifest.partial-*"))
 
 
+def test_truncated_img_of_a_pair_is_named(tmp_path: Path) -> None:
+    """The size check is against the .img (where the voxels are), and the error names it, not the .hdr."""
+    hdr = write_nifti(tmp_path / "pair.hdr", voxels((5, 4, 3), "f4"))
+    img = hdr.with_suffix(".img")
+    img.write_bytes(img.read_bytes()[:-1])
+    [error] = virtnii.scan([str(hdr)], str(tmp_path / "out")).failures
+    assert isinstance(error, virtnii.InvalidNifti) and "data truncated" in str(error)
+    assert error.source.endswith("/pair.img")
+
+
 def test_parse_errors_name_the_url() -> None:
     with pytest.raises(virtnii.InvalidNifti, match="^s3://bucket/x.nii: empty file$"):
         parse("s3://bucket/x.nii", b"", is_pair=False)
