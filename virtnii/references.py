@@ -69,21 +69,29 @@ def _array_template(dtype: np.dtype, zarr_format: int) -> tuple[tuple[str, str],
 def array_docs(path: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: np.dtype,
                dimension_names: Iterable[str], attributes: dict[str, Any], zarr_format: int) -> dict[str, str]:
     """Metadata documents (key → JSON text) of an uncompressed C-order array at ``path``."""
-    names = list(dimension_names)
-    docs: dict[str, str] = {}
+    names = tuple(dimension_names)
+    key, text = _array_doc(tuple(shape), tuple(chunks), dtype, names, zarr_format)
+    if zarr_format == 2:
+        return {f"{path}/{key}": text, f"{path}/.zattrs": json.dumps({"_ARRAY_DIMENSIONS": names, **attributes})}
+    # splice the attributes into the cached document: a JSON object text plus one more member
+    return {f"{path}/{key}": f'{text[:-1]}, "attributes": {json.dumps(attributes)}}}'}
+
+
+@functools.lru_cache(maxsize=1024)
+def _array_doc(shape: tuple[int, ...], chunks: tuple[int, ...], dtype: np.dtype, names: tuple[str, ...],
+               zarr_format: int) -> tuple[str, str]:
+    """``(key, JSON text)`` of the array document without attributes; cached, as archives repeat shapes."""
     for key, text in _array_template(dtype, zarr_format):
         doc = json.loads(text)
         if key == "zarr.json":
-            doc.update(shape=list(shape), attributes=attributes, dimension_names=names)
+            doc.update(shape=list(shape), dimension_names=list(names))
+            doc.pop("attributes", None)
             doc["chunk_grid"]["configuration"]["chunk_shape"] = list(chunks)
-        elif key == ".zarray":
+            return key, json.dumps(doc)
+        if key == ".zarray":
             doc.update(shape=list(shape), chunks=list(chunks))
-        else:
-            continue
-        docs[f"{path}/{key}"] = json.dumps(doc)
-    if zarr_format == 2:
-        docs[f"{path}/.zattrs"] = json.dumps({"_ARRAY_DIMENSIONS": names, **attributes})
-    return docs
+            return key, json.dumps(doc)
+    raise AssertionError(f"zarr wrote no array metadata for {dtype}")
 
 
 def group_docs(path: str, attributes: dict[str, Any], zarr_format: int) -> dict[str, str]:
