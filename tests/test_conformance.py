@@ -174,6 +174,7 @@ def test_nifti_array_holds_the_header_bytes_as_stored(sample_scan: Scanned, name
     reparsed = type(header).from_fileobj(io.BytesIO(raw))
     assert [(e.get_code(), e.get_content()) for e in reparsed.extensions] == \
         [(e.get_code(), e.get_content()) for e in header.extensions]
+    assert array.attrs["NIFTIExtension"][0] == (1 if header.extensions else 0)  # the JSON header agrees
 
 
 def test_five_dimensional_axes_are_t_c_z_y_x(sample_scan: Scanned) -> None:
