@@ -98,10 +98,14 @@ def header_extent(url: str, head: bytes, is_pair: bool, file_size: int) -> int:
 
 def parse(url: str, raw: bytes, is_pair: bool) -> NiftiHeader:
     """Validate and parse ``raw`` (the bytes named by :func:`header_extent`) with nibabel."""
-    size, _ = _sizeof_hdr(url, raw)
+    size, order = _sizeof_hdr(url, raw)
     version, klass = _SIZES[size]
     if len(raw) < size:
         raise InvalidNifti(url, f"truncated header: {len(raw)} bytes, NIfTI-{version} needs {size}")
+    # nibabel guesses byte order from dim[0] (1..7), so an out-of-range dim[0] would read as a byte-swapped header
+    ndim = int(np.frombuffer(raw[:size], dtype=klass.template_dtype.newbyteorder(order))["dim"][0][0])
+    if not 1 <= ndim <= 7:
+        raise InvalidNifti(url, f"invalid dimensions: dim[0] is {ndim}, a NIfTI image has 1 to 7")
     magic = bytes(raw[344:347] if version == 1 else raw[4:7])
     expected = _PAIR_MAGICS if is_pair else _SINGLE_MAGICS
     if magic not in expected:
