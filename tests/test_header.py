@@ -140,6 +140,7 @@ BAD_CASES: dict[str, tuple[BadMaker, type[virtnii.VirtniiError], str]] = {
     "zero_dim": (_patched("zero_dim.nii", dim=[3, 4, 0, 2, 1, 1, 1, 1]), virtnii.InvalidNifti, "dimensions"),
     "negative_dim": (_patched("neg_dim.nii", dim=[3, 4, -3, 2, 1, 1, 1, 1]), virtnii.InvalidNifti, "dimensions"),
     "no_dims": (_patched("no_dims.nii", dim=[0, 4, 3, 2, 1, 1, 1, 1]), virtnii.InvalidNifti, "dimensions"),
+    "too_many_dims": (_patched("nine_dims.nii", dim=[9, 4, 3, 2, 1, 1, 1, 1]), virtnii.InvalidNifti, "dim[0] is 9"),
     "vox_offset_inside_header": (_patched("vox_low.nii", vox_offset=100), virtnii.InvalidNifti, "vox offset"),
     "vox_offset_past_end": (_patched("vox_high.nii", vox_offset=1e9), virtnii.InvalidNifti, "data truncated"),
     "float128": (_patched("float128.nii", datatype=1536, bitpix=128), virtnii.UnsupportedNifti, "float128"),
@@ -195,6 +196,15 @@ def test_good_sources_survive_a_bad_batch(bad_batch: tuple) -> None:
     np.testing.assert_array_equal(virtnii.to_nibabel(virtnii.open(str(out))["good"]).dataobj.get_unscaled(),
                                   voxels((4, 3, 2), "i2"))
     assert not list(out.parent.glob("manifest.partial-*"))
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("endian", ["<", ">"])
+def test_dim0_out_of_range_is_invalid_not_a_byte_swapped_header(tmp_path: Path, version: int, endian: str) -> None:
+    """nibabel infers byte order from dim[0]; dim[0] = 9 once made a 7-D "unsupported" image of swapped bytes."""
+    path = patch_header(_good(tmp_path, version=version, endian=endian), dim=[9, 4, 3, 2, 1, 1, 1, 1])
+    with pytest.raises(virtnii.InvalidNifti, match=r"dim\[0\] is 9"):
+        parse(str(path), path.read_bytes()[:HEAD_BYTES], is_pair=False)
 
 
 def test_truncated_img_of_a_pair_is_named(tmp_path: Path) -> None:
