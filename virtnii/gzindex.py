@@ -27,6 +27,7 @@ import ctypes.util
 import gzip
 import json
 import struct
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -346,27 +347,27 @@ class _RawInflater:
     def read(self, skip: int, length: int) -> bytes:
         try:
             if skip:
-                scratch = np.empty(min(skip, 1 << 20), np.uint8)
+                scratch = _scratch()
                 while skip:
-                    produced = self._inflate_into(scratch[:min(skip, len(scratch))])
+                    produced = self._inflate_into(scratch.ctypes.data, min(skip, len(scratch)))
                     if not produced:
                         raise _InflateError(f"compressed data ended {skip + length} bytes short of the range")
                     skip -= produced
-            out = np.empty(length, np.uint8)
+            out, address = _new_bytes(length)
             done = 0
             while done < length:
-                produced = self._inflate_into(out[done:])
+                produced = self._inflate_into(address + done, length - done)
                 if not produced:
                     raise _InflateError(f"compressed data ended {length - done} bytes short of the range")
                 done += produced
-            return out.tobytes()
+            return out
         finally:
             self.zlib.end(self.ref)
 
-    def _inflate_into(self, out: np.ndarray) -> int:
-        """Inflate into ``out`` until it is full, the input or the stream ends; returns bytes produced."""
+    def _inflate_into(self, address: int, size: int) -> int:
+        """Inflate into ``size`` bytes at ``address`` until full, or the input or stream ends; returns bytes made."""
         strm = self.strm
-        strm.next_out, strm.avail_out = out.ctypes.data, min(len(out), _MAX_AVAIL)
+        strm.next_out, strm.avail_out = address, min(size, _MAX_AVAIL)
         produced = 0
         while strm.avail_out:
             available = min(len(self.input) - self.used, _MAX_AVAIL)
@@ -381,6 +382,35 @@ class _RawInflater:
                 message = (strm.msg or b"").decode(errors="replace") or f"zlib error {ret}"
                 raise _InflateError(f"corrupt deflate data from the seek point ({message})")
         return produced
+
+
+_THREAD_LOCAL = threading.local()
+
+
+def _scratch() -> np.ndarray:
+    """A per-thread buffer for output that is inflated only to be skipped (reused: fresh pages cost faults)."""
+    buf = getattr(_THREAD_LOCAL, "scratch", None)
+    if buf is None:
+        buf = _THREAD_LOCAL.scratch = np.empty(256 * 1024, np.uint8)
+    return buf
+
+
+_PyBytes_FromStringAndSize = ctypes.pythonapi.PyBytes_FromStringAndSize
+_PyBytes_FromStringAndSize.argtypes, _PyBytes_FromStringAndSize.restype = [ctypes.c_void_p, ctypes.c_ssize_t], \
+    ctypes.py_object
+
+
+def _new_bytes(length: int) -> tuple[bytes, int]:
+    """A new, not yet shared ``bytes`` of ``length`` uninitialised bytes, and the address of its content.
+
+    Inflating straight into the ``bytes`` that ``cat_file`` returns saves a buffer and a copy per chunk; on
+    a VM, first touches of fresh memory cost as much as the copy.  This is how C code builds bytes objects
+    (``PyBytes_FromStringAndSize(NULL, n)``, then fill); the object is never seen half-filled by anyone.
+    """
+    if length == 0:
+        return b"", 0
+    out = _PyBytes_FromStringAndSize(None, length)
+    return out, ctypes.cast(ctypes.c_char_p(out), ctypes.c_void_p).value
 
 
 # ----------------------------------------------------------------------------------------- the index pass
