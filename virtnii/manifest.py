@@ -59,14 +59,12 @@ class ManifestWriter:
         else:
             kerchunk.df.refs_to_dataframe(refs, self.fs.unstrip_protocol(target),
                                           storage_options=self.fs.storage_options)
-        index = {
-            "virtnii_manifest": MANIFEST_VERSION,
-            "zarr_format": zarr_format,
-            "references": ref_file,
-            "images": entries,
-        }
+        head = {"virtnii_manifest": MANIFEST_VERSION, "zarr_format": zarr_format, "references": ref_file}
+        # one image per line: readable and diffable, and each line goes through the C JSON encoder
+        # (``indent=`` falls back to the pure-Python encoder: a quarter of a 2000-file scan)
+        text = json.dumps(head)[:-1] + ', "images": [\n' + ",\n".join(map(json.dumps, entries)) + "\n]}\n"
         with self.fs.open(f"{self.tmp}/{INDEX_FILE}", "w") as f:
-            f.write(json.dumps(index, indent=1))
+            f.write(text)
         if self.fs.exists(self.out):
             self.fs.rm(self.out, recursive=True)
         if getattr(self.fs, "local_file", False):

@@ -99,9 +99,10 @@ class _ReferenceFileSystem(ReferenceFileSystem):
         try:
             return await super()._cat_file(path, start=start, end=end, **kwargs)
         except ReferenceNotReachable as err:
-            if isinstance(err.__cause__, VirtniiError):
-                raise err.__cause__ from None
-            raise
+            cause = err.__cause__
+            if not isinstance(cause, VirtniiError):
+                raise
+        raise cause  # outside the handler, so the two errors do not become each other's context (a cycle)
 
     async def _ls(self, path: str, detail: bool = True, **kwargs: Any) -> list[Any]:
         if not path.startswith("/"):

@@ -8,6 +8,8 @@ reported and skipped; the good ones still make a manifest.
 
 from __future__ import annotations
 
+import collections
+import functools
 import posixpath
 import re
 import zlib
@@ -43,11 +45,11 @@ class Source:
     base: str = ""
     name: str = ""
 
-    @property
+    @functools.cached_property
     def url(self) -> str:
         return self.fs.unstrip_protocol(self.path)
 
-    @property
+    @functools.cached_property
     def data_url(self) -> str:
         return self.fs.unstrip_protocol(self.data_path)
 
@@ -235,7 +237,7 @@ def assign_names(sources: list[Source]) -> None:
         return re.sub(r"\.(nii|hdr)(\.gz)?$", "", rel, flags=re.IGNORECASE)
 
     names = [stem(posixpath.relpath(s.path, s.base) if s.base else s.path) for s in sources]
-    clashing = {n for n in names if names.count(n) > 1}
+    clashing = {n for n, count in collections.Counter(names).items() if count > 1}
     if clashing:
         folders = [posixpath.dirname(s.path) for s, n in zip(sources, names) if n in clashing]
         common = posixpath.commonpath(folders) if len({f.startswith("/") for f in folders}) == 1 else ""
