@@ -53,7 +53,7 @@ _MAX_RUN = 64 << 20
 
 
 def _decode_pool() -> ThreadPoolExecutor:
-    """Inflate workers, one per core: ISA-L releases the GIL, so decodes of different chunks run in parallel."""
+    """Inflate workers, one per core: ctypes releases the GIL during inflate, so chunks decode in parallel."""
     global _POOL
     with _LOCKS_GUARD:
         if _POOL is None:
@@ -203,7 +203,13 @@ class GzipIndexFileSystem(AsyncFileSystem):
             else:
                 runs.append([(start, end, i)])
                 run_end = end
-        await asyncio.gather(*(self._read_run(source, run, results) for run in runs))
+        in_flight = asyncio.Semaphore(2 * _decode_pool()._max_workers)
+
+        async def read(run: list[tuple[int, int, int]]) -> None:
+            async with in_flight:  # bounded, so fetched-but-not-inflated bytes do not pile up in memory
+                await self._read_run(source, run, results)
+
+        await asyncio.gather(*(read(run) for run in runs))
 
     async def _read_run(self, source: _Source, run: list[tuple[int, int, int]], results: list[Any]) -> None:
         """One fetch for a run of touching ranges; one inflate per seek point the run starts from."""
