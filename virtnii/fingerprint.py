@@ -66,3 +66,10 @@ def ensure_unchanged(url: str, recorded: Fingerprint, current: Fingerprint) -> N
                 f"changed since it was indexed ({key} was {recorded[key]!r}, now {current[key]!r}); "
                 "re-run `virtnii scan` on it",
             )
+
+
+def ensure_current(url: str, recorded: Fingerprint, info: dict[str, Any] | None) -> None:
+    """Raise unless the source's current ``info`` (None: it is gone) still matches what was indexed."""
+    if info is None:
+        raise SourceNotFound(url, "was indexed but no longer exists; re-run `virtnii scan`")
+    ensure_unchanged(url, recorded, from_info(info))

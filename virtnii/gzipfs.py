@@ -124,11 +124,12 @@ class GzipIndexFileSystem(AsyncFileSystem):
         checked = (index.source, json.dumps(index.fingerprint, sort_keys=True))
         if checked not in _CHECKED:
             try:
-                current = fingerprint.stat(fs, source_path, index.source)
-            except SourceNotFound as err:
-                raise SourceNotFound(index.source, "was indexed but no longer exists; re-run `virtnii scan`"
-                                     ) from err
-            fingerprint.ensure_unchanged(index.source, index.fingerprint, current)
+                info = fs.info(source_path)
+            except FileNotFoundError:
+                info = None
+            except OSError as err:
+                raise from_os_error(index.source, err, "stat") from err
+            fingerprint.ensure_current(index.source, index.fingerprint, info)
             _CHECKED.add(checked)
         return _Source(index, fs, source_path)
 

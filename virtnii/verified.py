@@ -14,7 +14,6 @@ from fsspec.asyn import AsyncFileSystem
 from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
 
 from . import fingerprint
-from .errors import SourceNotFound
 
 
 class VerifiedFileSystem(AsyncFileSystem):
@@ -37,10 +36,7 @@ class VerifiedFileSystem(AsyncFileSystem):
             info = await self.fs._info(path)
         except FileNotFoundError:
             info = None
-        source = self.fs.unstrip_protocol(path)
-        if info is None:
-            raise SourceNotFound(source, "was indexed but no longer exists; re-run `virtnii scan`")
-        fingerprint.ensure_unchanged(source, self.expected[path], fingerprint.from_info(info))
+        fingerprint.ensure_current(self.fs.unstrip_protocol(path), self.expected[path], info)
         self._checked.add(path)
         return path
 
