@@ -65,11 +65,17 @@ class ManifestWriter:
         text = json.dumps(head)[:-1] + ', "images": [\n' + ",\n".join(map(json.dumps, entries)) + "\n]}\n"
         with self.fs.open(f"{self.tmp}/{INDEX_FILE}", "w") as f:
             f.write(text)
+        if getattr(self.fs, "local_file", False):
+            # renames: the old manifest stays whole at OUT until the new one is complete and renamed in
+            old = f"{self.tmp}.old"
+            if self.fs.exists(self.out):
+                self.fs.mv(self.out, old, recursive=True)
+            self.fs.mv(self.tmp, self.out, recursive=True)
+            if self.fs.exists(old):
+                self.fs.rm(old, recursive=True)
+            return
         if self.fs.exists(self.out):
             self.fs.rm(self.out, recursive=True)
-        if getattr(self.fs, "local_file", False):
-            self.fs.mv(self.tmp, self.out, recursive=True)  # a rename: atomic
-            return
         # Object stores cannot rename, and fsspec's recursive mv also copies the "folder" key itself, which
         # does not exist there (NoSuchKey on S3): copy the files, the index file last, then delete the originals.
         files = [f for f in self.fs.find(self.tmp) if not f.endswith(f"/{INDEX_FILE}")]
