@@ -28,6 +28,7 @@ from fsspec.spec import AbstractBufferedFile
 
 from . import fingerprint, gzindex
 from .errors import ManifestError, SourceNotFound, from_os_error
+from .verified import call
 
 
 @dataclass(frozen=True)
@@ -134,19 +135,9 @@ class GzipIndexFileSystem(AsyncFileSystem):
         return _Source(index, fs, source_path)
 
     async def _fetch(self, source: _Source, start: int, end: int) -> bytes:
-        """Compressed bytes ``[start, end)`` of the source, in one ranged read.
-
-        Async sources (s3, http) are driven on their own loop (fsspec's I/O thread) whatever loop is calling,
-        because their sessions are bound to it; sync ones (local, memory) read in a thread.
-        """
-        fs = source.fs
+        """Compressed bytes ``[start, end)`` of the source, in one ranged read (from any loop: see ``call``)."""
         try:
-            if not fs.async_impl:
-                return await asyncio.to_thread(fs.cat_file, source.path, start=start, end=end)
-            read = fs._cat_file(source.path, start=start, end=end)
-            if asyncio.get_running_loop() is fs.loop:
-                return await read
-            return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(read, fs.loop))
+            return await call(source.fs, "cat_file", source.path, start=start, end=end)
         except OSError as err:
             raise from_os_error(source.index.source, err, f"read bytes {start}-{end}") from err
 

@@ -52,7 +52,7 @@ def reference_options(manifest: str, manifest_options: dict[str, Any] | None = N
         url = image.get("data", image["source"])
         protocol = fsspec.core.split_protocol(url)[0] or "file"
         expected.setdefault(protocol, {})[url] = image.get("data_fingerprint", image["fingerprint"])
-    fss: dict[str, Any] = {protocol: VerifiedFileSystem(_source_filesystem(protocol, storage_options), fps)
+    fss: dict[str, Any] = {protocol: VerifiedFileSystem(fsspec.filesystem(protocol, **storage_options), fps)
                            for protocol, fps in expected.items()}
     if any(image.get("gzip_index") for image in index["images"]):
         fss["gzidx"] = fsspec.filesystem("gzidx", root=manifest, root_options=manifest_options,
@@ -60,19 +60,6 @@ def reference_options(manifest: str, manifest_options: dict[str, Any] | None = N
                                          skip_instance_cache=True)
     refs = f"{manifest}/{index['references']}"
     return {"fo": refs, "fs": fss, "target_options": manifest_options, "asynchronous": True}
-
-
-def _source_filesystem(protocol: str, storage_options: dict[str, Any]) -> fsspec.AbstractFileSystem:
-    """A filesystem for reading sources from zarr's event loop.
-
-    An async implementation (s3fs, gcsfs, http) created in sync mode binds its session to fsspec's own loop
-    thread, and awaiting it from zarr's loop fails ("attached to a different loop"); so async ones are made in
-    async mode, uncached, to bind lazily to the loop that first awaits them.  Sync ones get wrapped later.
-    """
-    cls = fsspec.get_filesystem_class(protocol)
-    if cls.async_impl:
-        return cls(asynchronous=True, skip_instance_cache=True, **storage_options)
-    return cls(**storage_options)
 
 
 def open(manifest: str, manifest_options: dict[str, Any] | None = None, **storage_options: Any) -> zarr.Group:

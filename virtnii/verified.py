@@ -8,22 +8,39 @@ compares each source's size and ETag/mtime with the manifest's record the first 
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+import fsspec
 from fsspec.asyn import AsyncFileSystem
-from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
 
 from . import fingerprint
 
 
+async def call(fs: fsspec.AbstractFileSystem, method: str, *args: Any, **kwargs: Any) -> Any:
+    """Run ``fs.<method>`` from any event loop, e.g. zarr's.
+
+    An async filesystem (s3fs, http) made the ordinary way is bound to fsspec's I/O loop — its session lives
+    there, and is closed there at exit — so its coroutines run on that loop; a sync one (local, memory) runs
+    in a worker thread.  ``method`` is the sync name (``"cat_file"``); the async one is ``"_" + method``.
+    """
+    if not fs.async_impl:
+        return await asyncio.to_thread(getattr(fs, method), *args, **kwargs)
+    coroutine = getattr(fs, "_" + method)(*args, **kwargs)
+    if asyncio.get_running_loop() is fs.loop:
+        return await coroutine
+    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, fs.loop))
+
+
 class VerifiedFileSystem(AsyncFileSystem):
-    """Reads through ``fs`` (any fsspec filesystem), checking ``expected[path]`` fingerprints once per path."""
+    """Reads through ``fs`` (any fsspec filesystem), checking ``expected[url]`` fingerprints once per source."""
 
     cachable = False
 
-    def __init__(self, fs: Any, expected: dict[str, fingerprint.Fingerprint], **kwargs: Any) -> None:
+    def __init__(self, fs: fsspec.AbstractFileSystem, expected: dict[str, fingerprint.Fingerprint],
+                 **kwargs: Any) -> None:
         super().__init__(asynchronous=True, **kwargs)
-        self.fs = fs if fs.async_impl else AsyncFileSystemWrapper(fs, asynchronous=True)
+        self.fs = fs
         self.protocol = fs.protocol
         self.expected = {fs._strip_protocol(url): fp for url, fp in expected.items()}
         self._checked: set[str] = set()
@@ -33,7 +50,7 @@ class VerifiedFileSystem(AsyncFileSystem):
         if path in self._checked or path not in self.expected:
             return path
         try:
-            info = await self.fs._info(path)
+            info = await call(self.fs, "info", path)
         except FileNotFoundError:
             info = None
         fingerprint.ensure_current(self.fs.unstrip_protocol(path), self.expected[path], info)
@@ -41,11 +58,11 @@ class VerifiedFileSystem(AsyncFileSystem):
         return path
 
     async def _cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
-        return await self.fs._cat_file(await self._verify(path), start=start, end=end, **kwargs)
+        return await call(self.fs, "cat_file", await self._verify(path), start=start, end=end, **kwargs)
 
     async def _cat_ranges(self, paths: list[str], starts: list[int], ends: list[int], **kwargs: Any) -> list[bytes]:
         verified = [await self._verify(p) for p in paths]
-        return await self.fs._cat_ranges(verified, starts, ends, **kwargs)
+        return await call(self.fs, "cat_ranges", verified, starts, ends, **kwargs)
 
     async def _info(self, path: str, **kwargs: Any) -> dict[str, Any]:
-        return await self.fs._info(path, **kwargs)
+        return await call(self.fs, "info", path, **kwargs)
