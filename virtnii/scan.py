@@ -30,6 +30,8 @@ from .references import ZARR_FORMATS, ImageRefs, image_refs
 #: File names the scanner picks up in folders; ``.img``/``.img.gz`` are found through their ``.hdr``.
 NIFTI_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".hdr.gz")
 GZIP_INDEX_FOLDER = "gzindex"
+#: Uncompressed sources whose headers are fetched together (concurrently on object stores).
+HEADER_BATCH = 512
 _GLOB = re.compile(r"[*?\[]")
 
 
@@ -107,14 +109,19 @@ def scan(sources: Iterable[str] | str, out: str, *, zarr_format: int = 3, ref_fo
     assign_names(found)
     images: list[ImageRefs] = []
     entries: list[dict[str, Any]] = []
+    plain = [s for s in found if not s.is_gzip]
+    gzipped = [s for s in found if s.is_gzip]
     with ManifestWriter(out, manifest_options) as writer, \
-            tqdm(total=len(found), unit="file", desc="scan", disable=not progress) as bar:
-        plain = [s for s in found if not s.is_gzip]
-        gzipped = [s for s in found if s.is_gzip]
-        for source, outcome in zip(plain, read_plain_headers(plain, zarr_format)):
-            _collect(source, outcome, images, entries, failures, bar)
+            tqdm(total=len(found), unit="file", desc="scan", disable=not progress) as bar, \
+            tqdm(total=sum(s.data_info["size"] for s in gzipped), unit="B", unit_scale=True, desc="gzip index",
+                 disable=not (progress and gzipped), position=1) as gz_bar:
+        for start in range(0, len(plain), HEADER_BATCH):  # batches: the bar moves, memory stays bounded
+            batch = plain[start:start + HEADER_BATCH]
+            for source, outcome in zip(batch, read_plain_headers(batch, zarr_format)):
+                _collect(source, outcome, images, entries, failures, bar)
         with ThreadPoolExecutor(max_workers=2) as pool:
-            jobs = {pool.submit(index_gzip_source, s, options, writer, zarr_format): s for s in gzipped}
+            jobs = {pool.submit(index_gzip_source, s, options, writer, zarr_format, gz_bar.update): s
+                    for s in gzipped}
             for job in as_completed(jobs):
                 try:
                     outcome = job.result()
@@ -334,9 +341,12 @@ def gunzip_head(fs: fsspec.AbstractFileSystem, path: str, url: str, size: int,
         step = min(size, step * 4)
 
 
-def index_gzip_source(source: Source, options: dict[str, Any], writer: ManifestWriter, zarr_format: int
-                      ) -> tuple[NiftiHeader, ImageRefs, dict[str, Any]]:
-    """Header, seek-point index and references of a ``.nii.gz`` (or gzipped pair), indexed in place."""
+def index_gzip_source(source: Source, options: dict[str, Any], writer: ManifestWriter, zarr_format: int,
+                      advance: Callable[[int], Any] = lambda n: None) -> tuple[NiftiHeader, ImageRefs, dict[str, Any]]:
+    """Header, seek-point index and references of a ``.nii.gz`` (or gzipped pair), indexed in place.
+
+    ``advance(n)`` is told of every ``n`` more compressed bytes indexed (a progress bar's ``update``).
+    """
     fs, url = source.fs, source.url
     if source.is_pair:
         raw = gunzip_head(fs, source.path, url, source.info["size"], lambda head: 2**31)
@@ -346,7 +356,13 @@ def index_gzip_source(source: Source, options: dict[str, Any], writer: ManifestW
     header = parse(url, raw, source.is_pair)
     layout_refs = image_refs(source.name, header, "", zarr_format)
     offsets = layout_refs.offsets.tolist()
-    index = gzindex.build_index(source.data_url, offsets, options)
+    done = [0]
+
+    def progress(consumed: int) -> None:
+        advance(consumed - done[0])
+        done[0] = consumed
+
+    index = gzindex.build_index(source.data_url, offsets, options, progress=progress)
     _check_data_size(source.data_url, header, index.uncompressed_size)
     sidecar_name = source.name.replace("/", "__")
     descriptor = gzindex.write_sidecar(index, writer.fs, f"{writer.tmp}/{GZIP_INDEX_FOLDER}", sidecar_name)
