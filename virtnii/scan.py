@@ -115,10 +115,17 @@ def scan(sources: Iterable[str] | str, out: str, *, zarr_format: int = 3, ref_fo
             tqdm(total=len(found), unit="file", desc="scan", disable=not progress) as bar, \
             tqdm(total=sum(s.data_info["size"] for s in gzipped), unit="B", unit_scale=True, desc="gzip index",
                  disable=not (progress and gzipped), position=1) as gz_bar:
-        for start in range(0, len(plain), HEADER_BATCH):  # batches: the bar moves, memory stays bounded
-            batch = plain[start:start + HEADER_BATCH]
-            for source, outcome in zip(batch, read_plain_headers(batch, zarr_format)):
-                _collect(source, outcome, images, entries, failures, bar)
+        # In batches, so the bar moves on big archives; the next batch is fetched while this one is parsed.
+        batches = [plain[i:i + HEADER_BATCH] for i in range(0, len(plain), HEADER_BATCH)]
+        with ThreadPoolExecutor(max_workers=1) as prefetch:
+            pending = [prefetch.submit(read_plain_headers, batch) for batch in batches[:1]]
+            for k, batch in enumerate(batches):
+                heads = pending.pop().result()
+                if k + 1 < len(batches):
+                    pending.append(prefetch.submit(read_plain_headers, batches[k + 1]))
+                for source, head in zip(batch, heads):
+                    outcome = head if isinstance(head, VirtniiError) else _plain_image(source, head, zarr_format)
+                    _collect(source, outcome, images, entries, failures, bar)
         with ThreadPoolExecutor(max_workers=2) as pool:
             jobs = {pool.submit(index_gzip_source, s, options, writer, zarr_format, gz_bar.update): s
                     for s in gzipped}
@@ -267,8 +274,8 @@ def _fetch_ranges(fs: fsspec.AbstractFileSystem, paths: list[str], ends: list[in
     return fs.cat_ranges(paths, [0] * len(paths), ends, on_error="return")
 
 
-def read_plain_headers(sources: list[Source], zarr_format: int) -> list[tuple[NiftiHeader, ImageRefs, dict[str, Any]] | VirtniiError]:
-    """Headers of uncompressed sources, one concurrent ranged read per file (a second only for big extensions)."""
+def read_plain_headers(sources: list[Source]) -> list[bytes | VirtniiError]:
+    """Raw headers of uncompressed sources, one concurrent ranged read per file (a second for big extensions)."""
     outcomes: list[Any] = [None] * len(sources)
     by_fs: dict[int, list[int]] = {}
     for i, s in enumerate(sources):
@@ -296,7 +303,7 @@ def read_plain_headers(sources: list[Source], zarr_format: int) -> list[tuple[Ni
         more = _fetch_ranges(fs, [sources[i].path for i, _ in retry], [e for _, e in retry])
         for (i, _), head in zip(retry, more):
             outcomes[i] = from_os_error(sources[i].url, head, "read") if isinstance(head, Exception) else head
-    return [o if isinstance(o, VirtniiError) else _plain_image(s, o, zarr_format) for s, o in zip(sources, outcomes)]
+    return outcomes
 
 
 def _plain_image(source: Source, raw: bytes, zarr_format: int) -> tuple[NiftiHeader, ImageRefs, dict[str, Any]] | VirtniiError:
