@@ -125,7 +125,7 @@ def parse(url: str, raw: bytes, is_pair: bool) -> NiftiHeader:
         raise UnsupportedNifti(url, f"{len(shape)}-D data {tuple(shape)}: NIfTI-Zarr holds at most 5 axes (t, c, z, y, x)")
     dtype = _zarr_dtype(url, header)
     data_offset = int(header.get_data_offset())
-    if not is_pair and data_offset == 0:  # unset: the voxels follow the header (as nibabel's check fixes it)
+    if not is_pair and data_offset == 0:  # unset: the voxels follow the header (nibabel 5.4 reads from byte 0)
         data_offset = size + 4
     elif not is_pair and data_offset < size + 4:
         raise InvalidNifti(url, f"vox offset {data_offset} points inside the header (a .nii needs at least {size + 4})")
