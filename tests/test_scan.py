@@ -197,3 +197,52 @@ def test_bad_gzip_sources_are_reported_by_name(tmp_path: Path) -> None:
     by_file = {Path(f.source.removeprefix("file://")).name: f for f in result.failures}
     assert sorted(by_file) == ["corrupt.nii.gz", "empty.nii.gz", "plain.nii.gz", "truncated.nii.gz"]
     assert all(isinstance(f, virtnii.InvalidGzip) for f in by_file.values()), by_file
+
+
+# ------------------------------------------------------------------------------------------- naming edges
+
+def test_gzip_sidecars_of_lookalike_names_do_not_collide(tmp_path: Path) -> None:
+    """``a/b`` and ``a__b`` once shared one sidecar name, so one image served the other's voxels."""
+    import gzip
+
+    (tmp_path / "ds" / "a").mkdir(parents=True)
+    anat, func = (DATA / "anatomical.nii").read_bytes(), (DATA / "functional.nii").read_bytes()
+    (tmp_path / "ds" / "a" / "b.nii.gz").write_bytes(gzip.compress(anat))
+    (tmp_path / "ds" / "a__b.nii.gz").write_bytes(gzip.compress(func))
+    virtnii.scan([str(tmp_path / "ds")], str(tmp_path / "out"))
+    group = virtnii.open(str(tmp_path / "out"))
+    np.testing.assert_array_equal(virtnii.to_nibabel(group["a/b"]).dataobj.get_unscaled(), _raw(DATA / "anatomical.nii"))
+    np.testing.assert_array_equal(virtnii.to_nibabel(group["a__b"]).dataobj.get_unscaled(), _raw(DATA / "functional.nii"))
+
+
+def test_image_inside_another_image_group_is_renamed(tmp_path: Path) -> None:
+    (tmp_path / "ds" / "s").mkdir(parents=True)
+    shutil.copy(DATA / "anatomical.nii", tmp_path / "ds" / "s.nii")
+    shutil.copy(DATA / "functional.nii", tmp_path / "ds" / "s" / "0.nii")
+    result = virtnii.scan([str(tmp_path / "ds")], str(tmp_path / "out"))
+    assert sorted(e["name"] for e in result.images) == ["s", "s_0"]
+    group = virtnii.open(str(tmp_path / "out"))
+    np.testing.assert_array_equal(virtnii.to_nibabel(group["s"]).dataobj.get_unscaled(), _raw(DATA / "anatomical.nii"))
+    np.testing.assert_array_equal(virtnii.to_nibabel(group["s_0"]).dataobj.get_unscaled(), _raw(DATA / "functional.nii"))
+
+
+def test_one_file_named_two_ways_is_one_source(tmp_path: Path) -> None:
+    shutil.copytree(DATA, tmp_path / "d", ignore=shutil.ignore_patterns("*.gz", "*.hdr", "*.img", "*.dconn.nii"))
+    found, _ = expand([str(tmp_path / "d" / "anatomical.nii"), str(tmp_path / "d" / ".." / "d" / "anatomical.nii")], {})
+    assert len(found) == 1
+
+
+def test_credentials_in_a_url_are_refused_and_not_echoed(tmp_path: Path) -> None:
+    result = virtnii.scan(["http://user:s3cr3t@127.0.0.1:9/a.nii"], str(tmp_path / "out"))
+    assert result.manifest is None
+    (failure,) = result.failures
+    assert "storage options" in str(failure) and "s3cr3t" not in str(failure)
+
+
+def test_an_existing_folder_that_is_not_a_manifest_is_never_replaced(tmp_path: Path) -> None:
+    dataset = tmp_path / "ds"
+    _bids_tree(dataset)
+    before = sorted(p.relative_to(dataset) for p in dataset.rglob("*"))
+    with pytest.raises(virtnii.ManifestError, match="not a virtnii manifest"):
+        virtnii.scan([str(dataset / "sub-01")], str(dataset))
+    assert sorted(p.relative_to(dataset) for p in dataset.rglob("*")) == before

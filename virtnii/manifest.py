@@ -36,8 +36,18 @@ class ManifestWriter:
         self.out_url = out
         self.fs, self.out = fsspec.core.url_to_fs(out, **(storage_options or {}))
         self.out = self.out.rstrip("/")
+        self._refuse_to_replace_other_data()
         self.tmp = f"{self.out}.partial-{uuid.uuid4().hex[:8]}"
         self.fs.makedirs(self.tmp, exist_ok=True)
+
+    def _refuse_to_replace_other_data(self) -> None:
+        """A scan replaces ``OUT`` wholesale: only ever an earlier manifest or an empty folder, never other data."""
+        if not self.fs.exists(self.out):
+            return
+        if self.fs.isdir(self.out) and (self.fs.exists(f"{self.out}/{INDEX_FILE}") or not self.fs.ls(self.out)):
+            return
+        raise ManifestError(self.out_url, "exists and is not a virtnii manifest; refusing to replace it "
+                                          "(choose an empty or new folder for -o)")
 
     def __enter__(self) -> "ManifestWriter":
         return self

@@ -12,6 +12,7 @@ import collections
 import functools
 import posixpath
 import re
+import urllib.parse
 import zlib
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -160,11 +161,19 @@ def expand(sources: list[str], options: dict[str, Any]) -> tuple[list[Source], l
     found: dict[str, Source] = {}
     failures: list[VirtniiError] = []
     for src in sources:
+        parts = urllib.parse.urlsplit(src)
+        if parts.password is not None or (parts.username is not None and parts.scheme not in ("", "file")):
+            hidden = parts._replace(netloc=(parts.hostname or "") + (f":{parts.port}" if parts.port else "")).geturl()
+            failures.append(SourceAccessError(hidden, "credentials in a URL would be written into the manifest; "
+                                                      "give them as storage options (-s KEY=VALUE) instead"))
+            continue
         try:
             fs, path = fsspec.core.url_to_fs(src, **with_s3_pool(src, options))
         except (ValueError, ImportError, TypeError) as err:
             failures.append(SourceAccessError(src, f"cannot open this URL: {err}"))
             continue
+        if getattr(fs, "local_file", False):
+            path = posixpath.normpath(path)  # d/../d/a.nii and d/a.nii are one source
         try:
             listing, base = _list(fs, path, src)
         except VirtniiError as err:
@@ -257,12 +266,22 @@ def assign_names(sources: list[Source]) -> None:
         common = posixpath.commonpath(folders) if len({f.startswith("/") for f in folders}) == 1 else ""
         names = [stem(posixpath.relpath(s.path, common) if common else s.path.lstrip("/")) if n in clashing else n
                  for s, n in zip(sources, names)]
+    # An image group may not sit inside another image group (s.nii beside s/0.nii would overwrite s/0): such
+    # names are flattened; and any name still taken gets its extension, then a counter.
+    images = set(names)
     taken: set[str] = set()
     for source, name in zip(sources, names):
+        parts = name.split("/")
+        if any("/".join(parts[:k]) in images for k in range(1, len(parts))):
+            name = name.replace("/", "_")
         if name in taken:
             name = (posixpath.relpath(source.path, source.base) if source.base else source.path).replace(".", "_")
-        taken.add(name)
-        source.name = name
+        unique, count = name, 1
+        while unique in taken:
+            count += 1
+            unique = f"{name}_{count}"
+        taken.add(unique)
+        source.name = unique
 
 
 # ---------------------------------------------------------------------------------------------------- headers
@@ -371,11 +390,13 @@ def index_gzip_source(source: Source, options: dict[str, Any], writer: ManifestW
 
     index = gzindex.build_index(source.data_url, offsets, options, progress=progress)
     _check_data_size(source.data_url, header, index.uncompressed_size)
-    sidecar_name = source.name.replace("/", "__")
-    descriptor = gzindex.write_sidecar(index, writer.fs, f"{writer.tmp}/{GZIP_INDEX_FOLDER}", sidecar_name)
-    layout_refs.url = f"gzidx://{GZIP_INDEX_FOLDER}/{descriptor}"
+    # sidecars mirror the image names (sub-01/anat/…), which are unique, so sidecar paths are too
+    folder, _, base = source.name.rpartition("/")
+    relative = f"{GZIP_INDEX_FOLDER}/{folder}".rstrip("/")
+    descriptor = f"{relative}/{gzindex.write_sidecar(index, writer.fs, f'{writer.tmp}/{relative}', base)}"
+    layout_refs.url = f"gzidx://{descriptor}"
     entry = _entry(source, header, layout_refs)
-    entry["gzip_index"] = f"{GZIP_INDEX_FOLDER}/{descriptor}"
+    entry["gzip_index"] = descriptor
     entry["uncompressed_size"] = index.uncompressed_size
     return header, layout_refs, entry
 
