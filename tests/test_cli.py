@@ -67,3 +67,25 @@ def test_usage_errors_exit_2(capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["scan", "x.nii"])
     assert exc.value.code == 2
+
+
+def test_verify_reports_changed_and_missing_sources(tmp_path: Path, capsys) -> None:
+    import os
+    import shutil
+
+    for name in ("anatomical.nii", "functional.nii", "example4d.nii.gz"):
+        shutil.copy(DATA / name, tmp_path / name)
+    out = tmp_path / "out"
+    assert main(["scan", str(tmp_path), "-o", str(out), "-q"]) == 0
+    assert main(["verify", str(out)]) == 0
+    assert "3 of 3 source file(s) unchanged" in capsys.readouterr().out
+    stat = (tmp_path / "functional.nii").stat()
+    os.utime(tmp_path / "functional.nii", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    (tmp_path / "example4d.nii.gz").unlink()
+    assert main(["verify", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert "1 of 3 source file(s) unchanged" in captured.out
+    errors = captured.err.strip().splitlines()
+    assert len(errors) == 2
+    assert any("functional.nii" in e and "changed since it was indexed" in e for e in errors)
+    assert any("example4d.nii.gz" in e and "no longer exists" in e for e in errors)

@@ -8,9 +8,10 @@ from .errors import (InvalidGzip, InvalidNifti, ManifestError, SourceAccessError
                      UnsupportedNifti, VirtniiError)
 from .reader import open, reference_options, to_nibabel
 from .scan import ScanResult, scan
+from .verified import verify
 
 __all__ = [
-    "scan", "open", "to_nibabel", "reference_options", "ScanResult",
+    "scan", "open", "to_nibabel", "reference_options", "verify", "ScanResult",
     "VirtniiError", "SourceNotFound", "SourceAccessError", "InvalidNifti", "UnsupportedNifti", "InvalidGzip",
     "StaleSource", "ManifestError",
 ]

@@ -18,6 +18,7 @@ from . import __version__
 from .errors import VirtniiError
 from .manifest import read_index
 from .scan import scan
+from .verified import verify
 
 
 def _option(text: str) -> tuple[str, Any]:
@@ -66,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_info = commands.add_parser("info", help="summarise a manifest: images, shapes, dtypes, bytes referenced")
     p_info.add_argument("manifest")
     _storage_arguments(p_info)
+
+    p_verify = commands.add_parser("verify", help="check that no source changed since it was indexed")
+    p_verify.add_argument("manifest")
+    _storage_arguments(p_verify)
 
     p_example = commands.add_parser("example", help="index NIfTI files shipped with nibabel and read one back")
     p_example.add_argument("-o", "--out", default="manifests/example", help="manifest folder (default: %(default)s)")
@@ -116,6 +121,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    storage, manifest_options = _options(args)
+    checked, problems = verify(args.manifest, manifest_options or None, **storage)
+    for problem in problems:
+        print(f"virtnii: error: {problem}", file=sys.stderr)
+    print(f"{checked - len(problems)} of {checked} source file(s) unchanged since indexing")
+    return 1 if problems else 0
+
+
 def cmd_example(args: argparse.Namespace) -> int:
     import nibabel as nib
 
@@ -145,7 +159,7 @@ def cmd_example(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"scan": cmd_scan, "info": cmd_info, "example": cmd_example}[args.command]
+    handler = {"scan": cmd_scan, "info": cmd_info, "verify": cmd_verify, "example": cmd_example}[args.command]
     try:
         return handler(args)
     except VirtniiError as err:

@@ -103,6 +103,16 @@ def build_refs(images: Iterable[ImageRefs], zarr_format: int) -> dict[str, Any]:
     return {"version": 1, "refs": refs}
 
 
+def manifest_options_for(manifest: str, manifest_options: dict[str, Any] | None,
+                         storage_options: dict[str, Any]) -> dict[str, Any]:
+    """Options for reading a manifest folder: as given, else the sources' options for a remote folder (usually
+    the same bucket or store) and none for a local one."""
+    if manifest_options is not None:
+        return manifest_options
+    remote = (fsspec.core.split_protocol(manifest)[0] or "file") not in ("file", "local")
+    return dict(storage_options) if remote else {}
+
+
 def read_index(manifest: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """The index file of a manifest folder, checked for a version this code understands."""
     fs, path = fsspec.core.url_to_fs(manifest, **(storage_options or {}))

@@ -21,7 +21,7 @@ from zarr.storage import FsspecStore
 
 from .errors import InvalidNifti, ManifestError, VirtniiError
 from .layout import ZARR_TO_FILE
-from .manifest import read_index
+from .manifest import manifest_options_for, read_index
 from .verified import VerifiedFileSystem
 
 _IMAGE_CLASSES = {
@@ -41,9 +41,7 @@ def reference_options(manifest: str, manifest_options: dict[str, Any] | None = N
     already needs the manifest's options.
     """
     manifest = manifest.rstrip("/")
-    if manifest_options is None:
-        manifest_remote = (fsspec.core.split_protocol(manifest)[0] or "file") not in ("file", "local")
-        manifest_options = dict(storage_options) if manifest_remote else {}
+    manifest_options = manifest_options_for(manifest, manifest_options, storage_options)
     index = read_index(manifest, manifest_options)
     expected: dict[str, dict[str, dict[str, Any]]] = {}  # protocol -> {data url: fingerprint}
     for image in index["images"]:

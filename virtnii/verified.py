@@ -9,12 +9,15 @@ compares each source's size and ETag/mtime with the manifest's record the first 
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import fsspec
 from fsspec.asyn import AsyncFileSystem
 
 from . import fingerprint
+from .errors import VirtniiError, from_os_error
+from .manifest import manifest_options_for, read_index
 
 
 async def call(fs: fsspec.AbstractFileSystem, method: str, *args: Any, **kwargs: Any) -> Any:
@@ -66,3 +69,35 @@ class VerifiedFileSystem(AsyncFileSystem):
 
     async def _info(self, path: str, **kwargs: Any) -> dict[str, Any]:
         return await call(self.fs, "info", path, **kwargs)
+
+
+def verify(manifest: str, manifest_options: dict[str, Any] | None = None,
+           **storage_options: Any) -> tuple[int, list[VirtniiError]]:
+    """Check every source of a manifest against its scan-time fingerprint now, not at first read.
+
+    Returns ``(number of files checked, problems)``: one :class:`~virtnii.errors.StaleSource`,
+    ``SourceNotFound`` or ``SourceAccessError`` per source that would fail to read.  Stats run concurrently
+    (object stores answer each in one round trip).
+    """
+    index = read_index(manifest, manifest_options_for(manifest, manifest_options, storage_options))
+    checks = [(image[url_key], image[fp_key]) for image in index["images"]
+              for url_key, fp_key in (("source", "fingerprint"), ("data", "data_fingerprint")) if url_key in image]
+
+    def check(item: tuple[str, fingerprint.Fingerprint]) -> VirtniiError | None:
+        url, recorded = item
+        try:
+            fs, path = fsspec.core.url_to_fs(url, **storage_options)
+            try:
+                info = fs.info(path)
+            except FileNotFoundError:
+                info = None
+            except OSError as err:
+                raise from_os_error(url, err, "stat") from err
+            fingerprint.ensure_current(url, recorded, info)
+        except VirtniiError as err:
+            return err
+        return None
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        problems = [problem for problem in pool.map(check, checks) if problem is not None]
+    return len(checks), problems
