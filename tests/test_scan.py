@@ -246,3 +246,16 @@ def test_an_existing_folder_that_is_not_a_manifest_is_never_replaced(tmp_path: P
     with pytest.raises(virtnii.ManifestError, match="not a virtnii manifest"):
         virtnii.scan([str(dataset / "sub-01")], str(dataset))
     assert sorted(p.relative_to(dataset) for p in dataset.rglob("*")) == before
+
+
+def test_header_split_across_tiny_gzip_members(tmp_path: Path) -> None:
+    import gzip
+
+    raw = (DATA / "functional.nii").read_bytes()
+    members = [raw[:100], raw[100:200], raw[200:5000], raw[5000:]]  # the 352-byte header spans three members
+    (tmp_path / "split.nii.gz").write_bytes(b"".join(gzip.compress(m) for m in members))
+    result = virtnii.scan([str(tmp_path / "split.nii.gz")], str(tmp_path / "out"))
+    assert not result.failures, result.failures
+    group = virtnii.open(str(tmp_path / "out"))
+    np.testing.assert_array_equal(virtnii.to_nibabel(group["split"]).dataobj.get_unscaled(),
+                                  _raw(DATA / "functional.nii"))

@@ -358,13 +358,25 @@ def gunzip_head(fs: fsspec.AbstractFileSystem, path: str, url: str, size: int,
         if compressed[:2] != b"\x1f\x8b":
             raise InvalidGzip(url, "not gzip data (no gzip magic bytes): is it an uncompressed .nii named .gz?")
         try:
-            head = zlib.decompressobj(wbits=31).decompress(compressed, 64 * 2**20)
+            head = _gunzip_members(compressed, 64 * 2**20)
         except zlib.error as err:
             raise InvalidGzip(url, f"corrupt gzip data at the start of the file: {err}") from err
         wanted = need(head)
         if len(head) >= wanted or step >= size:
             return head[:wanted]
         step = min(size, step * 4)
+
+
+def _gunzip_members(data: bytes, limit: int) -> bytes:
+    """Up to ``limit`` bytes inflated from ``data``, across gzip members (a header may span several)."""
+    out = bytearray()
+    while data and len(out) < limit:
+        member = zlib.decompressobj(wbits=31)
+        out += member.decompress(data, limit - len(out))
+        if not member.eof:
+            break
+        data = member.unused_data
+    return bytes(out)
 
 
 def index_gzip_source(source: Source, options: dict[str, Any], writer: ManifestWriter, zarr_format: int,
