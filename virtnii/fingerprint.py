@@ -68,8 +68,17 @@ def ensure_unchanged(url: str, recorded: Fingerprint, current: Fingerprint) -> N
             )
 
 
-def ensure_current(url: str, recorded: Fingerprint, info: dict[str, Any] | None) -> None:
-    """Raise unless the source's current ``info`` (None: it is gone) still matches what was indexed."""
-    if info is None:
-        raise SourceNotFound(url, "was indexed but no longer exists; re-run `virtnii scan`")
+def check(fs: fsspec.AbstractFileSystem, path: str, url: str, recorded: Fingerprint) -> None:
+    """Stat ``path`` now and raise unless it still matches what was ``recorded`` at indexing time.
+
+    A source that is gone is :class:`SourceNotFound`, one that changed :class:`StaleSource`, one that cannot be
+    stat'ed :class:`SourceAccessError`; errors name ``url``.  Safe from any thread (fsspec runs async
+    filesystems on their own loop).
+    """
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise SourceNotFound(url, "was indexed but no longer exists; re-run `virtnii scan`") from None
+    except OSError as err:
+        raise from_os_error(url, err, "stat") from err
     ensure_unchanged(url, recorded, from_info(info))

@@ -124,13 +124,7 @@ class GzipIndexFileSystem(AsyncFileSystem):
         fs, source_path = fsspec.core.url_to_fs(index.source, **self.target_options)
         checked = (index.source, json.dumps(index.fingerprint, sort_keys=True))
         if checked not in _CHECKED:
-            try:
-                info = fs.info(source_path)
-            except FileNotFoundError:
-                info = None
-            except OSError as err:
-                raise from_os_error(index.source, err, "stat") from err
-            fingerprint.ensure_current(index.source, index.fingerprint, info)
+            fingerprint.check(fs, source_path, index.source, index.fingerprint)
             _CHECKED.add(checked)
         return _Source(index, fs, source_path)
 

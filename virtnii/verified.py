@@ -16,7 +16,7 @@ import fsspec
 from fsspec.asyn import AsyncFileSystem
 
 from . import fingerprint
-from .errors import VirtniiError, from_os_error
+from .errors import VirtniiError
 from .manifest import manifest_options_for, read_index
 
 
@@ -52,11 +52,7 @@ class VerifiedFileSystem(AsyncFileSystem):
         path = self.fs._strip_protocol(url)
         if path in self._checked or path not in self.expected:
             return path
-        try:
-            info = await call(self.fs, "info", path)
-        except FileNotFoundError:
-            info = None
-        fingerprint.ensure_current(self.fs.unstrip_protocol(path), self.expected[path], info)
+        await asyncio.to_thread(fingerprint.check, self.fs, path, self.fs.unstrip_protocol(path), self.expected[path])
         self._checked.add(path)
         return path
 
@@ -87,13 +83,7 @@ def verify(manifest: str, manifest_options: dict[str, Any] | None = None,
         url, recorded = item
         try:
             fs, path = fsspec.core.url_to_fs(url, **storage_options)
-            try:
-                info = fs.info(path)
-            except FileNotFoundError:
-                info = None
-            except OSError as err:
-                raise from_os_error(url, err, "stat") from err
-            fingerprint.ensure_current(url, recorded, info)
+            fingerprint.check(fs, path, url, recorded)
         except VirtniiError as err:
             return err
         return None
