@@ -9,15 +9,16 @@ make the references point at the wrong bytes is an error naming the source, neve
 from __future__ import annotations
 
 import functools
+import math
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import nibabel as nib
 import numpy as np
 from nibabel.spatialimages import HeaderDataError
 
-from .errors import InvalidNifti, UnsupportedNifti
+from .errors import InvalidNifti, UnsupportedNifti, VirtniiError
 
 #: Bytes read first from every source; large enough for the header and typical extensions.
 HEAD_BYTES = 16 * 1024
@@ -26,6 +27,14 @@ _SIZES = {348: (1, nib.Nifti1Header), 540: (2, nib.Nifti2Header)}
 _SINGLE_MAGICS = {b"n+1", b"n+2"}
 _PAIR_MAGICS = {b"ni1", b"ni2"}
 _ZARR_KINDS = "biufc"  # numpy kinds zarr can hold as plain arrays (plus the RGB structured types below)
+#: First three dims that nibabel's ``get_data_shape`` reinterprets (FreeSurfer's long-vector and ico7 hacks).
+_FREESURFER_SHAPES = {(27307, 1, 6)}
+#: Where ``vox_offset`` sits in each header (struct format, byte offset): read for every file before parsing.
+_VOX_OFFSET = {size: ({"f4": "f", "i8": "q"}[field.kind + str(field.itemsize)], offset)
+               for size, (_, klass) in _SIZES.items()
+               for field, offset in [klass.template_dtype.fields["vox_offset"][:2]]}
+#: numpy dtype per (header size, byte order, datatype code), filled as codes are met.
+_DTYPES: dict[tuple[int, str, int], np.dtype] = {}
 
 
 @dataclass(frozen=True, eq=False)
@@ -35,21 +44,22 @@ class NiftiHeader:
     ``raw`` is the header exactly as stored (fixed header, extension flag and extensions): it becomes the
     NIfTI-Zarr ``nifti`` array.  ``data_offset`` is where the voxels start in the data file:
     ``vox_offset``, at least 352 (NIfTI-1) or 544 (NIfTI-2) in a single file as the standard says.
+    ``fields`` are the header's fields as plain Python values, named as in nibabel's header dtypes.
     """
 
     version: int
-    header: nib.Nifti1Header
     raw: bytes
+    fields: dict[str, Any]
     shape: tuple[int, ...]
     dtype: np.dtype
     data_offset: int
     is_pair: bool
 
     @functools.cached_property
-    def fields(self) -> dict[str, Any]:
-        """The header's fields as plain Python values (one numpy call: cheap for thousands of headers)."""
-        structarr = self.header.structarr
-        return dict(zip(structarr.dtype.names, structarr.tolist()))
+    def header(self) -> nib.Nifti1Header:
+        """nibabel's header object, built on first use (a scan of thousands of files needs only ``fields``)."""
+        size = 348 if self.version == 1 else 540
+        return _SIZES[size][1](self.raw[:size], check=False)
 
     @property
     def has_extensions(self) -> bool:
@@ -60,7 +70,7 @@ class NiftiHeader:
     @property
     def nbytes(self) -> int:
         """Bytes of voxel data the header promises."""
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def _sizeof_hdr(url: str, head: bytes) -> tuple[int, str]:
@@ -91,59 +101,97 @@ def header_extent(url: str, head: bytes, is_pair: bool, file_size: int) -> int:
         return file_size
     if len(head) < size:
         raise InvalidNifti(url, f"truncated header: {len(head)} bytes, NIfTI-{_SIZES[size][0]} needs {size}")
-    klass = _SIZES[size][1]
-    vox_offset = float(np.frombuffer(head[:size], dtype=klass.template_dtype.newbyteorder(order))["vox_offset"][0])
+    kind, offset = _VOX_OFFSET[size]
+    (vox_offset,) = struct.unpack_from(order + kind, head, offset)
     return max(int(vox_offset), size + 4)
 
 
 def parse(url: str, raw: bytes, is_pair: bool) -> NiftiHeader:
-    """Validate and parse ``raw`` (the bytes named by :func:`header_extent`) with nibabel."""
-    size, order = _sizeof_hdr(url, raw)
-    version, klass = _SIZES[size]
-    if len(raw) < size:
-        raise InvalidNifti(url, f"truncated header: {len(raw)} bytes, NIfTI-{version} needs {size}")
+    """Validate and parse ``raw`` (the bytes named by :func:`header_extent`); raises the error naming ``url``."""
+    [outcome] = parse_many([url], [raw], [is_pair])
+    if isinstance(outcome, VirtniiError):
+        raise outcome
+    return outcome
+
+
+def parse_many(urls: Sequence[str], raws: Sequence[bytes],
+               is_pair: Sequence[bool]) -> list[NiftiHeader | VirtniiError]:
+    """Validate and parse many headers at once: a :class:`NiftiHeader` or the error naming the source, each.
+
+    Headers of one version and byte order are decoded together by numpy through nibabel's own header dtype (one
+    ``frombuffer`` for thousands of files, where building a nibabel header object per file cost as much as the
+    rest of a scan); datatypes map to numpy types through nibabel, once per distinct code.  The checks that
+    matter for references (sizes, magic, dims, datatype, offsets) are made explicitly; nibabel's check-and-fix
+    pass is not run, and the raw bytes are kept as they are.
+    """
+    outcomes: list[NiftiHeader | VirtniiError | None] = [None] * len(raws)
+    groups: dict[tuple[int, str], list[int]] = {}
+    for i, (url, raw) in enumerate(zip(urls, raws)):
+        try:
+            size, order = _sizeof_hdr(url, raw)
+            if len(raw) < size:
+                raise InvalidNifti(url, f"truncated header: {len(raw)} bytes, NIfTI-{_SIZES[size][0]} needs {size}")
+        except VirtniiError as err:
+            outcomes[i] = err
+            continue
+        groups.setdefault((size, order), []).append(i)
+    for (size, order), members in groups.items():
+        dtype = _SIZES[size][1].template_dtype.newbyteorder(order)
+        table = np.frombuffer(b"".join([raws[i][:size] for i in members]), dtype=dtype)
+        # column by column: a structured array's tolist() leaves sub-arrays (dim, pixdim) as numpy arrays
+        rows = zip(*[table[name].tolist() for name in dtype.names])
+        for i, row in zip(members, rows):
+            try:
+                outcomes[i] = _from_fields(urls[i], bytes(raws[i]), is_pair[i], size, order,
+                                           dict(zip(dtype.names, row)))
+            except VirtniiError as err:
+                outcomes[i] = err
+    return outcomes  # type: ignore[return-value]  # every slot is filled above
+
+
+def _from_fields(url: str, raw: bytes, is_pair: bool, size: int, order: str, fields: dict[str, Any]) -> NiftiHeader:
+    """Check one decoded header and build its :class:`NiftiHeader`."""
+    version = _SIZES[size][0]
+    dim = fields["dim"]
     # nibabel guesses byte order from dim[0] (1..7), so an out-of-range dim[0] would read as a byte-swapped header
-    ndim = int(np.frombuffer(raw[:size], dtype=klass.template_dtype.newbyteorder(order))["dim"][0][0])
+    ndim = dim[0]
     if not 1 <= ndim <= 7:
         raise InvalidNifti(url, f"invalid dimensions: dim[0] is {ndim}, a NIfTI image has 1 to 7")
-    magic = bytes(raw[344:347] if version == 1 else raw[4:7])
+    magic = raw[344:347] if version == 1 else raw[4:7]
     expected = _PAIR_MAGICS if is_pair else _SINGLE_MAGICS
     if magic not in expected:
         kind = "a .hdr/.img pair" if is_pair else "a single-file .nii"
         raise InvalidNifti(url, f"wrong magic {magic!r} for {kind} (expected {' or '.join(map(repr, sorted(expected)))})")
-    # nibabel's header class without its check-and-fix pass (3x the cost of parsing): the checks that matter
-    # for references (sizes, magic, dims, datatype, offsets) are made here, and the raw bytes are kept as-is.
-    try:
-        header = klass(raw[:size], check=False)
-        shape = header.get_data_shape()
-    except (HeaderDataError, ValueError, struct.error) as err:
-        raise InvalidNifti(url, f"invalid header: {err}") from err
-    dims = [int(d) for d in header["dim"][1:1 + int(header["dim"][0])]]
-    if not dims or any(d <= 0 for d in dims):
-        raise InvalidNifti(url, f"invalid dimensions {dims}: every dim must be a positive integer")
+    shape = tuple(dim[1:1 + ndim])
+    if any(d <= 0 for d in shape):
+        raise InvalidNifti(url, f"invalid dimensions {list(shape)}: every dim must be a positive integer")
+    if shape[:3] in _FREESURFER_SHAPES:  # nibabel reinterprets these shapes; follow it
+        shape = tuple(_SIZES[size][1](raw[:size], check=False).get_data_shape())
     if len(shape) > 5 and any(d != 1 for d in shape[5:]):
-        raise UnsupportedNifti(url, f"{len(shape)}-D data {tuple(shape)}: NIfTI-Zarr holds at most 5 axes (t, c, z, y, x)")
-    dtype = _zarr_dtype(url, header)
-    data_offset = int(header.get_data_offset())
+        raise UnsupportedNifti(url, f"{len(shape)}-D data {shape}: NIfTI-Zarr holds at most 5 axes (t, c, z, y, x)")
+    dtype = _zarr_dtype(url, size, order, fields["datatype"], raw)
+    data_offset = int(fields["vox_offset"])  # nibabel's get_data_offset
     if not is_pair and data_offset == 0:  # unset: the voxels follow the header (nibabel 5.4 reads from byte 0)
         data_offset = size + 4
     elif not is_pair and data_offset < size + 4:
         raise InvalidNifti(url, f"vox offset {data_offset} points inside the header (a .nii needs at least {size + 4})")
-    return NiftiHeader(version, header, bytes(raw), tuple(int(n) for n in shape[:5]), dtype, data_offset, is_pair)
+    return NiftiHeader(version, raw, fields, shape[:5], dtype, data_offset, is_pair)
 
 
-def _zarr_dtype(url: str, header: nib.Nifti1Header) -> np.dtype:
-    """nibabel's on-disk dtype, with RGB fields renamed to NIfTI-Zarr's lower-case ``r, g, b, a``."""
-    code = int(header["datatype"])
-    if code not in nib.nifti1.data_type_codes.code:
-        raise InvalidNifti(url, f"unknown datatype code {code}: not a NIfTI datatype")
-    try:
-        dtype = header.get_data_dtype()
-    except (HeaderDataError, KeyError) as err:
-        raise UnsupportedNifti(url, f"unsupported datatype code {code}") from err
-    if dtype.fields:
-        return np.dtype([(name.lower(), dtype.fields[name][0]) for name in dtype.names])
-    if dtype.kind not in _ZARR_KINDS or dtype.itemsize > 16 or (dtype.kind == "f" and dtype.itemsize > 8):
-        raise UnsupportedNifti(url, f"datatype {code} ({nib.nifti1.data_type_codes.label[code]}) has no zarr equivalent")
-    return dtype
-
+def _zarr_dtype(url: str, size: int, order: str, code: int, raw: bytes) -> np.dtype:
+    """nibabel's on-disk dtype for datatype ``code``, RGB fields renamed to NIfTI-Zarr's lower-case ``r, g, b, a``."""
+    key = (size, order, code)
+    if key not in _DTYPES:
+        if code not in nib.nifti1.data_type_codes.code:
+            raise InvalidNifti(url, f"unknown datatype code {code}: not a NIfTI datatype")
+        try:
+            dtype = _SIZES[size][1](raw[:size], check=False).get_data_dtype()
+        except (HeaderDataError, KeyError) as err:
+            raise UnsupportedNifti(url, f"unsupported datatype code {code}") from err
+        if dtype.fields:
+            dtype = np.dtype([(name.lower(), dtype.fields[name][0]) for name in dtype.names])
+        elif dtype.kind not in _ZARR_KINDS or dtype.itemsize > 16 or (dtype.kind == "f" and dtype.itemsize > 8):
+            label = nib.nifti1.data_type_codes.label[code]
+            raise UnsupportedNifti(url, f"datatype {code} ({label}) has no zarr equivalent")
+        _DTYPES[key] = dtype
+    return _DTYPES[key]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import os
 import posixpath
 import re
 import urllib.parse
@@ -19,12 +20,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 from tqdm.auto import tqdm
 
 from . import fingerprint, gzindex
 from .errors import (InvalidGzip, InvalidNifti, ManifestError, SourceAccessError, SourceNotFound, VirtniiError,
                      from_os_error)
-from .header import HEAD_BYTES, NiftiHeader, header_extent, parse
+from .header import HEAD_BYTES, NiftiHeader, header_extent, parse, parse_many
 from .manifest import REF_FILES, ManifestWriter
 from .references import ZARR_FORMATS, ImageRefs, image_refs
 
@@ -124,8 +126,7 @@ def scan(sources: Iterable[str] | str, out: str, *, zarr_format: int = 3, ref_fo
                 heads = pending.pop().result()
                 if k + 1 < len(batches):
                     pending.append(prefetch.submit(read_plain_headers, batches[k + 1]))
-                for source, head in zip(batch, heads):
-                    outcome = head if isinstance(head, VirtniiError) else _plain_image(source, head, zarr_format)
+                for source, outcome in zip(batch, _plain_images(batch, heads, zarr_format)):
                     _collect(source, outcome, images, entries, failures, bar)
         with ThreadPoolExecutor(max_workers=2) as pool:
             jobs = {pool.submit(index_gzip_source, s, options, writer, zarr_format, gz_bar.update): s
@@ -221,12 +222,48 @@ def _list(fs: fsspec.AbstractFileSystem, path: str, src: str) -> tuple[dict[str,
             return {p: i for p, i in fs.glob(path, detail=True).items() if i.get("type") != "directory"}, base
         info = fs.info(path)
         if info.get("type") == "directory":
-            return fs.find(path, detail=True), path.rstrip("/")
+            listing = _walk_local(path) if _is_local(fs) else fs.find(path, detail=True)
+            return listing, path.rstrip("/")
     except OSError as err:
         raise from_os_error(src, err, "list") from err
     if not path.lower().endswith(NIFTI_SUFFIXES):
         raise InvalidNifti(src, f"not a NIfTI file name (expected one of {', '.join(NIFTI_SUFFIXES)})")
     return {path: info}, posixpath.dirname(path)
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether ``fs`` is fsspec's own local file system (not a subclass, which may change how it reads), where
+    listing and reading skip fsspec's per-call overhead."""
+    return type(fs) is LocalFileSystem
+
+
+def _walk_local(folder: str) -> dict[str, dict[str, Any]]:
+    """Files under a local ``folder`` as ``fs.find(folder, detail=True)`` gives them, at a third of the cost.
+
+    fsspec's local listing builds its info dict through two ``stat`` calls and path normalisation per entry;
+    for a BIDS tree that was a fifth of a scan.  Symbolic links are followed as fsspec follows them (sizes and
+    mtimes are the target's), but a folder already visited is not entered again, so a link cycle ends.
+    """
+    found: dict[str, dict[str, Any]] = {}
+    seen: set[tuple[int, int]] = set()
+    pending = [folder.rstrip("/") or "/"]
+    while pending:
+        current = pending.pop()
+        st = os.stat(current)
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        with os.scandir(current) as entries:
+            for entry in entries:
+                try:
+                    if entry.is_dir():
+                        pending.append(entry.path)
+                        continue
+                    st = entry.stat()
+                except FileNotFoundError:  # removed while listing, or a dangling link: not a source
+                    continue
+                found[entry.path] = {"name": entry.path, "size": st.st_size, "type": "file", "mtime": st.st_mtime}
+    return found
 
 
 def _attach_data_file(source: Source) -> None:
@@ -290,7 +327,23 @@ def _fetch_ranges(fs: fsspec.AbstractFileSystem, paths: list[str], ends: list[in
     """First ``ends[i]`` bytes of each path, concurrently on async filesystems (one GET each)."""
     if not paths:
         return []
+    if _is_local(fs):
+        return [_read_local(path, end) for path, end in zip(paths, ends)]
     return fs.cat_ranges(paths, [0] * len(paths), ends, on_error="return")
+
+
+def _read_local(path: str, end: int) -> bytes | OSError:
+    """The first ``end`` bytes of a local file (fsspec's file objects cost 5x the read itself)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as err:
+        return err
+    try:
+        return os.pread(fd, end, 0)
+    except OSError as err:
+        return err
+    finally:
+        os.close(fd)
 
 
 def read_plain_headers(sources: list[Source]) -> list[bytes | VirtniiError]:
@@ -325,9 +378,20 @@ def read_plain_headers(sources: list[Source]) -> list[bytes | VirtniiError]:
     return outcomes
 
 
-def _plain_image(source: Source, raw: bytes, zarr_format: int) -> tuple[NiftiHeader, ImageRefs, dict[str, Any]] | VirtniiError:
+def _plain_images(sources: list[Source], heads: list[bytes | VirtniiError],
+                  zarr_format: int) -> list[tuple[NiftiHeader, ImageRefs, dict[str, Any]] | VirtniiError]:
+    """Headers (parsed together), references and index entries of a batch of uncompressed sources."""
+    outcomes: list[Any] = list(heads)
+    read = [i for i, head in enumerate(heads) if not isinstance(head, VirtniiError)]
+    headers = parse_many([sources[i].url for i in read], [heads[i] for i in read], [sources[i].is_pair for i in read])
+    for i, header in zip(read, headers):
+        outcomes[i] = header if isinstance(header, VirtniiError) else _plain_image(sources[i], header, zarr_format)
+    return outcomes
+
+
+def _plain_image(source: Source, header: NiftiHeader,
+                 zarr_format: int) -> tuple[NiftiHeader, ImageRefs, dict[str, Any]] | VirtniiError:
     try:
-        header = parse(source.url, raw, source.is_pair)
         _check_data_size(source.data_url if source.is_pair else source.url, header, int(source.data_info["size"]))
         refs = image_refs(source.name, header, source.data_url, zarr_format)
     except VirtniiError as err:
