@@ -2,7 +2,8 @@
 
 virtnii's main use is indexing public buckets (OpenNeuro, DANDI) in place, so tests and benchmarks must exercise
 the real s3fs/aiobotocore path — listings, ranged GETs, ETags — not an in-memory fake filesystem.  moto's WSGI
-app is served by werkzeug's threaded server on ``127.0.0.1`` and a free port, fully offline.  It is wrapped in
+app is served by waitress (keep-alive connections, as S3 keeps them) on ``127.0.0.1`` and a free port, fully
+offline.  It is wrapped in
 :class:`MeteredApp`, which counts requests and response bytes (what a cloud bill and a latency budget count) and
 can sleep before every request, because the thing virtnii optimises — round trips — costs nothing on loopback.
 
@@ -98,21 +99,43 @@ class MeteredApp:
 CONTROL = "/_meter/"
 
 
-def make_server(port: int = 0) -> Any:
-    """A threaded werkzeug server for moto's S3 app behind :class:`MeteredApp`, on ``127.0.0.1:port``."""
-    from moto.moto_server.werkzeug_app import MotoRequestHandler, create_backend_app
-    from werkzeug.serving import make_server as werkzeug_server
+#: Worker threads of the S3 server: more than a scan's concurrent requests (64), so that simulated round trips
+#: (a sleep in a worker) overlap as they would on a real network.
+SERVER_THREADS = 128
 
-    class QuietHandler(MotoRequestHandler):
-        """moto's handler without werkzeug's access log, which would bury test output (and slow benchmarks)."""
 
-        def log(self, *args: Any) -> None:
-            pass
+class S3Server:
+    """moto's S3 app behind :class:`MeteredApp`, served by waitress on ``127.0.0.1`` and a free port.
 
-    # moto's S3 app itself: moto's multi-service dispatcher guesses the service of every request under one global
-    # lock, which capped the server near 250 requests/s and made the emulator, not the client, the bottleneck.
-    app = MeteredApp(create_backend_app("s3"))
-    return werkzeug_server("127.0.0.1", port, app, threaded=True, request_handler=QuietHandler)
+    waitress, not werkzeug's development server (moto's own choice), because werkzeug closes the connection after
+    every response: each request then paid a new TCP connection and a new server thread, on both sides of the
+    benchmark, which S3 (keep-alive) does not charge.
+    """
+
+    def __init__(self) -> None:
+        import logging
+
+        import waitress
+        from moto.moto_server.werkzeug_app import create_backend_app
+
+        logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "task queue depth" under load is expected
+        # moto's S3 app itself: moto's multi-service dispatcher guesses the service of every request under one
+        # global lock, which capped the server near 250 requests/s and made the emulator the bottleneck.
+        self.app = MeteredApp(create_backend_app("s3"))
+        self._server = waitress.create_server(self.app, host="127.0.0.1", port=0, threads=SERVER_THREADS,
+                                              connection_limit=4 * SERVER_THREADS, asyncore_use_poll=True,
+                                              clear_untrusted_proxy_headers=True)
+        self.port = int(self._server.effective_port)
+
+    def serve_forever(self) -> None:
+        self._server.run()
+
+    def shutdown(self) -> None:
+        """Close the listening socket and every connection, and stop the worker threads."""
+        self._server.close()
+        for channel in list(self._server._map.values()):
+            channel.handle_close()
+        self._server.task_dispatcher.shutdown()
 
 
 @dataclass
@@ -147,8 +170,8 @@ class LocalS3:
             assert self._process.stdout is not None
             port = int(self._process.stdout.readline())
         else:
-            self._server = make_server()
-            port = self._server.server_port
+            self._server = S3Server()
+            port = self._server.port
             self._thread = threading.Thread(target=self._server.serve_forever, name="local-s3", daemon=True)
             self._thread.start()
         self.endpoint = f"http://127.0.0.1:{port}"
@@ -208,7 +231,6 @@ class LocalS3:
                 self._process.wait()
         else:
             self._server.shutdown()
-            self._server.server_close()
             self._thread.join(timeout=10)
 
 
@@ -259,9 +281,9 @@ def s3(s3_server: LocalS3) -> Iterator[LocalS3]:
 
 def _serve_until_stdin_closes() -> None:
     """Child-process mode of :class:`LocalS3`: print the port, serve until the parent closes our stdin."""
-    server = make_server()
+    server = S3Server()
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    print(server.server_port, flush=True)
+    print(server.port, flush=True)
     sys.stdin.read()
     server.shutdown()
 

@@ -8,7 +8,7 @@ schema; the code tables are the NIfTI-1 standard's.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 _DATATYPES = {
     2: "uint8", 4: "int16", 8: "int32", 16: "single", 32: "complex64", 64: "double", 128: "rgb24",
@@ -37,65 +37,73 @@ _INTENTS = {
 }
 
 
+#: Float fields of both header versions, converted together (NaN/inf become 0: JSON cannot hold them).
+_FLOATS = ("intent_p1", "intent_p2", "intent_p3", "vox_offset", "scl_slope", "scl_inter", "cal_max", "cal_min",
+           "slice_duration", "toffset", "quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z")
+
+
 def _text(value: Any, limit: int) -> str:
     """A fixed-width C string field as text: up to the first NUL, undecodable bytes replaced."""
     return bytes(value).split(b"\0", 1)[0].decode("latin-1")[:limit]
 
 
-def _number(value: Any) -> float:
-    """A float field; NaN/inf (seen in real scl_slope fields) become 0, as JSON cannot hold them."""
-    number = float(value)
-    return number if math.isfinite(number) else 0.0
+def _numbers(values: Iterable[Any]) -> list[float]:
+    """Float fields as JSON numbers; NaN/inf (seen in real scl_slope fields) become 0."""
+    out = [float(v) for v in values]
+    return out if all(map(math.isfinite, out)) else [v if math.isfinite(v) else 0.0 for v in out]
 
 
 def to_jnifti(h: Mapping[str, Any], has_extensions: bool) -> dict[str, Any]:
     """JNIfTI JSON for header fields ``h`` (NIfTI-1 or NIfTI-2, named as in nibabel's header dtypes).
 
     ``h`` may be a nibabel header or, much faster for thousands of files, a plain dict of its fields
-    (:attr:`virtnii.header.NiftiHeader.fields`).
+    (:attr:`virtnii.header.NiftiHeader.fields`).  Runs once per image of a scan, so values are converted in a
+    few list passes rather than field by field.
     """
-    ndim = int(h["dim"][0])
-    naxes = min(max(ndim, 3), 5)
+    dim = [int(d) for d in h["dim"]]
+    naxes = min(max(dim[0], 3), 5)
+    pixdim = _numbers(h["pixdim"])
+    (p1, p2, p3, vox_offset, slope, inter, cal_max, cal_min, slice_duration, toffset,
+     qb, qc, qd, qx, qy, qz) = _numbers(h[name] for name in _FLOATS)
     intent, nparams = _INTENTS.get(int(h["intent_code"]), ("", 0))
-    params = [_number(h[f"intent_p{i}"]) for i in (1, 2, 3)]
-    version = 1 if int(h["sizeof_hdr"]) == 348 else 2
+    size = int(h["sizeof_hdr"])
     dim_info = int(h["dim_info"])
     units = int(h["xyzt_units"])
     jnifti: dict[str, Any] = {
-        "NIIHeaderSize": int(h["sizeof_hdr"]),
+        "NIIHeaderSize": size,
         "DimInfo": {"Freq": dim_info & 3, "Phase": (dim_info >> 2) & 3, "Slice": (dim_info >> 4) & 3},
-        "Dim": [int(d) for d in h["dim"][1:1 + naxes]],
-        "Param1": params[0] if nparams > 0 else None,
-        "Param2": params[1] if nparams > 1 else None,
-        "Param3": params[2] if nparams > 2 else None,
+        "Dim": dim[1:1 + naxes],
+        "Param1": p1 if nparams > 0 else None,
+        "Param2": p2 if nparams > 1 else None,
+        "Param3": p3 if nparams > 2 else None,
         "Intent": intent,
         "DataType": _DATATYPES.get(int(h["datatype"]), ""),
         "BitDepth": int(h["bitpix"]),
         "FirstSliceID": int(h["slice_start"]),
-        "VoxelSize": [abs(_number(p)) for p in h["pixdim"][1:1 + naxes]],
-        "Orientation": {"x": "l" if float(h["pixdim"][0]) < 0 else "r", "y": "a", "z": "s"},
-        "NIIByteOffset": int(h["vox_offset"]),
-        "ScaleSlope": _number(h["scl_slope"]),
-        "ScaleOffset": _number(h["scl_inter"]),
+        "VoxelSize": [abs(p) for p in pixdim[1:1 + naxes]],
+        "Orientation": {"x": "l" if pixdim[0] < 0 else "r", "y": "a", "z": "s"},
+        "NIIByteOffset": int(vox_offset),
+        "ScaleSlope": slope,
+        "ScaleOffset": inter,
         "LastSliceID": int(h["slice_end"]),
         "SliceType": _SLICE_ORDERS.get(int(h["slice_code"]), ""),
         "Unit": {"L": _SPACE_UNITS.get(units & 0x07, ""), "T": _TIME_UNITS.get(units & 0x38, "")},
-        "MaxIntensity": _number(h["cal_max"]),
-        "MinIntensity": _number(h["cal_min"]),
-        "SliceTime": _number(h["slice_duration"]),
-        "TimeOffset": _number(h["toffset"]),
+        "MaxIntensity": cal_max,
+        "MinIntensity": cal_min,
+        "SliceTime": slice_duration,
+        "TimeOffset": toffset,
         "Description": _text(h["descrip"], 80),
         "AuxFile": _text(h["aux_file"], 24),
         "QForm": _XFORMS.get(int(h["qform_code"]), ""),
         "SForm": _XFORMS.get(int(h["sform_code"]), ""),
-        "Quatern": {"b": _number(h["quatern_b"]), "c": _number(h["quatern_c"]), "d": _number(h["quatern_d"])},
-        "QuaternOffset": {"x": _number(h["qoffset_x"]), "y": _number(h["qoffset_y"]), "z": _number(h["qoffset_z"])},
-        "Affine": [[_number(v) for v in h[f"srow_{axis}"]] for axis in "xyz"],
+        "Quatern": {"b": qb, "c": qc, "d": qd},
+        "QuaternOffset": {"x": qx, "y": qy, "z": qz},
+        "Affine": [_numbers(h[f"srow_{axis}"]) for axis in "xyz"],
         "Name": _text(h["intent_name"], 16),
         "NIIFormat": _text(h["magic"], 4),
         "NIFTIExtension": [1 if has_extensions else 0, 0, 0, 0],
     }
-    if version == 1:
+    if size == 348:
         jnifti.update({
             "A75DataTypeName": _text(h["data_type"], 10),
             "A75DBName": _text(h["db_name"], 18),

@@ -74,7 +74,7 @@ def array_docs(path: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype
     if zarr_format == 2:
         return {f"{path}/{key}": text, f"{path}/.zattrs": json.dumps({"_ARRAY_DIMENSIONS": names, **attributes})}
     # splice the attributes into the cached document: a JSON object text plus one more member
-    return {f"{path}/{key}": f'{text[:-1]}, "attributes": {json.dumps(attributes)}}}'}
+    return {f"{path}/{key}": f'{text[:-1]}, "attributes": {json.dumps(attributes) if attributes else "{}"}}}'}
 
 
 @functools.lru_cache(maxsize=1024)
@@ -133,8 +133,12 @@ def image_refs(name: str, header: NiftiHeader, url: str, zarr_format: int, data_
 def hierarchy_docs(names: Iterable[str], zarr_format: int, attributes: dict[str, Any]) -> dict[str, str]:
     """Root and intermediate group documents for image groups at ``names`` (e.g. BIDS ``sub-01/anat``)."""
     docs = group_docs("", attributes, zarr_format)
-    for name in names:
-        parts = name.split("/")[:-1]
-        for depth in range(1, len(parts) + 1):
-            docs.update(group_docs("/".join(parts[:depth]), {}, zarr_format))
+    folders = {name[:end] for name in names for end in _slashes(name)}
+    for folder in sorted(folders):
+        docs.update(group_docs(folder, {}, zarr_format))
     return docs
+
+
+def _slashes(name: str) -> list[int]:
+    """Positions of the ``/`` in ``name``: where its parent groups' paths end."""
+    return [i for i, char in enumerate(name) if char == "/"]
