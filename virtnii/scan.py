@@ -56,7 +56,7 @@ class Source:
 
     @functools.cached_property
     def data_url(self) -> str:
-        return self.fs.unstrip_protocol(self.data_path)
+        return self.url if self.data_path == self.path else self.fs.unstrip_protocol(self.data_path)
 
     @property
     def is_pair(self) -> bool:
@@ -298,12 +298,12 @@ def assign_names(sources: list[Source]) -> None:
     def stem(rel: str) -> str:
         return re.sub(r"\.(nii|hdr)(\.gz)?$", "", rel, flags=re.IGNORECASE)
 
-    names = [stem(posixpath.relpath(s.path, s.base) if s.base else s.path) for s in sources]
+    names = [stem(_relative(s.path, s.base) if s.base else s.path) for s in sources]
     clashing = {n for n, count in collections.Counter(names).items() if count > 1}
     if clashing:
         folders = [posixpath.dirname(s.path) for s, n in zip(sources, names) if n in clashing]
         common = posixpath.commonpath(folders) if len({f.startswith("/") for f in folders}) == 1 else ""
-        names = [stem(posixpath.relpath(s.path, common) if common else s.path.lstrip("/")) if n in clashing else n
+        names = [stem(_relative(s.path, common) if common else s.path.lstrip("/")) if n in clashing else n
                  for s, n in zip(sources, names)]
     # An image group may not sit inside another image group (s.nii beside s/0.nii would overwrite s/0): such
     # names are flattened; and any name still taken gets its extension, then a counter.
@@ -314,13 +314,19 @@ def assign_names(sources: list[Source]) -> None:
         if any("/".join(parts[:k]) in images for k in range(1, len(parts))):
             name = name.replace("/", "_")
         if name in taken:
-            name = (posixpath.relpath(source.path, source.base) if source.base else source.path).replace(".", "_")
+            name = (_relative(source.path, source.base) if source.base else source.path).replace(".", "_")
         unique, count = name, 1
         while unique in taken:
             count += 1
             unique = f"{name}_{count}"
         taken.add(unique)
         source.name = unique
+
+
+def _relative(path: str, folder: str) -> str:
+    """``path`` relative to ``folder`` (usually a prefix of it: a string cut, where ``relpath`` costs 15 µs)."""
+    prefix = folder.rstrip("/") + "/"
+    return path[len(prefix):] if path.startswith(prefix) else posixpath.relpath(path, folder)
 
 
 # ---------------------------------------------------------------------------------------------------- headers
