@@ -273,7 +273,7 @@ def test_plain_zarr_opens_the_manifest_through_reference_options(sample_scan: Sc
         assert_same_voxels(group[name]["0"][...], file_to_zarr_order(nibabel_raw(path)))
 
 
-#: Parquet writes one file per array (about 20 ms each), so a representative subset keeps the test fast.
+#: Parquet writes one file per array (a few ms each), so a representative subset keeps the test fast.
 PARQUET_SAMPLES = ("int16_be", "rgb24", "complex128", "2d", "5d_t_and_c", "prime_nz", "slope_inter", "extensions",
                    "nifti2", "pair_nifti1_be")
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import nibabel as nib
+import numpy as np
 import pytest
 
 import virtnii
+import virtnii.layout
+import virtnii.references
 from virtnii import manifest
 
 DATA = Path(nib.__file__).parent / "tests" / "data"
@@ -66,3 +70,24 @@ def test_parquet_references_need_zarr_v2(tmp_path: Path) -> None:
     virtnii.scan([str(DATA / "anatomical.nii")], str(tmp_path / "out"), ref_format="parquet", zarr_format=2)
     group = virtnii.open(str(tmp_path / "out"))
     assert group["anatomical/0"].shape == (25, 41, 33)
+
+
+def _parquet_files(out: Path, array: str) -> list[str]:
+    return sorted(p.name for p in (out / "refs.parquet" / array).glob("refs.*.parq"))
+
+
+def test_parquet_record_size_fits_the_largest_array(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One Parquet file per array, sized to the array with the most chunks; beyond the cap, several files."""
+    monkeypatch.setattr(virtnii.references, "plan", functools.partial(virtnii.layout.plan, target=256, limit=1024))
+    source = DATA / "functional.nii"
+    expected = nib.load(source).dataobj.get_unscaled().transpose(3, 2, 1, 0)
+    out = tmp_path / "out"
+    virtnii.scan([str(source)], str(out), zarr_format=2, ref_format="parquet")
+    array = virtnii.open(str(out))["functional"]["0"]
+    assert array.nchunks > 100 and _parquet_files(out, "functional/0") == ["refs.0.parq"]
+    np.testing.assert_array_equal(array[...], expected)
+
+    monkeypatch.setattr(manifest, "MAX_RECORD_SIZE", 8)
+    virtnii.scan([str(source)], str(out), zarr_format=2, ref_format="parquet")
+    assert len(_parquet_files(out, "functional/0")) == -(-array.nchunks // 8)
+    np.testing.assert_array_equal(virtnii.open(str(out))["functional"]["0"][...], expected)

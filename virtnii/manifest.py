@@ -67,7 +67,7 @@ class ManifestWriter:
                 # one dumps + write: json.dump streams through the pure-Python encoder, ~10x slower on big manifests
                 f.write(json.dumps(refs, separators=(",", ":")))
         else:
-            kerchunk.df.refs_to_dataframe(refs, self.fs.unstrip_protocol(target),
+            kerchunk.df.refs_to_dataframe(refs, self.fs.unstrip_protocol(target), record_size=_record_size(images),
                                           storage_options=self.fs.storage_options)
         head = {"virtnii_manifest": MANIFEST_VERSION, "zarr_format": zarr_format, "references": ref_file}
         # one image per line: readable and diffable, and each line goes through the C JSON encoder
@@ -92,6 +92,20 @@ class ManifestWriter:
         for batch in (files, [f"{self.tmp}/{INDEX_FILE}"]):
             self.fs.copy(batch, [self.out + f[len(self.tmp):] for f in batch])
         self.fs.rm(self.tmp, recursive=True)
+
+
+#: kerchunk's default rows per Parquet reference file, and virtnii's cap.
+MAX_RECORD_SIZE = 100_000
+
+
+def _record_size(images: list[ImageRefs]) -> int:
+    """Rows per Parquet reference file: enough for the array with the most chunks (one file per array), no more.
+
+    fsspec writes every file padded to this many rows, so kerchunk's default of 100,000 made each 1-chunk array
+    cost ~25 ms to write; sized to the data it is ~2-5 ms, fastparquet's per-file floor.
+    """
+    most = max((len(image.chunk_keys) for image in images), default=1)
+    return min(MAX_RECORD_SIZE, 1 << max(most - 1, 0).bit_length())
 
 
 def build_refs(images: Iterable[ImageRefs], zarr_format: int) -> dict[str, Any]:
