@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 import virtnii
+from virtnii import fingerprint
 from virtnii.scan import assign_names, expand
 
 DATA = Path(nib.__file__).parent / "tests" / "data"
@@ -259,3 +261,50 @@ def test_header_split_across_tiny_gzip_members(tmp_path: Path) -> None:
     group = virtnii.open(str(tmp_path / "out"))
     np.testing.assert_array_equal(virtnii.to_nibabel(group["split"]).dataobj.get_unscaled(),
                                   _raw(DATA / "functional.nii"))
+
+
+def test_local_listing_matches_fsspec(tmp_path: Path) -> None:
+    """virtnii lists local folders itself (for speed): it must find what fsspec finds, fingerprinted as the
+    read-time check (``fs.info``) will see them — for a symbolic link, the target's size and mtime (fsspec's own
+    ``find`` gives the link's mtime, which made every read of a linked source a false StaleSource)."""
+    files = _bids_tree(tmp_path / "ds")
+    os.utime(files["sub-01/anat/sub-01_T1w"], (1e9, 1e9))
+    (tmp_path / "ds" / "sub-02" / "link.nii").symlink_to(files["sub-01/anat/sub-01_T1w"])
+    found, failures = expand([str(tmp_path / "ds")], {})
+    assert not failures
+    fs = fsspec.filesystem("file")
+    expected = [p for p in fs.find(str(tmp_path / "ds")) if p.endswith(".nii")]
+    assert sorted(s.path for s in found) == sorted(expected)
+    for source in found:
+        assert fingerprint.from_info(source.info) == fingerprint.from_info(fs.info(source.path))
+    for source, name in ((tmp_path / "ds", "sub-02/link"), (tmp_path / "ds" / "sub-0*" / "*.nii", "sub-02/link")):
+        virtnii.scan([str(source)], str(tmp_path / "out"))
+        linked = virtnii.to_nibabel(virtnii.open(str(tmp_path / "out"))[name]).dataobj.get_unscaled()
+        np.testing.assert_array_equal(linked, _raw(files["sub-01/anat/sub-01_T1w"]))
+
+
+def test_symlink_cycle_ends_and_each_file_is_indexed_once(tmp_path: Path) -> None:
+    files = _bids_tree(tmp_path / "ds")
+    (tmp_path / "ds" / "sub-01" / "anat" / "loop").symlink_to(tmp_path / "ds", target_is_directory=True)
+    found, failures = expand([str(tmp_path / "ds")], {})
+    assert not failures
+    assert sorted(s.path for s in found) == sorted(str(p) for p in files.values())
+
+
+def test_unlistable_subfolder_is_reported_and_the_rest_indexed(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    files = _bids_tree(tmp_path / "ds")
+    locked = tmp_path / "ds" / "sub-02"
+    real_scandir = os.scandir
+
+    def scandir(path):  # chmod does not stop root, who runs CI: refuse the folder here instead
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    result = virtnii.scan([str(tmp_path / "ds")], str(tmp_path / "out"))
+    assert sorted(e["name"] for e in result.images) == sorted(n for n in files if not n.startswith("sub-02"))
+    [error] = result.failures
+    assert isinstance(error, virtnii.SourceAccessError) and "permission denied" in str(error)
+    assert error.source == locked.as_uri()

@@ -176,7 +176,7 @@ def expand(sources: list[str], options: dict[str, Any]) -> tuple[list[Source], l
         if getattr(fs, "local_file", False):
             path = posixpath.normpath(path)  # d/../d/a.nii and d/a.nii are one source
         try:
-            listing, base = _list(fs, path, src)
+            listing, base = _list(fs, path, src, failures)
         except VirtniiError as err:
             failures.append(err)
             continue
@@ -212,19 +212,23 @@ def with_s3_pool(url: str, options: dict[str, Any]) -> dict[str, Any]:
     return {**options, "config_kwargs": config}
 
 
-def _list(fs: fsspec.AbstractFileSystem, path: str, src: str) -> tuple[dict[str, dict[str, Any]], str]:
+def _list(fs: fsspec.AbstractFileSystem, path: str, src: str,
+          failures: list[VirtniiError]) -> tuple[dict[str, dict[str, Any]], str]:
     """``({path: info}, base folder)`` for a file, a folder (recursive) or a glob.
 
     The base folder is what group names are made relative to: the folder itself, the glob's fixed leading
-    folder, or a file's parent.
+    folder, or a file's parent.  Sub-folders that cannot be listed are added to ``failures`` (local folders).
     """
     try:
         if _GLOB.search(path):
             base = posixpath.dirname(_GLOB.split(path, 1)[0])
-            return {p: i for p, i in fs.glob(path, detail=True).items() if i.get("type") != "directory"}, base
+            matches = {p: i for p, i in fs.glob(path, detail=True).items() if i.get("type") != "directory"}
+            if _is_local(fs):  # fsspec's glob gives a link's own mtime, its info() the target's: use the latter
+                matches = {p: _local_info(p, os.stat(p)) for p in matches}
+            return matches, base
         info = fs.info(path)
         if info.get("type") == "directory":
-            listing = _walk_local(path) if _is_local(fs) else fs.find(path, detail=True)
+            listing = _walk_local(path, fs, failures) if _is_local(fs) else fs.find(path, detail=True)
             return listing, path.rstrip("/")
     except OSError as err:
         raise from_os_error(src, err, "list") from err
@@ -239,23 +243,33 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return type(fs) is LocalFileSystem
 
 
-def _walk_local(folder: str) -> dict[str, dict[str, Any]]:
-    """Files under a local ``folder`` as ``fs.find(folder, detail=True)`` gives them, at a third of the cost.
+def _walk_local(folder: str, fs: LocalFileSystem, failures: list[VirtniiError]) -> dict[str, dict[str, Any]]:
+    """Files under a local ``folder``, as ``fs.find(folder, detail=True)`` lists them, at a third of the cost.
 
     fsspec's local listing builds its info dict through two ``stat`` calls and path normalisation per entry;
     for a BIDS tree that was a fifth of a scan.  Symbolic links are followed as fsspec follows them (sizes and
-    mtimes are the target's), but a folder already visited is not entered again, so a link cycle ends.
+    mtimes are the target's, as ``fs.info`` gives them when a reader checks the fingerprint; fsspec's ``find``
+    gives a link's own mtime, which made every linked source look changed), but a folder already visited is not entered again, so a link cycle ends.  A
+    sub-folder that cannot be listed is reported in ``failures`` and the rest of the tree is still indexed.
     """
+    root = folder.rstrip("/") or "/"
     found: dict[str, dict[str, Any]] = {}
     seen: set[tuple[int, int]] = set()
-    pending = [folder.rstrip("/") or "/"]
+    pending = [root]
     while pending:
         current = pending.pop()
-        st = os.stat(current)
-        if (st.st_dev, st.st_ino) in seen:
+        try:
+            st = os.stat(current)
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            entries = os.scandir(current)
+        except OSError as err:
+            if current == root:
+                raise
+            failures.append(from_os_error(fs.unstrip_protocol(current), err, "list"))
             continue
-        seen.add((st.st_dev, st.st_ino))
-        with os.scandir(current) as entries:
+        with entries:
             for entry in entries:
                 try:
                     if entry.is_dir():
@@ -264,8 +278,13 @@ def _walk_local(folder: str) -> dict[str, dict[str, Any]]:
                     st = entry.stat()
                 except FileNotFoundError:  # removed while listing, or a dangling link: not a source
                     continue
-                found[entry.path] = {"name": entry.path, "size": st.st_size, "type": "file", "mtime": st.st_mtime}
+                found[entry.path] = _local_info(entry.path, st)
     return found
+
+
+def _local_info(path: str, st: os.stat_result) -> dict[str, Any]:
+    """The listing info of a local file from ``stat`` (following links, as ``fs.info`` does at read time)."""
+    return {"name": path, "size": st.st_size, "type": "file", "mtime": st.st_mtime}
 
 
 def _attach_data_file(source: Source) -> None:
