@@ -25,6 +25,7 @@ import uuid
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import pytest
@@ -232,6 +233,61 @@ class LocalS3:
         else:
             self._server.shutdown()
             self._thread.join(timeout=10)
+
+
+class LocalHTTP:
+    """A static file server for ``root`` on ``127.0.0.1`` (waitress + werkzeug's ``send_file``): byte ranges,
+    ETag and Last-Modified, as a lab's web server or a CDN serves a BIDS folder.
+
+    With ``gzip_encoding=True`` it labels ``.gz`` files ``Content-Encoding: gzip`` the way Apache's
+    ``AddEncoding x-gzip .gz`` and werkzeug's defaults do: clients then see no size and may unzip the bytes.
+    With ``ranges=False`` (or ``server.ranges = False`` later) it ignores ``Range`` and always sends whole files,
+    as ``python -m http.server`` does.
+    Requests are counted by path in ``requests``.
+    """
+
+    def __init__(self, root: Path, gzip_encoding: bool = False, ranges: bool = True) -> None:
+        import waitress
+        from werkzeug.exceptions import HTTPException
+        from werkzeug.utils import send_from_directory
+
+        self.root = root
+        self.ranges = ranges
+        self.requests: Counter[str] = Counter()
+
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            path = environ["PATH_INFO"].lstrip("/")
+            self.requests[path] += 1
+            # an explicit mimetype stops werkzeug from guessing (and sending) a Content-Encoding for .gz
+            mimetype = None if gzip_encoding else "application/octet-stream"
+            try:
+                response = send_from_directory(root, path, environ, mimetype=mimetype, conditional=self.ranges,
+                                               etag=True)
+            except HTTPException as err:
+                response = err.get_response(environ)
+            return response(environ, start_response)
+
+        self._server = waitress.create_server(app, host="127.0.0.1", port=0, threads=8)
+        self.url = f"http://127.0.0.1:{self._server.effective_port}"
+        self._thread = threading.Thread(target=self._server.run, name="local-http", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.close()
+        for channel in list(self._server._map.values()):
+            channel.handle_close()
+        self._server.task_dispatcher.shutdown()
+        self._thread.join(timeout=10)
+
+
+@pytest.fixture
+def http_root(tmp_path: Path) -> Iterator[tuple[Path, LocalHTTP]]:
+    """An empty folder served over HTTP (see :class:`LocalHTTP`); put files in it, read them at ``server.url``."""
+    root = tmp_path / "www"
+    root.mkdir()
+    server = LocalHTTP(root)
+    yield root, server
+    server.stop()
 
 
 def clear_fsspec_caches() -> None:

@@ -28,7 +28,7 @@ from fsspec.spec import AbstractBufferedFile
 
 from . import fingerprint, gzindex
 from .errors import ManifestError, SourceNotFound, from_os_error
-from .verified import call
+from .verified import call, exact_range
 
 
 @dataclass(frozen=True)
@@ -131,9 +131,10 @@ class GzipIndexFileSystem(AsyncFileSystem):
     async def _fetch(self, source: _Source, start: int, end: int) -> bytes:
         """Compressed bytes ``[start, end)`` of the source, in one ranged read (from any loop: see ``call``)."""
         try:
-            return await call(source.fs, "cat_file", source.path, start=start, end=end)
+            data = await call(source.fs, "cat_file", source.path, start=start, end=end)
         except OSError as err:
             raise from_os_error(source.index.source, err, f"read bytes {start}-{end}") from err
+        return exact_range(source.index.source, start, end, data)
 
     # -- reading ------------------------------------------------------------------------------------------
 

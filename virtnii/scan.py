@@ -29,6 +29,7 @@ from .errors import (InvalidGzip, InvalidNifti, ManifestError, SourceAccessError
 from .header import HEAD_BYTES, NiftiHeader, header_extent, parse, parse_many
 from .manifest import REF_FILES, ManifestWriter
 from .references import ZARR_FORMATS, ImageRefs, image_refs
+from .verified import IGNORES_RANGES
 
 #: File names the scanner picks up in folders; ``.img``/``.img.gz`` are found through their ``.hdr``.
 NIFTI_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".hdr.gz")
@@ -189,10 +190,24 @@ def expand(sources: list[str], options: dict[str, Any]) -> tuple[list[Source], l
     for source in found.values():
         try:
             _attach_data_file(source)
+            for path, info in ((source.path, source.info), (source.data_path, source.data_info)):
+                if info.get("size") is None:
+                    raise _no_size(source.fs.unstrip_protocol(path))
             sources_out.append(source)
         except VirtniiError as err:
             failures.append(err)
     return sources_out, failures
+
+
+def _no_size(url: str) -> SourceAccessError:
+    """The error for a file whose size the storage does not tell: references and staleness checks need it."""
+    if url.lower().endswith(".gz"):
+        why = ("the server reports no size for it, as web servers do when they label .gz files "
+               "'Content-Encoding: gzip' (and unzip them on the way); serve it without a Content-Encoding "
+               "(Apache: RemoveEncoding .gz) to index it in place")
+    else:
+        why = "the storage reports no size for it (no Content-Length); virtnii needs sizes to index in place"
+    return SourceAccessError(url, why)
 
 
 #: Concurrent header reads on remote filesystems, and the S3 connection pool that serves them.  botocore's default
@@ -387,10 +402,13 @@ def read_plain_headers(sources: list[Source]) -> list[bytes | VirtniiError]:
                  for i in members]
         heads = _fetch_ranges(fs, [sources[i].path for i in members], wants)
         retry = []
-        for i, head in zip(members, heads):
+        for i, want, head in zip(members, wants, heads):
             s = sources[i]
             if isinstance(head, Exception):
                 outcomes[i] = from_os_error(s.url, head, "read")
+                continue
+            if len(head) > want:  # the whole file came back: the next ranged read (a chunk) would get it too
+                outcomes[i] = SourceAccessError(s.url, f"asked for {want} bytes and got {len(head)}: {IGNORES_RANGES}")
                 continue
             try:
                 extent = header_extent(s.url, head, s.is_pair, s.info["size"])
@@ -448,6 +466,8 @@ def gunzip_head(fs: fsspec.AbstractFileSystem, path: str, url: str, size: int,
             compressed = fs.cat_file(path, start=0, end=step)
         except Exception as err:  # noqa: BLE001 - any storage error is reported against the source
             raise from_os_error(url, err, "read") from err
+        if len(compressed) > step:
+            raise SourceAccessError(url, f"asked for {step} bytes and got {len(compressed)}: {IGNORES_RANGES}")
         if compressed[:2] != b"\x1f\x8b":
             raise InvalidGzip(url, "not gzip data (no gzip magic bytes): is it an uncompressed .nii named .gz?")
         try:

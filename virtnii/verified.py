@@ -16,7 +16,7 @@ import fsspec
 from fsspec.asyn import AsyncFileSystem
 
 from . import fingerprint
-from .errors import VirtniiError
+from .errors import SourceAccessError, VirtniiError
 from .manifest import manifest_options_for, read_index
 
 
@@ -33,6 +33,21 @@ async def call(fs: fsspec.AbstractFileSystem, method: str, *args: Any, **kwargs:
     if asyncio.get_running_loop() is fs.loop:
         return await coroutine
     return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, fs.loop))
+
+
+def exact_range(url: str, start: int, end: int, data: bytes) -> bytes:
+    """``data`` if it holds exactly the bytes ``[start, end)`` asked for, else the error that says why not.
+
+    A web server that ignores HTTP ``Range`` (``python -m http.server`` does) answers every ranged read with the
+    whole file: taken as a chunk, that is a reshape error or wrong voxels, never a useful message.
+    """
+    if len(data) != end - start:
+        raise SourceAccessError(url, f"asked for bytes {start}-{end} and got {len(data)}: {IGNORES_RANGES}")
+    return data
+
+
+IGNORES_RANGES = ("the server ignores byte ranges (HTTP Range), which reading files in place needs; serve them "
+                  "with one that supports ranges (most do; `python -m http.server` does not)")
 
 
 class VerifiedFileSystem(AsyncFileSystem):
@@ -57,11 +72,18 @@ class VerifiedFileSystem(AsyncFileSystem):
         return path
 
     async def _cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
-        return await call(self.fs, "cat_file", await self._verify(path), start=start, end=end, **kwargs)
+        data = await call(self.fs, "cat_file", await self._verify(path), start=start, end=end, **kwargs)
+        if start is None or end is None:
+            return data
+        return exact_range(self.fs.unstrip_protocol(path), start, end, data)
 
-    async def _cat_ranges(self, paths: list[str], starts: list[int], ends: list[int], **kwargs: Any) -> list[bytes]:
+    async def _cat_ranges(self, paths: list[str], starts: list[int], ends: list[int], **kwargs: Any) -> list[Any]:
         verified = [await self._verify(p) for p in paths]
-        return await call(self.fs, "cat_ranges", verified, starts, ends, **kwargs)
+        results = await call(self.fs, "cat_ranges", verified, starts, ends, **kwargs)
+        for path, start, end, data in zip(paths, starts, ends, results):
+            if isinstance(data, bytes) and start is not None and end is not None:
+                exact_range(self.fs.unstrip_protocol(path), start, end, data)
+        return results
 
     async def _info(self, path: str, **kwargs: Any) -> dict[str, Any]:
         return await call(self.fs, "info", path, **kwargs)
