@@ -132,11 +132,15 @@ class S3Server:
         self._server.run()
 
     def shutdown(self) -> None:
-        """Close the listening socket and every connection, and stop the worker threads."""
-        self._server.close()
-        for channel in list(self._server._map.values()):
-            channel.handle_close()
-        self._server.task_dispatcher.shutdown()
+        stop_waitress(self._server)
+
+
+def stop_waitress(server: Any) -> None:
+    """Close a waitress server's listening socket and every connection, and stop its worker threads."""
+    server.close()
+    for channel in list(server._map.values()):
+        channel.handle_close()
+    server.task_dispatcher.shutdown()
 
 
 @dataclass
@@ -239,7 +243,7 @@ class LocalHTTP:
     """A static file server for ``root`` on ``127.0.0.1`` (waitress + werkzeug's ``send_file``): byte ranges,
     ETag and Last-Modified, as a lab's web server or a CDN serves a BIDS folder.
 
-    With ``gzip_encoding=True`` it labels ``.gz`` files ``Content-Encoding: gzip`` the way Apache's
+    With ``gzip_encoding=True`` (or set later) it labels ``.gz`` files ``Content-Encoding: gzip`` the way Apache's
     ``AddEncoding x-gzip .gz`` and werkzeug's defaults do: clients then see no size and may unzip the bytes.
     With ``ranges=False`` (or ``server.ranges = False`` later) it ignores ``Range`` and always sends whole files,
     as ``python -m http.server`` does.
@@ -253,13 +257,14 @@ class LocalHTTP:
 
         self.root = root
         self.ranges = ranges
+        self.gzip_encoding = gzip_encoding
         self.requests: Counter[str] = Counter()
 
         def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
             path = environ["PATH_INFO"].lstrip("/")
             self.requests[path] += 1
             # an explicit mimetype stops werkzeug from guessing (and sending) a Content-Encoding for .gz
-            mimetype = None if gzip_encoding else "application/octet-stream"
+            mimetype = None if self.gzip_encoding else "application/octet-stream"
             try:
                 response = send_from_directory(root, path, environ, mimetype=mimetype, conditional=self.ranges,
                                                etag=True)
@@ -273,10 +278,7 @@ class LocalHTTP:
         self._thread.start()
 
     def stop(self) -> None:
-        self._server.close()
-        for channel in list(self._server._map.values()):
-            channel.handle_close()
-        self._server.task_dispatcher.shutdown()
+        stop_waitress(self._server)
         self._thread.join(timeout=10)
 
 

@@ -64,32 +64,24 @@ def test_missing_http_source_is_named(http_root: tuple[Path, LocalHTTP], tmp_pat
     assert isinstance(error, virtnii.SourceNotFound) and error.source == f"{server.url}/nope.nii"
 
 
-def test_gzip_content_encoding_is_a_clear_error(tmp_path: Path) -> None:
+def test_gzip_content_encoding_is_a_clear_error(http_root: tuple[Path, LocalHTTP], tmp_path: Path) -> None:
     """Servers that label .gz files ``Content-Encoding: gzip`` report no size and unzip ranges on the way:
     such a source cannot be indexed in place, and the error must say why and what to change."""
-    root = tmp_path / "www"
-    root.mkdir()
+    root, server = http_root
     _serve(root)
-    server = LocalHTTP(root, gzip_encoding=True)
-    try:
-        result = virtnii.scan([f"{server.url}/anat.nii", f"{server.url}/bold.nii.gz"], str(tmp_path / "out"))
-    finally:
-        server.stop()
+    server.gzip_encoding = True
+    result = virtnii.scan([f"{server.url}/anat.nii", f"{server.url}/bold.nii.gz"], str(tmp_path / "out"))
     assert [e["name"] for e in result.images] == ["anat"]
     [error] = result.failures
     assert isinstance(error, virtnii.SourceAccessError) and error.source == f"{server.url}/bold.nii.gz"
     assert "Content-Encoding" in str(error)
 
 
-def test_server_ignoring_byte_ranges_is_refused_at_scan(tmp_path: Path) -> None:
-    root = tmp_path / "www"
-    root.mkdir()
+def test_server_ignoring_byte_ranges_is_refused_at_scan(http_root: tuple[Path, LocalHTTP], tmp_path: Path) -> None:
+    root, server = http_root
     _serve(root)
-    server = LocalHTTP(root, ranges=False)
-    try:
-        result = virtnii.scan([f"{server.url}/anat.nii", f"{server.url}/bold.nii.gz"], str(tmp_path / "out"))
-    finally:
-        server.stop()
+    server.ranges = False
+    result = virtnii.scan([f"{server.url}/anat.nii", f"{server.url}/bold.nii.gz"], str(tmp_path / "out"))
     assert result.manifest is None and not (tmp_path / "out").exists()
     assert sorted(e.source for e in result.failures) == [f"{server.url}/anat.nii", f"{server.url}/bold.nii.gz"]
     for error in result.failures:
