@@ -147,7 +147,7 @@ def floor_parts(root: str, manifest: Path, repeat: int) -> tuple[float, float]:
     2. JSON-encoding the metadata documents the manifest must hold (NIfTI-Zarr: OME group, arrays, JNIfTI), then
        the kerchunk mapping around them: ``json.dumps`` of what ``manifest`` holds, decoded first.
     """
-    scanning = importlib.import_module("virtnii.scan")
+    scanning = importlib.import_module("virtnii.scan")  # the module: ``virtnii.scan`` the attribute is the function
     refs = json.loads((manifest / "refs.json").read_text())["refs"]
     documents = {key: json.loads(value) for key, value in refs.items() if key.endswith(METADATA_KEYS)}
 

@@ -1,11 +1,12 @@
-"""Shared fixtures: a local S3 server (moto) on loopback, with request/byte counters and simulated latency.
+"""Shared fixtures: a local S3 server (moto) on loopback, with request/byte counters and simulated latency, and a
+local HTTP file server.
 
 virtnii's main use is indexing public buckets (OpenNeuro, DANDI) in place, so tests and benchmarks must exercise
 the real s3fs/aiobotocore path — listings, ranged GETs, ETags — not an in-memory fake filesystem.  moto's WSGI
 app is served by waitress (keep-alive connections, as S3 keeps them) on ``127.0.0.1`` and a free port, fully
-offline.  It is wrapped in
-:class:`MeteredApp`, which counts requests and response bytes (what a cloud bill and a latency budget count) and
-can sleep before every request, because the thing virtnii optimises — round trips — costs nothing on loopback.
+offline.  It is wrapped in :class:`MeteredApp`, which counts requests and response bytes (what a cloud bill and
+a latency budget count) and can sleep before every request, because the thing virtnii optimises — round trips —
+costs nothing on loopback.
 
 The benchmark scripts import :class:`LocalS3` from this file, so the server the tests trust is the one that is
 measured.

@@ -24,7 +24,7 @@ from fsspec.implementations.local import LocalFileSystem
 import virtnii
 import virtnii.manifest
 from nifti_samples import patch_header, voxels, write_nifti
-from virtnii.header import HEAD_BYTES, header_extent, parse
+from virtnii.header import HEAD_BYTES, header_extent, parse, parse_many
 
 NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
 
@@ -143,6 +143,8 @@ BAD_CASES: dict[str, tuple[BadMaker, type[virtnii.VirtniiError], str]] = {
     "too_many_dims": (_patched("nine_dims.nii", dim=[9, 4, 3, 2, 1, 1, 1, 1]), virtnii.InvalidNifti, "dim[0] is 9"),
     "vox_offset_inside_header": (_patched("vox_low.nii", vox_offset=100), virtnii.InvalidNifti, "vox offset"),
     "vox_offset_past_end": (_patched("vox_high.nii", vox_offset=1e9), virtnii.InvalidNifti, "data truncated"),
+    "vox_offset_nan": (_patched("vox_nan.nii", vox_offset=float("nan")), virtnii.InvalidNifti, "invalid vox_offset"),
+    "vox_offset_inf": (_patched("vox_inf.nii", vox_offset=float("inf")), virtnii.InvalidNifti, "invalid vox_offset"),
     "float128": (_patched("float128.nii", datatype=1536, bitpix=128), virtnii.UnsupportedNifti, "float128"),
     "complex256": (_patched("complex256.nii", datatype=2048, bitpix=256), virtnii.UnsupportedNifti, "complex256"),
     "binary": (_patched("binary.nii", datatype=1, bitpix=1), virtnii.UnsupportedNifti, "binary"),
@@ -205,6 +207,36 @@ def test_dim0_out_of_range_is_invalid_not_a_byte_swapped_header(tmp_path: Path, 
     path = patch_header(_good(tmp_path, version=version, endian=endian), dim=[9, 4, 3, 2, 1, 1, 1, 1])
     with pytest.raises(virtnii.InvalidNifti, match=r"dim\[0\] is 9"):
         parse(str(path), path.read_bytes()[:HEAD_BYTES], is_pair=False)
+
+
+def test_negative_vox_offset_of_a_pair_is_invalid(tmp_path: Path) -> None:
+    hdr = patch_header(write_nifti(tmp_path / "pair.hdr", voxels((5, 4, 3), "f4")), vox_offset=-8)
+    with pytest.raises(virtnii.InvalidNifti, match="invalid vox_offset -8"):
+        parse(str(hdr), hdr.read_bytes(), is_pair=True)
+
+
+def test_parse_many_equals_parse_on_a_mixed_batch(tmp_path: Path) -> None:
+    """Both versions and byte orders, a pair, and bad headers in between: each outcome in its place, as parsed
+    alone."""
+    paths = [write_nifti(tmp_path / f"v{version}{'be' if endian == '>' else 'le'}.nii",
+                         voxels((5, 4, 3, 2), endian + "i2"), version=version, endian=endian)
+             for version in (1, 2) for endian in "<>"]
+    pair = write_nifti(tmp_path / "pair.hdr", voxels((5, 4, 3), "f4"), version=2)
+    urls = [str(p) for p in paths] + [str(pair), "empty.nii", "html.nii"]
+    raws = [_read_head(p) for p in paths] + [_read_head(pair, is_pair=True), b"", b"<html></html>"]
+    pairs = [False] * len(paths) + [True, False, False]
+    order = [6, 0, 5, 3, 4, 1, 2]  # interleave good and bad, versions and byte orders
+    batch = parse_many([urls[i] for i in order], [raws[i] for i in order], [pairs[i] for i in order])
+    for i, outcome in zip(order, batch):
+        if i >= len(paths) + 1:
+            assert isinstance(outcome, virtnii.InvalidNifti) and outcome.source == urls[i]
+            continue
+        alone = parse(urls[i], raws[i], pairs[i])
+        assert (outcome.version, outcome.shape, outcome.dtype, outcome.data_offset, outcome.raw) == \
+               (alone.version, alone.shape, alone.dtype, alone.data_offset, alone.raw)
+        assert repr(outcome.fields) == repr(alone.fields)  # repr: NaN fields compare equal
+        header = nib.load(urls[i]).header
+        assert outcome.shape == header.get_data_shape() and outcome.dtype == header.get_data_dtype()
 
 
 def test_truncated_img_of_a_pair_is_named(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import virtnii
 from conftest import LocalHTTP
 
 DATA = Path(nib.__file__).parent / "tests" / "data"
-#: Served name → nibabel file: big-endian int16 3-D, int16 4-D with slope/inter (gzip), NIfTI-2 (gzip), a pair.
+#: Served name → nibabel file: big-endian int16 3-D, int16 4-D (gzip), NIfTI-2 (gzip); plus a pair made here.
 FILES = {"anat.nii": "anatomical.nii", "bold.nii.gz": "example4d.nii.gz", "n2.nii.gz": "example_nifti2.nii.gz"}
 
 

@@ -13,6 +13,7 @@ import pytest
 import virtnii
 import virtnii.layout
 import virtnii.references
+from nifti_samples import file_to_zarr_order
 from virtnii import manifest
 
 DATA = Path(nib.__file__).parent / "tests" / "data"
@@ -77,17 +78,24 @@ def _parquet_files(out: Path, array: str) -> list[str]:
 
 
 def test_parquet_record_size_fits_the_largest_array(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """One Parquet file per array, sized to the array with the most chunks; beyond the cap, several files."""
+    """Parquet files hold as many rows as the array with the most chunks has chunks (one file per array), not
+    kerchunk's 100,000 padded rows; beyond the cap, an array takes several files."""
     monkeypatch.setattr(virtnii.references, "plan", functools.partial(virtnii.layout.plan, target=256, limit=1024))
-    source = DATA / "functional.nii"
-    expected = nib.load(source).dataobj.get_unscaled().transpose(3, 2, 1, 0)
+    sources = {"functional": DATA / "functional.nii", "anatomical": DATA / "anatomical.nii"}
+    expected = {name: file_to_zarr_order(nib.load(path).dataobj.get_unscaled()) for name, path in sources.items()}
     out = tmp_path / "out"
-    virtnii.scan([str(source)], str(out), zarr_format=2, ref_format="parquet")
-    array = virtnii.open(str(out))["functional"]["0"]
-    assert array.nchunks > 100 and _parquet_files(out, "functional/0") == ["refs.0.parq"]
-    np.testing.assert_array_equal(array[...], expected)
+    virtnii.scan([str(p) for p in sources.values()], str(out), zarr_format=2, ref_format="parquet")
+    group = virtnii.open(str(out))
+    chunks = {name: group[name]["0"].nchunks for name in sources}
+    assert 1 < chunks["functional"] < chunks["anatomical"]
+    assert json.loads((out / "refs.parquet" / ".zmetadata").read_text())["record_size"] == chunks["anatomical"]
+    for name in sources:
+        assert _parquet_files(out, f"{name}/0") == ["refs.0.parq"]
+        np.testing.assert_array_equal(group[name]["0"][...], expected[name])
 
     monkeypatch.setattr(manifest, "MAX_RECORD_SIZE", 8)
-    virtnii.scan([str(source)], str(out), zarr_format=2, ref_format="parquet")
-    assert len(_parquet_files(out, "functional/0")) == -(-array.nchunks // 8)
-    np.testing.assert_array_equal(virtnii.open(str(out))["functional"]["0"][...], expected)
+    virtnii.scan([str(p) for p in sources.values()], str(out), zarr_format=2, ref_format="parquet")
+    group = virtnii.open(str(out))
+    for name in sources:
+        assert len(_parquet_files(out, f"{name}/0")) == -(-chunks[name] // 8)
+        np.testing.assert_array_equal(group[name]["0"][...], expected[name])

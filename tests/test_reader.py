@@ -231,3 +231,14 @@ def test_unchanged_source_reads_after_an_unrelated_file_changes(indexed: tuple[P
     (path.parent / "sibling.nii").write_bytes(b"x")
     np.testing.assert_array_equal(virtnii.open(str(manifest))["bold"]["0"][...],
                                   voxels((6, 5, 4, 3), "i2").transpose(3, 2, 1, 0))
+
+
+def test_source_cut_short_after_its_check_is_stale(indexed: tuple[Path, Path]) -> None:
+    """A source is checked once per opened manifest; cut short after that, its missing chunk bytes are refused
+    (not reshaped into an error that names nothing)."""
+    path, manifest = indexed
+    array = virtnii.open(str(manifest))["bold"]["0"]
+    array[0]  # the first read checks the fingerprint
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 2)
+    _assert_refused(lambda: array[-1], virtnii.StaleSource, path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import fsspec
 import nibabel as nib
@@ -283,12 +284,32 @@ def test_local_listing_matches_fsspec(tmp_path: Path) -> None:
         np.testing.assert_array_equal(linked, _raw(files["sub-01/anat/sub-01_T1w"]))
 
 
-def test_symlink_cycle_ends_and_each_file_is_indexed_once(tmp_path: Path) -> None:
+def test_symlinked_folders_are_not_entered(tmp_path: Path) -> None:
+    """As in fsspec: a linked folder (``latest -> sub-01``, or a cycle) would index its images twice, under names
+    that depend on listing order."""
     files = _bids_tree(tmp_path / "ds")
-    (tmp_path / "ds" / "sub-01" / "anat" / "loop").symlink_to(tmp_path / "ds", target_is_directory=True)
-    found, failures = expand([str(tmp_path / "ds")], {})
-    assert not failures
-    assert sorted(s.path for s in found) == sorted(str(p) for p in files.values())
+    for link, target in (("aa", "sub-01"), ("zz", "sub-01"), ("sub-01/anat/loop", ".")):
+        (tmp_path / "ds" / link).symlink_to(tmp_path / "ds" / target, target_is_directory=True)
+    result = virtnii.scan([str(tmp_path / "ds")], str(tmp_path / "out"))
+    assert not result.failures
+    assert sorted(e["name"] for e in result.images) == sorted(files)
+
+
+@pytest.mark.parametrize("glob", [False, True])
+def test_broken_links_are_reported_and_the_rest_indexed(tmp_path: Path, glob: bool) -> None:
+    """DataLad datasets hold files not fetched yet as links to nothing; a link to itself cannot even be stat'ed."""
+    files = _bids_tree(tmp_path / "ds")
+    anat = tmp_path / "ds" / "sub-01" / "anat"
+    (anat / "sub-01_T2w.nii").symlink_to("../../.git/annex/objects/XX/missing")
+    (anat / "sub-01_PD.nii").symlink_to("sub-01_PD.nii")
+    source = anat / "*.nii" if glob else tmp_path / "ds"
+    result = virtnii.scan([str(source)], str(tmp_path / "out"))
+    expected = ["sub-01_T1w"] if glob else sorted(files)
+    assert sorted(e["name"] for e in result.images) == expected
+    errors = {Path(e.source).name: e for e in result.failures}
+    assert sorted(errors) == ["sub-01_PD.nii", "sub-01_T2w.nii"]
+    assert isinstance(errors["sub-01_T2w.nii"], virtnii.SourceNotFound) and "datalad get" in str(errors["sub-01_T2w.nii"])
+    assert isinstance(errors["sub-01_PD.nii"], virtnii.SourceAccessError)
 
 
 def test_unlistable_subfolder_is_reported_and_the_rest_indexed(tmp_path: Path,
@@ -297,7 +318,7 @@ def test_unlistable_subfolder_is_reported_and_the_rest_indexed(tmp_path: Path,
     locked = tmp_path / "ds" / "sub-02"
     real_scandir = os.scandir
 
-    def scandir(path):  # chmod does not stop root, who runs CI: refuse the folder here instead
+    def scandir(path: str) -> Any:  # chmod does not stop root, who runs CI: refuse the folder here instead
         if Path(path) == locked:
             raise PermissionError(13, "Permission denied", str(path))
         return real_scandir(path)

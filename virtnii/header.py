@@ -1,14 +1,14 @@
-"""Parse and validate one NIfTI-1/NIfTI-2 header (with extensions) from its first bytes.
+"""Parse and validate NIfTI-1/NIfTI-2 headers (with extensions) from their first bytes, many at once.
 
 The scanner fetches the first bytes of each source itself (one ranged read, concurrently for many files); this
-module only interprets them, with nibabel's header classes, so that datatypes, endianness, slope/inter and the
-affine follow nibabel exactly — the reference reader in our tests.  Validation is strict: anything that would
-make the references point at the wrong bytes is an error naming the source, never a guess.
+module only interprets them, through nibabel's header dtypes and datatype mapping, so that fields, datatypes
+and endianness follow nibabel exactly — the reference reader in our tests.  Headers of one version and byte
+order are decoded by one numpy call per batch.  Validation is strict: anything that would make the references
+point at the wrong bytes is an error naming the source, never a guess.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import struct
 from dataclasses import dataclass
@@ -27,12 +27,12 @@ _SIZES = {348: (1, nib.Nifti1Header), 540: (2, nib.Nifti2Header)}
 _SINGLE_MAGICS = {b"n+1", b"n+2"}
 _PAIR_MAGICS = {b"ni1", b"ni2"}
 _ZARR_KINDS = "biufc"  # numpy kinds zarr can hold as plain arrays (plus the RGB structured types below)
-#: First three dims that nibabel's ``get_data_shape`` reinterprets (FreeSurfer's long-vector and ico7 hacks).
+#: First three dims that nibabel's ``get_data_shape`` reinterprets (FreeSurfer's ico7 surface); its other hack,
+#: ``-1`` in dim[1] for long vectors, is rejected here with every non-positive dim.
 _FREESURFER_SHAPES = {(27307, 1, 6)}
-#: Where ``vox_offset`` sits in each header (struct format, byte offset): read for every file before parsing.
-_VOX_OFFSET = {size: ({"f4": "f", "i8": "q"}[field.kind + str(field.itemsize)], offset)
-               for size, (_, klass) in _SIZES.items()
-               for field, offset in [klass.template_dtype.fields["vox_offset"][:2]]}
+#: Where ``vox_offset`` sits in each header, as (struct format, byte offset): float32 at 108 in NIfTI-1, int64 at
+#: 168 in NIfTI-2.  Read for every file before parsing, to know how many bytes the header and extensions take.
+_VOX_OFFSET = {348: ("f", 108), 540: ("q", 168)}
 #: numpy dtype per (header size, byte order, datatype code), filled as codes are met.
 _DTYPES: dict[tuple[int, str, int], np.dtype] = {}
 
@@ -54,12 +54,6 @@ class NiftiHeader:
     dtype: np.dtype
     data_offset: int
     is_pair: bool
-
-    @functools.cached_property
-    def header(self) -> nib.Nifti1Header:
-        """nibabel's header object, built on first use (a scan of thousands of files needs only ``fields``)."""
-        size = 348 if self.version == 1 else 540
-        return _SIZES[size][1](self.raw[:size], check=False)
 
     @property
     def has_extensions(self) -> bool:
@@ -103,7 +97,15 @@ def header_extent(url: str, head: bytes, is_pair: bool, file_size: int) -> int:
         raise InvalidNifti(url, f"truncated header: {len(head)} bytes, NIfTI-{_SIZES[size][0]} needs {size}")
     kind, offset = _VOX_OFFSET[size]
     (vox_offset,) = struct.unpack_from(order + kind, head, offset)
-    return max(int(vox_offset), size + 4)
+    return max(_vox_offset(url, vox_offset), size + 4)
+
+
+def _vox_offset(url: str, value: float) -> int:
+    """``vox_offset`` as a byte offset (truncated, as nibabel's ``get_data_offset`` does); NaN, inf or < 0 is an
+    error, not a crash."""
+    if not math.isfinite(value) or value < 0:
+        raise InvalidNifti(url, f"invalid vox_offset {value}: not a byte offset")
+    return int(value)
 
 
 def parse(url: str, raw: bytes, is_pair: bool) -> NiftiHeader:
@@ -126,7 +128,7 @@ def parse_many(urls: Sequence[str], raws: Sequence[bytes],
     """
     outcomes: list[NiftiHeader | VirtniiError | None] = [None] * len(raws)
     groups: dict[tuple[int, str], list[int]] = {}
-    for i, (url, raw) in enumerate(zip(urls, raws)):
+    for i, (url, raw, _) in enumerate(zip(urls, raws, is_pair, strict=True)):
         try:
             size, order = _sizeof_hdr(url, raw)
             if len(raw) < size:
@@ -140,7 +142,7 @@ def parse_many(urls: Sequence[str], raws: Sequence[bytes],
         table = np.frombuffer(b"".join([raws[i][:size] for i in members]), dtype=dtype)
         # column by column: a structured array's tolist() leaves sub-arrays (dim, pixdim) as numpy arrays
         rows = zip(*[table[name].tolist() for name in dtype.names])
-        for i, row in zip(members, rows):
+        for i, row in zip(members, rows, strict=True):
             try:
                 outcomes[i] = _from_fields(urls[i], bytes(raws[i]), is_pair[i], size, order,
                                            dict(zip(dtype.names, row)))
@@ -170,7 +172,7 @@ def _from_fields(url: str, raw: bytes, is_pair: bool, size: int, order: str, fie
     if len(shape) > 5 and any(d != 1 for d in shape[5:]):
         raise UnsupportedNifti(url, f"{len(shape)}-D data {shape}: NIfTI-Zarr holds at most 5 axes (t, c, z, y, x)")
     dtype = _zarr_dtype(url, size, order, fields["datatype"], raw)
-    data_offset = int(fields["vox_offset"])  # nibabel's get_data_offset
+    data_offset = _vox_offset(url, fields["vox_offset"])
     if not is_pair and data_offset == 0:  # unset: the voxels follow the header (nibabel 5.4 reads from byte 0)
         data_offset = size + 4
     elif not is_pair and data_offset < size + 4:

@@ -81,7 +81,7 @@ def to_jnifti(h: Mapping[str, Any], has_extensions: bool) -> dict[str, Any]:
         "BitDepth": int(h["bitpix"]),
         "FirstSliceID": int(h["slice_start"]),
         "VoxelSize": [abs(p) for p in pixdim[1:1 + naxes]],
-        "Orientation": {"x": "l" if pixdim[0] < 0 else "r", "y": "a", "z": "s"},
+        "Orientation": {"x": "l" if float(h["pixdim"][0]) < 0 else "r", "y": "a", "z": "s"},  # -inf is "l"
         "NIIByteOffset": int(vox_offset),
         "ScaleSlope": slope,
         "ScaleOffset": inter,

@@ -104,8 +104,7 @@ def _record_size(images: list[ImageRefs]) -> int:
     fsspec writes every file padded to this many rows, so kerchunk's default of 100,000 made each 1-chunk array
     cost ~25 ms to write; sized to the data it is ~2-5 ms, fastparquet's per-file floor.
     """
-    most = max((len(image.chunk_keys) for image in images), default=1)
-    return min(MAX_RECORD_SIZE, 1 << max(most - 1, 0).bit_length())
+    return min(MAX_RECORD_SIZE, max((len(image.chunk_keys) for image in images), default=1))
 
 
 def build_refs(images: Iterable[ImageRefs], zarr_format: int) -> dict[str, Any]:

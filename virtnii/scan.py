@@ -1,8 +1,9 @@
 """Scan NIfTI sources (files, folders, globs at any fsspec URL) into one manifest.
 
-The flow per batch: list the sources (a folder listing gives sizes and ETags/mtimes for free), read each
-header with one concurrent ranged read, parse it with nibabel, index ``.nii.gz`` data in place (one streaming
-pass each, in worker threads), build references, and write the manifest all-or-nothing.  A bad source is
+The flow: list the sources (a folder listing gives sizes and ETags/mtimes for free), read the headers of a
+batch with one concurrent ranged read each, parse the batch at once (:func:`virtnii.header.parse_many`), index
+``.nii.gz`` data in place (one streaming pass each, in worker threads), build references, and write the
+manifest all-or-nothing.  A bad source is
 reported and skipped; the good ones still make a manifest.
 """
 
@@ -232,14 +233,15 @@ def _list(fs: fsspec.AbstractFileSystem, path: str, src: str,
     """``({path: info}, base folder)`` for a file, a folder (recursive) or a glob.
 
     The base folder is what group names are made relative to: the folder itself, the glob's fixed leading
-    folder, or a file's parent.  Sub-folders that cannot be listed are added to ``failures`` (local folders).
+    folder, or a file's parent.  Local files and sub-folders that cannot be listed are added to ``failures``.
     """
     try:
         if _GLOB.search(path):
             base = posixpath.dirname(_GLOB.split(path, 1)[0])
             matches = {p: i for p, i in fs.glob(path, detail=True).items() if i.get("type") != "directory"}
-            if _is_local(fs):  # fsspec's glob gives a link's own mtime, its info() the target's: use the latter
-                matches = {p: _local_info(p, os.stat(p)) for p in matches}
+            if _is_local(fs):  # fingerprints as fs.info() gives them (see _stat_local)
+                infos = {p: _stat_local(p, fs, failures) for p in matches if p.lower().endswith(NIFTI_SUFFIXES)}
+                matches = {p: info for p, info in infos.items() if info is not None}
             return matches, base
         info = fs.info(path)
         if info.get("type") == "directory":
@@ -259,25 +261,20 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
 
 
 def _walk_local(folder: str, fs: LocalFileSystem, failures: list[VirtniiError]) -> dict[str, dict[str, Any]]:
-    """Files under a local ``folder``, as ``fs.find(folder, detail=True)`` lists them, at a third of the cost.
+    """NIfTI-named files under a local ``folder``, as ``fs.find(folder, detail=True)`` lists them, at a third of
+    the cost (fsspec builds each info dict through two ``stat`` calls and path normalisation; for a BIDS tree
+    that was a fifth of a scan).
 
-    fsspec's local listing builds its info dict through two ``stat`` calls and path normalisation per entry;
-    for a BIDS tree that was a fifth of a scan.  Symbolic links are followed as fsspec follows them (sizes and
-    mtimes are the target's, as ``fs.info`` gives them when a reader checks the fingerprint; fsspec's ``find``
-    gives a link's own mtime, which made every linked source look changed), but a folder already visited is not entered again, so a link cycle ends.  A
-    sub-folder that cannot be listed is reported in ``failures`` and the rest of the tree is still indexed.
+    Like fsspec, symbolic links to folders are not entered (a tree reached twice would index, and name, its
+    images twice), and links to files are sources.  A sub-folder or file that cannot be listed or stat'ed is
+    reported in ``failures`` and the rest of the tree is still indexed.
     """
     root = folder.rstrip("/") or "/"
     found: dict[str, dict[str, Any]] = {}
-    seen: set[tuple[int, int]] = set()
     pending = [root]
     while pending:
         current = pending.pop()
         try:
-            st = os.stat(current)
-            if (st.st_dev, st.st_ino) in seen:
-                continue
-            seen.add((st.st_dev, st.st_ino))
             entries = os.scandir(current)
         except OSError as err:
             if current == root:
@@ -286,19 +283,34 @@ def _walk_local(folder: str, fs: LocalFileSystem, failures: list[VirtniiError]) 
             continue
         with entries:
             for entry in entries:
-                try:
-                    if entry.is_dir():
-                        pending.append(entry.path)
-                        continue
-                    st = entry.stat()
-                except FileNotFoundError:  # removed while listing, or a dangling link: not a source
-                    continue
-                found[entry.path] = _local_info(entry.path, st)
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+                elif entry.name.lower().endswith(NIFTI_SUFFIXES):
+                    info = _stat_local(entry.path, fs, failures)
+                    if info is not None:
+                        found[entry.path] = info
     return found
 
 
-def _local_info(path: str, st: os.stat_result) -> dict[str, Any]:
-    """The listing info of a local file from ``stat`` (following links, as ``fs.info`` does at read time)."""
+def _stat_local(path: str, fs: LocalFileSystem, failures: list[VirtniiError]) -> dict[str, Any] | None:
+    """Listing info of a local file, or None with the reason added to ``failures``.
+
+    ``stat`` follows links, so sizes and mtimes are the target's, as ``fs.info`` gives them when a reader checks
+    the fingerprint (fsspec's own ``find`` and ``glob`` give a link's own mtime: every linked source looked
+    changed).
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError as err:
+        if os.path.islink(path):
+            failures.append(SourceNotFound(fs.unstrip_protocol(path), "is a broken symbolic link (a DataLad or "
+                                                                       "git-annex file not fetched yet? `datalad get` it)"))
+        else:
+            failures.append(from_os_error(fs.unstrip_protocol(path), err, "stat"))
+        return None
+    except OSError as err:  # a link to itself (ELOOP), a folder that cannot be entered (EACCES), ...
+        failures.append(from_os_error(fs.unstrip_protocol(path), err, "stat"))
+        return None
     return {"name": path, "size": st.st_size, "type": "file", "mtime": st.st_mtime}
 
 
@@ -369,7 +381,7 @@ def _fetch_ranges(fs: fsspec.AbstractFileSystem, paths: list[str], ends: list[in
     """First ``ends[i]`` bytes of each path, concurrently on async filesystems (one GET each)."""
     if not paths:
         return []
-    if _is_local(fs):
+    if _is_local(fs) and hasattr(os, "pread"):  # POSIX
         return [_read_local(path, end) for path, end in zip(paths, ends)]
     if fs.async_impl:
         return fs.cat_ranges(paths, [0] * len(paths), ends, on_error="return", batch_size=CONCURRENT_READS)

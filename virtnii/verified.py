@@ -16,7 +16,7 @@ import fsspec
 from fsspec.asyn import AsyncFileSystem
 
 from . import fingerprint
-from .errors import SourceAccessError, VirtniiError
+from .errors import SourceAccessError, StaleSource, VirtniiError
 from .manifest import manifest_options_for, read_index
 
 
@@ -39,10 +39,14 @@ def exact_range(url: str, start: int, end: int, data: bytes) -> bytes:
     """``data`` if it holds exactly the bytes ``[start, end)`` asked for, else the error that says why not.
 
     A web server that ignores HTTP ``Range`` (``python -m http.server`` does) answers every ranged read with the
-    whole file: taken as a chunk, that is a reshape error or wrong voxels, never a useful message.
+    whole file; a file cut short after its fingerprint was checked gives fewer bytes.  Taken as a chunk, either
+    is a reshape error or wrong voxels, never a useful message.
     """
-    if len(data) != end - start:
+    if len(data) > end - start:
         raise SourceAccessError(url, f"asked for bytes {start}-{end} and got {len(data)}: {IGNORES_RANGES}")
+    if len(data) < end - start:
+        raise StaleSource(url, f"asked for bytes {start}-{end} and got only {len(data)}: the file is shorter than "
+                               "when it was indexed; re-run `virtnii scan`")
     return data
 
 
