@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import importlib
 import os
 import shutil
 from pathlib import Path
@@ -13,6 +15,7 @@ import numpy as np
 import pytest
 
 import virtnii
+from nifti_samples import voxels, write_nifti
 from virtnii import fingerprint
 from virtnii.scan import assign_names, expand
 
@@ -252,8 +255,6 @@ def test_an_existing_folder_that_is_not_a_manifest_is_never_replaced(tmp_path: P
 
 
 def test_header_split_across_tiny_gzip_members(tmp_path: Path) -> None:
-    import gzip
-
     raw = (DATA / "functional.nii").read_bytes()
     members = [raw[:100], raw[100:200], raw[200:5000], raw[5000:]]  # the 352-byte header spans three members
     (tmp_path / "split.nii.gz").write_bytes(b"".join(gzip.compress(m) for m in members))
@@ -262,6 +263,22 @@ def test_header_split_across_tiny_gzip_members(tmp_path: Path) -> None:
     group = virtnii.open(str(tmp_path / "out"))
     np.testing.assert_array_equal(virtnii.to_nibabel(group["split"]).dataobj.get_unscaled(),
                                   _raw(DATA / "functional.nii"))
+
+
+@pytest.mark.parametrize("first_read", [2**20, 1024])
+def test_gzip_header_with_large_extensions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first_read: int) -> None:
+    """A .nii.gz whose extensions outgrow the first inflated 16 KiB (and, with a 1 KiB first read, the first
+    compressed bytes): the header is read whole, and the index pass resumes exactly after the bytes read."""
+    monkeypatch.setattr(importlib.import_module("virtnii.scan"), "GZIP_FIRST_READ", first_read)
+    rng = np.random.default_rng(3)
+    extension = rng.integers(0, 256, 40_000, dtype=np.uint8).tobytes()  # incompressible: > 1 KiB compressed
+    path = write_nifti(tmp_path / "ext.nii.gz", voxels((9, 8, 7), "i2"), extensions=(("comment", extension),))
+    result = virtnii.scan([str(path)], str(tmp_path / "out"))
+    assert not result.failures, result.failures
+    group = virtnii.open(str(tmp_path / "out"))
+    offset = nib.load(path).dataobj.offset
+    assert np.asarray(group["ext"]["nifti"][:]).tobytes() == gzip.decompress(path.read_bytes())[:offset]
+    np.testing.assert_array_equal(virtnii.to_nibabel(group["ext"]).dataobj.get_unscaled(), _raw(path))
 
 
 def test_local_listing_matches_fsspec(tmp_path: Path) -> None:

@@ -584,7 +584,8 @@ def _pieces(f: BinaryIO, url: str) -> Iterator[bytes]:
 
 
 def build_index(url: str, offsets: Sequence[int], storage_options: dict[str, Any] | None = None, *,
-                progress: Callable[[int], None] | None = None) -> GzipIndex:
+                progress: Callable[[int], None] | None = None, fs: fsspec.AbstractFileSystem | None = None,
+                prefix: bytes = b"", known: fingerprint.Fingerprint | None = None) -> GzipIndex:
     """Index a gzip file at any fsspec URL so each of ``offsets`` (uncompressed) can be read from nearby.
 
     One streaming pass over the compressed bytes (never the whole file in memory) keeps, per offset, the last
@@ -601,6 +602,14 @@ def build_index(url: str, offsets: Sequence[int], storage_options: dict[str, Any
         fsspec options for ``url`` (e.g. ``{"anon": True}``).
     progress
         Called with the number of compressed bytes consumed so far, after each piece read.
+    fs
+        The filesystem ``url`` is on, when the caller has one (its connection pool is reused); then
+        ``storage_options`` are not used.
+    prefix
+        The file's first compressed bytes, already read by the caller: the pass starts after them.
+    known
+        The file's fingerprint from a listing the caller made; else it is stat'ed here.  Either way it is the
+        one recorded, and a size that differs from the bytes read raises :class:`StaleSource`.
 
     Raises
     ------
@@ -611,9 +620,12 @@ def build_index(url: str, offsets: Sequence[int], storage_options: dict[str, Any
     StaleSource
         The file changed size while it was being read.
     """
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    if fs is None:
+        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    else:
+        path = fs._strip_protocol(url)
     source = fs.unstrip_protocol(path)
-    fp = fingerprint.stat(fs, path, url)
+    fp = known if known is not None else fingerprint.stat(fs, path, url)
     if fp["size"] == 0:
         raise InvalidGzip(url, "empty file")
     targets = np.unique(np.asarray([0, *offsets], dtype=np.int64))
@@ -621,15 +633,14 @@ def build_index(url: str, offsets: Sequence[int], storage_options: dict[str, Any
         raise ValueError(f"negative offset {int(targets[0])} requested for {url}")
     indexer = _Indexer(url, targets)
     try:
-        with _open(fs, path, url) as f:
-            first = True
-            for piece in _pieces(f, url):
-                if first and piece[:2] != b"\x1f\x8b":
-                    raise InvalidGzip(url, "not gzip data (no gzip magic bytes)")
-                first = False
-                indexer.feed(piece)
-                if progress is not None:
-                    progress(indexer.cmp)
+        first = True
+        for piece in _stream(fs, path, url, fp["size"], prefix):
+            if first and piece[:2] != b"\x1f\x8b":
+                raise InvalidGzip(url, "not gzip data (no gzip magic bytes)")
+            first = False
+            indexer.feed(piece)
+            if progress is not None:
+                progress(indexer.cmp)
         indexer.finish()
     finally:
         indexer.close()
@@ -642,11 +653,20 @@ def build_index(url: str, offsets: Sequence[int], storage_options: dict[str, Any
         stops=np.array(indexer.stops, STOP_DTYPE), members=np.array(indexer.members, MEMBER_DTYPE))
 
 
-def _open(fs: fsspec.AbstractFileSystem, path: str, url: str) -> BinaryIO:
+def _stream(fs: fsspec.AbstractFileSystem, path: str, url: str, size: int, prefix: bytes) -> Iterator[bytes]:
+    """The file's compressed bytes in pieces: ``prefix`` (already read), then the rest from where it ends."""
+    if prefix:
+        yield prefix
+    if len(prefix) >= size:
+        return
     try:
-        return fs.open(path, "rb", cache_type="none")
+        # the size is known: fsspec then skips the info() request it makes to open a file
+        f = fs.open(path, "rb", cache_type="none", size=size)
+        f.seek(len(prefix))
     except OSError as err:
         raise from_os_error(url, err, "open") from err
+    with f:
+        yield from _pieces(f, url)
 
 
 # ---------------------------------------------------------------------------------------------- sidecars

@@ -37,6 +37,12 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".hdr.gz")
 GZIP_INDEX_FOLDER = "gzindex"
 #: Uncompressed sources whose headers are fetched together (concurrently on object stores).
 HEADER_BATCH = 512
+#: Compressed bytes read first from a ``.nii.gz``: its header, and the start of the index pass (which reuses
+#: them), so a file this small costs one request in all.
+GZIP_FIRST_READ = 2**20
+#: ``.nii.gz`` files indexed at once from remote storage: each pass is mostly waiting (a request per piece), and
+#: inflating runs outside the GIL.  Locally, one per core.
+GZIP_REMOTE_WORKERS = 16
 _GLOB = re.compile(r"[*?\[]")
 
 
@@ -130,8 +136,8 @@ def scan(sources: Iterable[str] | str, out: str, *, zarr_format: int = 3, ref_fo
                     pending.append(prefetch.submit(read_plain_headers, batches[k + 1]))
                 for source, outcome in zip(batch, _plain_images(batch, heads, zarr_format)):
                     _collect(source, outcome, images, entries, failures, bar)
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            jobs = {pool.submit(index_gzip_source, s, options, writer, zarr_format, gz_bar.update): s
+        with ThreadPoolExecutor(max_workers=_gzip_workers(gzipped)) as pool:
+            jobs = {pool.submit(index_gzip_source, s, writer, zarr_format, gz_bar.update): s
                     for s in gzipped}
             for job in as_completed(jobs):
                 try:
@@ -144,6 +150,13 @@ def scan(sources: Iterable[str] | str, out: str, *, zarr_format: int = 3, ref_fo
         order = sorted(range(len(images)), key=lambda i: images[i].name)
         writer.commit([images[i] for i in order], [entries[i] for i in order], zarr_format, ref_format)
     return ScanResult(out, [entries[i] for i in order], failures)
+
+
+def _gzip_workers(sources: list[Source]) -> int:
+    """Threads for indexing ``sources``: one per core for local files, more where requests wait on a network."""
+    if all(_is_local(s.fs) for s in sources):
+        return os.cpu_count() or 1
+    return GZIP_REMOTE_WORKERS
 
 
 def _collect(source: Source, outcome: tuple[NiftiHeader, ImageRefs, dict[str, Any]] | VirtniiError,
@@ -468,28 +481,46 @@ def _check_data_size(url: str, header: NiftiHeader, size: int) -> None:
 # ------------------------------------------------------------------------------------------------------- gzip
 
 def gunzip_head(fs: fsspec.AbstractFileSystem, path: str, url: str, size: int,
-                need: Callable[[bytes], int]) -> bytes:
-    """The first ``need(head)`` uncompressed bytes of a gzip file, fetching compressed bytes in growing steps."""
+                need: Callable[[bytes], int]) -> tuple[bytes, bytes]:
+    """``(compressed, head)``: the compressed bytes read from the start of a gzip file, and the first
+    ``need(head)`` bytes they inflate to (shorter if the file ends first).
+
+    The first read takes up to :data:`GZIP_FIRST_READ` bytes, which the index pass reuses (a small ``.nii.gz``
+    is read once, whole); later reads grow fourfold.  Only what the header needs is inflated.
+    """
     if size == 0:
         raise InvalidGzip(url, "empty file")
-    step = min(size, 64 * 1024)
+    step, limit = min(size, GZIP_FIRST_READ), HEAD_BYTES
+    compressed = b""
     while True:
+        if len(compressed) < step:
+            compressed = _read_gzip_start(fs, path, url, step)
         try:
-            compressed = fs.cat_file(path, start=0, end=step)
-        except Exception as err:  # noqa: BLE001 - any storage error is reported against the source
-            raise from_os_error(url, err, "read") from err
-        if len(compressed) > step:
-            raise SourceAccessError(url, f"asked for {step} bytes and got {len(compressed)}: {IGNORES_RANGES}")
-        if compressed[:2] != b"\x1f\x8b":
-            raise InvalidGzip(url, "not gzip data (no gzip magic bytes): is it an uncompressed .nii named .gz?")
-        try:
-            head = _gunzip_members(compressed, 64 * 2**20)
+            head = _gunzip_members(compressed, limit)
         except zlib.error as err:
             raise InvalidGzip(url, f"corrupt gzip data at the start of the file: {err}") from err
         wanted = need(head)
-        if len(head) >= wanted or step >= size:
-            return head[:wanted]
-        step = min(size, step * 4)
+        if len(head) >= wanted:
+            return compressed, head[:wanted]
+        if len(head) >= limit:  # more of these bytes to inflate
+            limit = wanted
+        elif step < size:  # the bytes ran out before the header did
+            step = min(size, step * 4)
+        else:
+            return compressed, head
+
+
+def _read_gzip_start(fs: fsspec.AbstractFileSystem, path: str, url: str, end: int) -> bytes:
+    """The first ``end`` compressed bytes, checked to be gzip and exactly what was asked for."""
+    try:
+        compressed = fs.cat_file(path, start=0, end=end)
+    except Exception as err:  # noqa: BLE001 - any storage error is reported against the source
+        raise from_os_error(url, err, "read") from err
+    if len(compressed) > end:
+        raise SourceAccessError(url, f"asked for {end} bytes and got {len(compressed)}: {IGNORES_RANGES}")
+    if compressed[:2] != b"\x1f\x8b":
+        raise InvalidGzip(url, "not gzip data (no gzip magic bytes): is it an uncompressed .nii named .gz?")
+    return compressed
 
 
 def _gunzip_members(data: bytes, limit: int) -> bytes:
@@ -504,7 +535,7 @@ def _gunzip_members(data: bytes, limit: int) -> bytes:
     return bytes(out)
 
 
-def index_gzip_source(source: Source, options: dict[str, Any], writer: ManifestWriter, zarr_format: int,
+def index_gzip_source(source: Source, writer: ManifestWriter, zarr_format: int,
                       advance: Callable[[int], Any] = lambda n: None) -> tuple[NiftiHeader, ImageRefs, dict[str, Any]]:
     """Header, seek-point index and references of a ``.nii.gz`` (or gzipped pair), indexed in place.
 
@@ -512,10 +543,11 @@ def index_gzip_source(source: Source, options: dict[str, Any], writer: ManifestW
     """
     fs, url = source.fs, source.url
     if source.is_pair:
-        raw = gunzip_head(fs, source.path, url, source.info["size"], lambda head: 2**31)
+        _, raw = gunzip_head(fs, source.path, url, source.info["size"], lambda head: 2**31)
+        prefix = b""  # the voxels are in the .img.gz
     else:
-        raw = gunzip_head(fs, source.path, url, source.info["size"],
-                          lambda head: header_extent(url, head, False, 2**62))
+        prefix, raw = gunzip_head(fs, source.path, url, source.info["size"],
+                                  lambda head: header_extent(url, head, False, 2**62))
     header = parse(url, raw, source.is_pair)
     layout_refs = image_refs(source.name, header, "", zarr_format)
     offsets = layout_refs.offsets.tolist()
@@ -525,7 +557,8 @@ def index_gzip_source(source: Source, options: dict[str, Any], writer: ManifestW
         advance(consumed - done[0])
         done[0] = consumed
 
-    index = gzindex.build_index(source.data_url, offsets, options, progress=progress)
+    index = gzindex.build_index(source.data_url, offsets, fs=source.fs, prefix=prefix,
+                                known=fingerprint.from_info(source.data_info), progress=progress)
     _check_data_size(source.data_url, header, index.uncompressed_size)
     # sidecars mirror the image names (sub-01/anat/…), which are unique, so sidecar paths are too
     folder, _, base = source.name.rpartition("/")
