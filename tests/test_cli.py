@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -89,3 +91,19 @@ def test_verify_reports_changed_and_missing_sources(tmp_path: Path, capsys) -> N
     assert len(errors) == 2
     assert any("functional.nii" in e and "changed since it was indexed" in e for e in errors)
     assert any("example4d.nii.gz" in e and "no longer exists" in e for e in errors)
+
+
+def test_info_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
+    """`virtnii info OUT | head`: the reader leaves early; no BrokenPipeError traceback, exit 0."""
+    blob = (DATA / "anatomical.nii").read_bytes()
+    for i in range(400):  # enough lines to overflow a pipe's buffer
+        (tmp_path / "ds" / f"sub-{i:03d}").mkdir(parents=True)
+        (tmp_path / "ds" / f"sub-{i:03d}" / f"sub-{i:03d}_T1w.nii").write_bytes(blob)
+    assert main(["scan", str(tmp_path / "ds"), "-o", str(tmp_path / "out")]) == 0
+    process = subprocess.Popen([sys.executable, "-m", "virtnii.cli", "info", str(tmp_path / "out")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.readline()
+    process.stdout.close()
+    assert process.wait(timeout=60) == 0
+    assert process.stderr.read() == b""

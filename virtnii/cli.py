@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -168,6 +169,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("virtnii: interrupted; nothing half-written was kept", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `virtnii info OUT | head`: the reader has what it wanted
+        # Python flushes stdout again at exit, into the closed pipe: point it at /dev/null first
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
