@@ -260,10 +260,15 @@ class LocalHTTP:
         self.ranges = ranges
         self.gzip_encoding = gzip_encoding
         self.requests: Counter[str] = Counter()
+        #: path → HTTP status to answer instead of the file (e.g. 403, 500)
+        self.fail: dict[str, int] = {}
 
         def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
             path = environ["PATH_INFO"].lstrip("/")
             self.requests[path] += 1
+            if path in self.fail:
+                start_response(f"{self.fail[path]} Refused", [("Content-Length", "0")])
+                return [b""]
             # an explicit mimetype stops werkzeug from guessing (and sending) a Content-Encoding for .gz
             mimetype = None if self.gzip_encoding else "application/octet-stream"
             try:

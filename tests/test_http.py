@@ -104,3 +104,25 @@ def test_server_that_stops_honouring_ranges_is_named_at_read(http_root: tuple[Pa
     server.ranges = False
     with pytest.raises(virtnii.SourceAccessError, match=f"{name}.nii(.gz)?: asked for bytes .*ignores byte ranges"):
         virtnii.open(str(tmp_path / "out"))[name]["0"][...]
+
+
+@pytest.mark.parametrize("status, error_class, words", [(403, virtnii.SourceAccessError, "permission denied"),
+                                                        (500, virtnii.SourceAccessError, "500"),
+                                                        (404, virtnii.SourceNotFound, "no such file")])
+def test_http_errors_are_named_by_what_the_server_said(http_root: tuple[Path, LocalHTTP], tmp_path: Path,
+                                                       status: int, error_class: type, words: str) -> None:
+    """fsspec reports every failed HTTP request as FileNotFoundError; virtnii tells a 403 from a 404."""
+    root, server = http_root
+    _serve(root)
+    server.fail["anat.nii"] = status
+    [error] = virtnii.scan([f"{server.url}/anat.nii"], str(tmp_path / "out")).failures
+    assert type(error) is error_class and words in str(error) and error.source == f"{server.url}/anat.nii"
+
+
+def test_unreachable_server_is_an_access_error_not_a_missing_file(tmp_path: Path) -> None:
+    root = tmp_path / "www"
+    root.mkdir()
+    server = LocalHTTP(root)
+    server.stop()  # nothing listens on its port any more
+    [error] = virtnii.scan([f"{server.url}/anat.nii"], str(tmp_path / "out")).failures
+    assert type(error) is virtnii.SourceAccessError and "Cannot connect" in str(error)

@@ -182,3 +182,31 @@ def test_nii_gz_over_s3(s3: LocalS3, tmp_path: Path) -> None:
     group = virtnii.open(out, **s3.storage_options)
     _assert_same_image(group, "sub-01/func/sub-01_task-rest_bold", original)
     _assert_no_secrets(s3, _manifest_files(s3.filesystem(), f"{bucket}/manifests/gz"))
+
+
+def _unreachable(s3: LocalS3) -> dict[str, Any]:
+    """The same credentials, aimed at a port nobody listens on, with one attempt per request (not botocore's 5)."""
+    return {**s3.storage_options, "endpoint_url": "http://127.0.0.1:9",
+            "config_kwargs": {"retries": {"max_attempts": 1}}}
+
+
+def test_unreachable_endpoint_is_a_clear_error_at_scan_and_at_read(s3: LocalS3, dataset: dict[str, Any],
+                                                                   tmp_path: Path) -> None:
+    """Network failures reach s3fs's callers as botocore errors, not OSError: they are SourceAccessErrors."""
+    bucket = dataset["bucket"]
+    result = virtnii.scan(f"s3://{bucket}/ds", str(tmp_path / "none"), storage_options=_unreachable(s3))
+    [error] = result.failures
+    assert type(error) is virtnii.SourceAccessError and "Could not connect" in str(error)
+    assert result.manifest is None
+
+    out = tmp_path / "manifest"
+    assert not virtnii.scan(f"s3://{bucket}/ds", str(out), storage_options=s3.storage_options).failures
+    group = virtnii.open(str(out), **_unreachable(s3))
+    with pytest.raises(virtnii.SourceAccessError, match=f"s3://{bucket}/ds/sub-01/anat/sub-01_T1w.nii: .*connect"):
+        group["sub-01/anat/sub-01_T1w"]["0"][:]
+
+
+def test_unwritable_manifest_location_is_a_manifest_error(s3: LocalS3, dataset: dict[str, Any]) -> None:
+    with pytest.raises(virtnii.ManifestError, match="cannot write the manifest here: Could not connect"):
+        virtnii.scan(f"s3://{dataset['bucket']}/ds", "s3://elsewhere/manifest", storage_options=s3.storage_options,
+                     manifest_options=_unreachable(s3))

@@ -6,6 +6,9 @@ one line per failure and carry on with the rest.
 
 from __future__ import annotations
 
+import asyncio
+import functools
+
 
 class VirtniiError(Exception):
     """Base of all virtnii errors: ``str(err)`` is ``"<source>: <problem>"``."""
@@ -47,10 +50,33 @@ class ManifestError(VirtniiError):
     """A manifest folder is missing, unreadable, or was written by an incompatible version."""
 
 
+@functools.lru_cache(maxsize=None)
+def storage_errors() -> tuple[type[BaseException], ...]:
+    """What storage backends raise for a file they cannot reach or read, for ``except storage_errors():``.
+
+    fsspec maps most failures to ``OSError`` (``FileNotFoundError``, ``PermissionError``), but network failures
+    reach callers as the client library's own types: botocore's (s3fs: no route, DNS, endpoint down, expired
+    credentials), aiohttp's (HTTP), and timeouts.  Imported on first use: they are s3fs's dependencies, and a
+    local scan need not pay for importing them.
+    """
+    from aiohttp import ClientError
+    from botocore.exceptions import BotoCoreError
+
+    return (OSError, BotoCoreError, ClientError, asyncio.TimeoutError)
+
+
 def from_os_error(source: str, err: Exception, doing: str) -> VirtniiError:
     """The VirtniiError for a storage error met while ``doing`` something with ``source`` (e.g. ``"read"``)."""
     if isinstance(err, FileNotFoundError):
-        return SourceNotFound(source, "no such file or object")
+        # fsspec's HTTP filesystem reports any failed request (404, 403, 500, no server) as FileNotFoundError;
+        # its cause says which
+        cause = err.__cause__
+        status = getattr(cause, "status", None)
+        if cause is None or isinstance(cause, FileNotFoundError) or status in (404, 410):
+            return SourceNotFound(source, "no such file or object")
+        if status in (401, 403):
+            return SourceAccessError(source, f"permission denied (HTTP {status})")
+        return SourceAccessError(source, f"cannot {doing}: {cause}")
     if isinstance(err, PermissionError):
         return SourceAccessError(source, f"permission denied ({err})")
     return SourceAccessError(source, f"cannot {doing}: {err}")

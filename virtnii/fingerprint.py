@@ -12,7 +12,7 @@ from typing import Any
 
 import fsspec
 
-from .errors import SourceNotFound, StaleSource, from_os_error
+from .errors import SourceNotFound, StaleSource, from_os_error, storage_errors
 
 Fingerprint = dict[str, Any]
 
@@ -50,7 +50,7 @@ def stat(fs: fsspec.AbstractFileSystem, path: str, url: str) -> Fingerprint:
     """Fingerprint of ``path`` on ``fs`` now; errors name ``url``."""
     try:
         info = fs.info(path)
-    except OSError as err:
+    except storage_errors() as err:
         raise from_os_error(url, err, "stat") from err
     if info.get("type") == "directory":
         raise SourceNotFound(url, "is a directory, not a file")
@@ -79,6 +79,6 @@ def check(fs: fsspec.AbstractFileSystem, path: str, url: str, recorded: Fingerpr
         info = fs.info(path)
     except FileNotFoundError:
         raise SourceNotFound(url, "was indexed but no longer exists; re-run `virtnii scan`") from None
-    except OSError as err:
+    except storage_errors() as err:
         raise from_os_error(url, err, "stat") from err
     ensure_unchanged(url, recorded, from_info(info))

@@ -38,7 +38,7 @@ import numpy as np
 from isal import igzip
 
 from . import fingerprint
-from .errors import InvalidGzip, ManifestError, StaleSource, from_os_error
+from .errors import InvalidGzip, ManifestError, StaleSource, from_os_error, storage_errors
 
 #: Bytes of output kept with each seek point: the largest distance a deflate back-reference can reach.
 WINDOW_SIZE = 32768
@@ -573,7 +573,7 @@ def _pieces(f: BinaryIO, url: str) -> Iterator[bytes]:
     def read() -> bytes:
         try:
             return f.read(_READ_PIECE)
-        except OSError as err:
+        except storage_errors() as err:
             raise from_os_error(url, err, "read") from err
 
     with ThreadPoolExecutor(1, thread_name_prefix="virtnii-gzread") as pool:
@@ -663,7 +663,7 @@ def _stream(fs: fsspec.AbstractFileSystem, path: str, url: str, size: int, prefi
         # the size is known: fsspec then skips the info() request it makes to open a file
         f = fs.open(path, "rb", cache_type="none", size=size)
         f.seek(len(prefix))
-    except OSError as err:
+    except storage_errors() as err:
         raise from_os_error(url, err, "open") from err
     with f:
         yield from _pieces(f, url)
@@ -720,5 +720,5 @@ def read_sidecar(fs: fsspec.AbstractFileSystem, descriptor_path: str) -> GzipInd
         return GzipIndex.from_gzidx(data, meta["source"], meta["fingerprint"], stops=stops, members=members)
     except FileNotFoundError as err:
         raise ManifestError(url, f"gzip index missing: {err}") from err
-    except (OSError, ValueError, KeyError, TypeError, EOFError) as err:
+    except (*storage_errors(), ValueError, KeyError, TypeError, EOFError) as err:
         raise ManifestError(url, f"unreadable gzip index: {err}") from err

@@ -27,7 +27,7 @@ from fsspec.asyn import AsyncFileSystem
 from fsspec.spec import AbstractBufferedFile
 
 from . import fingerprint, gzindex
-from .errors import ManifestError, SourceNotFound, from_os_error
+from .errors import ManifestError, SourceNotFound, from_os_error, storage_errors
 from .verified import call, exact_range
 
 
@@ -132,7 +132,7 @@ class GzipIndexFileSystem(AsyncFileSystem):
         """Compressed bytes ``[start, end)`` of the source, in one ranged read (from any loop: see ``call``)."""
         try:
             data = await call(source.fs, "cat_file", source.path, start=start, end=end)
-        except OSError as err:
+        except storage_errors() as err:
             raise from_os_error(source.index.source, err, f"read bytes {start}-{end}") from err
         return exact_range(source.index.source, start, end, data)
 

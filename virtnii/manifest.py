@@ -14,14 +14,15 @@ used to read sources (credentials, endpoints) is ever written: references carry 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import fsspec
 import kerchunk.df
 
-from .errors import ManifestError
+from .errors import ManifestError, storage_errors
 from .references import ImageRefs, hierarchy_docs
 
 INDEX_FILE = "virtnii.json"
@@ -36,9 +37,18 @@ class ManifestWriter:
         self.out_url = out
         self.fs, self.out = fsspec.core.url_to_fs(out, **(storage_options or {}))
         self.out = self.out.rstrip("/")
-        self._refuse_to_replace_other_data()
         self.tmp = f"{self.out}.partial-{uuid.uuid4().hex[:8]}"
-        self.fs.makedirs(self.tmp, exist_ok=True)
+        with self.writing():
+            self._refuse_to_replace_other_data()
+            self.fs.makedirs(self.tmp, exist_ok=True)
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Storage errors while writing the manifest (disk full, no network, no permission) as ManifestError."""
+        try:
+            yield
+        except storage_errors() as err:
+            raise ManifestError(self.out_url, f"cannot write the manifest here: {err}") from err
 
     def _refuse_to_replace_other_data(self) -> None:
         """A scan replaces ``OUT`` wholesale: only ever an earlier manifest or an empty folder, never other data."""
@@ -53,12 +63,22 @@ class ManifestWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.fs.exists(self.tmp):  # commit moved it away; anything left is an aborted write
-            self.fs.rm(self.tmp, recursive=True)
+        try:
+            with self.writing():
+                if self.fs.exists(self.tmp):  # commit moved it away; anything left is an aborted write
+                    self.fs.rm(self.tmp, recursive=True)
+        except ManifestError:  # what failed first is the error to report; OUT itself was never touched
+            if exc is None:
+                raise
 
     def commit(self, images: list[ImageRefs], entries: list[dict[str, Any]], zarr_format: int,
                ref_format: str) -> None:
         """Write references and the index file, then replace ``OUT`` with the finished folder."""
+        with self.writing():
+            self._commit(images, entries, zarr_format, ref_format)
+
+    def _commit(self, images: list[ImageRefs], entries: list[dict[str, Any]], zarr_format: int,
+                ref_format: str) -> None:
         refs = build_refs(images, zarr_format)
         ref_file = REF_FILES[ref_format]
         target = f"{self.tmp}/{ref_file}"
@@ -135,7 +155,7 @@ def read_index(manifest: str, storage_options: dict[str, Any] | None = None) -> 
             index = json.load(f)
     except FileNotFoundError as err:
         raise ManifestError(manifest, f"not a virtnii manifest (no {INDEX_FILE}); create one with `virtnii scan`") from err
-    except (OSError, ValueError) as err:
+    except (*storage_errors(), ValueError) as err:
         raise ManifestError(manifest, f"cannot read {INDEX_FILE}: {err}") from err
     if not isinstance(index, dict) or index.get("virtnii_manifest") != MANIFEST_VERSION:
         raise ManifestError(manifest, f"{INDEX_FILE} is not a version-{MANIFEST_VERSION} virtnii manifest")

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from . import fingerprint, gzindex
 from .errors import (InvalidGzip, InvalidNifti, ManifestError, SourceAccessError, SourceNotFound, VirtniiError,
-                     from_os_error)
+                     from_os_error, storage_errors)
 from .header import HEAD_BYTES, NiftiHeader, header_extent, parse, parse_many
 from .manifest import REF_FILES, ManifestWriter
 from .references import ZARR_FORMATS, ImageRefs, image_refs
@@ -260,7 +260,7 @@ def _list(fs: fsspec.AbstractFileSystem, path: str, src: str,
         if info.get("type") == "directory":
             listing = _walk_local(path, fs, failures) if _is_local(fs) else fs.find(path, detail=True)
             return listing, path.rstrip("/")
-    except OSError as err:
+    except storage_errors() as err:
         raise from_os_error(src, err, "list") from err
     if not path.lower().endswith(NIFTI_SUFFIXES):
         raise InvalidNifti(src, f"not a NIfTI file name (expected one of {', '.join(NIFTI_SUFFIXES)})")
@@ -342,7 +342,7 @@ def _attach_data_file(source: Source) -> None:
             return
         except FileNotFoundError:
             continue
-        except OSError as err:
+        except storage_errors() as err:
             raise SourceAccessError(source.url, f"cannot stat its data file {candidate}: {err}") from err
     raise SourceNotFound(source.url, f"no matching data file {posixpath.basename(stem + suffix)} beside this .hdr")
 
@@ -514,7 +514,7 @@ def _read_gzip_start(fs: fsspec.AbstractFileSystem, path: str, url: str, end: in
     """The first ``end`` compressed bytes, checked to be gzip and exactly what was asked for."""
     try:
         compressed = fs.cat_file(path, start=0, end=end)
-    except Exception as err:  # noqa: BLE001 - any storage error is reported against the source
+    except storage_errors() as err:
         raise from_os_error(url, err, "read") from err
     if len(compressed) > end:
         raise SourceAccessError(url, f"asked for {end} bytes and got {len(compressed)}: {IGNORES_RANGES}")
@@ -563,7 +563,8 @@ def index_gzip_source(source: Source, writer: ManifestWriter, zarr_format: int,
     # sidecars mirror the image names (sub-01/anat/…), which are unique, so sidecar paths are too
     folder, _, base = source.name.rpartition("/")
     relative = f"{GZIP_INDEX_FOLDER}/{folder}".rstrip("/")
-    descriptor = f"{relative}/{gzindex.write_sidecar(index, writer.fs, f'{writer.tmp}/{relative}', base)}"
+    with writer.writing():
+        descriptor = f"{relative}/{gzindex.write_sidecar(index, writer.fs, f'{writer.tmp}/{relative}', base)}"
     layout_refs.url = f"gzidx://{descriptor}"
     entry = _entry(source, header, layout_refs)
     entry["gzip_index"] = descriptor

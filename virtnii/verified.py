@@ -16,7 +16,7 @@ import fsspec
 from fsspec.asyn import AsyncFileSystem
 
 from . import fingerprint
-from .errors import SourceAccessError, StaleSource, VirtniiError
+from .errors import SourceAccessError, StaleSource, VirtniiError, from_os_error, storage_errors
 from .manifest import manifest_options_for, read_index
 
 
@@ -76,17 +76,24 @@ class VerifiedFileSystem(AsyncFileSystem):
         return path
 
     async def _cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
-        data = await call(self.fs, "cat_file", await self._verify(path), start=start, end=end, **kwargs)
+        verified = await self._verify(path)
+        try:
+            data = await call(self.fs, "cat_file", verified, start=start, end=end, **kwargs)
+        except storage_errors() as err:  # never FileNotFoundError: zarr would read a missing chunk as fill values
+            raise from_os_error(self.fs.unstrip_protocol(verified), err, "read") from err
         if start is None or end is None:
             return data
-        return exact_range(self.fs.unstrip_protocol(path), start, end, data)
+        return exact_range(self.fs.unstrip_protocol(verified), start, end, data)
 
     async def _cat_ranges(self, paths: list[str], starts: list[int], ends: list[int], **kwargs: Any) -> list[Any]:
         verified = [await self._verify(p) for p in paths]
         results = await call(self.fs, "cat_ranges", verified, starts, ends, **kwargs)
-        for path, start, end, data in zip(paths, starts, ends, results):
-            if isinstance(data, bytes) and start is not None and end is not None:
-                exact_range(self.fs.unstrip_protocol(path), start, end, data)
+        for i, (path, start, end, data) in enumerate(zip(verified, starts, ends, results)):
+            url = self.fs.unstrip_protocol(path)
+            if isinstance(data, storage_errors()):
+                results[i] = from_os_error(url, data, "read")
+            elif isinstance(data, bytes) and start is not None and end is not None:
+                exact_range(url, start, end, data)
         return results
 
     async def _info(self, path: str, **kwargs: Any) -> dict[str, Any]:
