@@ -73,6 +73,18 @@ def test_parquet_references_need_zarr_v2(tmp_path: Path) -> None:
     assert group["anatomical/0"].shape == (25, 41, 33)
 
 
+@pytest.mark.parametrize("damage, problem", [("delete", "are missing"), ("truncate", "cannot read references")])
+def test_missing_or_damaged_references_raise_manifest_error(tmp_path: Path, damage: str, problem: str) -> None:
+    virtnii.scan([str(DATA / "anatomical.nii")], str(tmp_path / "out"))
+    refs = tmp_path / "out" / "refs.json"
+    if damage == "delete":
+        refs.unlink()
+    else:
+        refs.write_bytes(refs.read_bytes()[:100])
+    with pytest.raises(virtnii.ManifestError, match=problem):
+        virtnii.open(str(tmp_path / "out"))
+
+
 def _parquet_files(out: Path, array: str) -> list[str]:
     return sorted(p.name for p in (out / "refs.parquet" / array).glob("refs.*.parq"))
 

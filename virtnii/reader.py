@@ -19,7 +19,7 @@ from fsspec.implementations.reference import ReferenceFileSystem, ReferenceNotRe
 from nibabel.fileslice import canonical_slicers
 from zarr.storage import FsspecStore
 
-from .errors import InvalidNifti, ManifestError, VirtniiError
+from .errors import InvalidNifti, ManifestError, VirtniiError, storage_errors
 from .layout import ZARR_TO_FILE
 from .manifest import manifest_options_for, read_index
 from .verified import VerifiedFileSystem
@@ -67,8 +67,13 @@ def open(manifest: str, manifest_options: dict[str, Any] | None = None, **storag
     a changed source raises :class:`~virtnii.errors.StaleSource` instead of returning wrong voxels.
     """
     options = reference_options(manifest, manifest_options, **storage_options)
-    store = FsspecStore(_ReferenceFileSystem(**options), read_only=True, path="")
-    return zarr.open_group(store=store, mode="r")
+    try:
+        references = _ReferenceFileSystem(**options)
+    except FileNotFoundError as err:
+        raise ManifestError(manifest, f"references {options['fo']} are missing; re-run `virtnii scan`") from err
+    except (*storage_errors(), ValueError) as err:  # ValueError: not JSON / not Parquet
+        raise ManifestError(manifest, f"cannot read references {options['fo']}: {err}") from err
+    return zarr.open_group(store=FsspecStore(references, read_only=True, path=""), mode="r")
 
 
 class _ReferenceFileSystem(ReferenceFileSystem):
