@@ -242,3 +242,14 @@ def test_source_cut_short_after_its_check_is_stale(indexed: tuple[Path, Path]) -
     with open(path, "r+b") as f:
         f.truncate(path.stat().st_size - 2)
     _assert_refused(lambda: array[-1], virtnii.StaleSource, path)
+
+
+def test_source_replaced_after_the_first_read_is_stale(indexed: tuple[Path, Path]) -> None:
+    """A manifest left open (a notebook, a viewer's server) keeps checking: local files before every read."""
+    path, manifest = indexed
+    array = virtnii.open(str(manifest))["bold"]["0"]
+    array[0]
+    info = path.stat()
+    write_nifti(path, voxels((6, 5, 4, 3), "i2", seed=9))  # same size, other voxels
+    os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns + 1_000_000_000))
+    _assert_refused(lambda: array[0], virtnii.StaleSource, path)

@@ -210,3 +210,20 @@ def test_unwritable_manifest_location_is_a_manifest_error(s3: LocalS3, dataset: 
     with pytest.raises(virtnii.ManifestError, match="cannot write the manifest here: Could not connect"):
         virtnii.scan(f"s3://{dataset['bucket']}/ds", "s3://elsewhere/manifest", storage_options=s3.storage_options,
                      manifest_options=_unreachable(s3))
+
+
+def test_open_manifest_rechecks_remote_sources(s3: LocalS3, dataset: dict[str, Any], tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A source overwritten while a manifest stays open is refused once its check is RECHECK_AFTER old."""
+    from virtnii import fingerprint
+
+    bucket, name = dataset["bucket"], "sub-01/anat/sub-01_T1w"
+    out = tmp_path / "manifest"
+    assert not virtnii.scan(f"s3://{bucket}/ds", str(out), storage_options=s3.storage_options).failures
+    array = virtnii.open(str(out), **s3.storage_options)[name]["0"]
+    array[0]
+    original = (DATA / PLAIN[name]).read_bytes()
+    s3.filesystem().pipe_file(f"s3://{bucket}/ds/{name}.nii", original[:-2] + b"\x7f\x7f")
+    monkeypatch.setattr(fingerprint, "RECHECK_AFTER", 0.0)
+    with pytest.raises(virtnii.StaleSource, match="etag"):
+        array[0]

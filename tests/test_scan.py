@@ -346,3 +346,19 @@ def test_unlistable_subfolder_is_reported_and_the_rest_indexed(tmp_path: Path,
     [error] = result.failures
     assert isinstance(error, virtnii.SourceAccessError) and "permission denied" in str(error)
     assert error.source == locked.as_uri()
+
+
+def test_reader_left_open_across_a_rescan_never_reads_the_new_file(tmp_path: Path) -> None:
+    """A manifest opened (say, in a notebook) stays open while its .nii.gz source is replaced and rescanned:
+    the old references' offsets mean nothing in the new file, so reads must fail, never return its bytes."""
+    path = write_nifti(tmp_path / "a.nii.gz", voxels((40, 30, 20), "i2"))
+    virtnii.scan([str(path)], str(tmp_path / "out"))
+    early = virtnii.open(str(tmp_path / "out"))["a"]["0"]  # its first read loads the index and checks the source
+    late = virtnii.open(str(tmp_path / "out"))["a"]["0"]  # never read before the rescan
+    np.testing.assert_array_equal(early[0], voxels((40, 30, 20), "i2")[:, :, 0].T)
+    write_nifti(path, voxels((40, 30, 20), "i2", seed=5), extensions=(("comment", b"x" * 1000),))
+    virtnii.scan([str(path)], str(tmp_path / "out"))
+    with pytest.raises(virtnii.StaleSource):
+        early[...]
+    with pytest.raises(virtnii.ManifestError, match="gzip index"):
+        late[...]

@@ -7,7 +7,10 @@ plus its ETag (object stores, HTTP) or mtime (POSIX-like filesystems), and reade
 
 from __future__ import annotations
 
+import asyncio
 import datetime as _dt
+import json
+import time
 from typing import Any
 
 import fsspec
@@ -66,6 +69,35 @@ def ensure_unchanged(url: str, recorded: Fingerprint, current: Fingerprint) -> N
                 f"changed since it was indexed ({key} was {recorded[key]!r}, now {current[key]!r}); "
                 "re-run `virtnii scan` on it",
             )
+
+
+#: Seconds a remote source stays trusted after a passing check: it is checked again on the first read after that,
+#: one request per source per interval.  Local sources are checked on every read (a stat costs microseconds).
+RECHECK_AFTER = 10.0
+
+
+class Checker:
+    """Fingerprint checks before reads, remembered so that they cost almost nothing, but never for long.
+
+    Checking only before a source's first read (as before) let a reader that stays open — a notebook, a web
+    viewer's server — serve bytes of a file replaced hours later at offsets that no longer mean anything.
+    """
+
+    def __init__(self) -> None:
+        self._passed: dict[tuple[str, str], float] = {}
+
+    async def ensure(self, fs: fsspec.AbstractFileSystem, path: str, url: str, recorded: Fingerprint) -> None:
+        """Raise like :func:`check` unless ``url`` passed a check recently enough; from any event loop."""
+        key = (url, json.dumps(recorded, sort_keys=True))
+        local = getattr(fs, "local_file", False)
+        last = self._passed.get(key)
+        if not local and last is not None and time.monotonic() - last < RECHECK_AFTER:
+            return
+        if local:
+            check(fs, path, url, recorded)
+        else:  # fs.info of an async filesystem blocks on its own loop, which may be the caller's: use a thread
+            await asyncio.to_thread(check, fs, path, url, recorded)
+        self._passed[key] = time.monotonic()
 
 
 def check(fs: fsspec.AbstractFileSystem, path: str, url: str, recorded: Fingerprint) -> None:

@@ -7,15 +7,14 @@ span it needs (from the seek point before the range to the compressed position t
 inflate in a worker thread, so concurrent chunk reads use every core.
 
 ``gzidx://gzindex/sub-01_T1w.gzidx.json`` names a descriptor written by :func:`virtnii.gzindex.write_sidecar`,
-relative to ``root`` (the manifest folder).  The descriptor names the source; before a source's first read in
-a process, its size and ETag/mtime are compared with those recorded at indexing time
-(:class:`~virtnii.errors.StaleSource` if they differ).  See docs/gzip.md.
+relative to ``root`` (the manifest folder).  The descriptor names the source; before its bytes are read, its
+size and ETag/mtime are compared with those recorded at indexing time (:class:`~virtnii.errors.StaleSource` if
+they differ; see :class:`virtnii.fingerprint.Checker` for how often).  See docs/gzip.md.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -41,10 +40,10 @@ class _Source:
 
 
 # Per process: parsed indexes by descriptor URL (with the descriptor's own fingerprint, so a manifest re-written
-# in place is re-read), sources whose fingerprint was checked, one lock per descriptor so that a burst of
-# concurrent first reads loads it once, and the inflate workers.
+# in place is re-read), passing source checks, one lock per descriptor so that a burst of concurrent first reads
+# loads it once, and the inflate workers.
 _INDEXES: dict[str, tuple[fingerprint.Fingerprint, gzindex.GzipIndex]] = {}
-_CHECKED: set[tuple[str, str]] = set()
+_CHECKER = fingerprint.Checker()
 _LOCKS: dict[str, threading.Lock] = {}
 _LOCKS_GUARD = threading.Lock()
 _POOL: ThreadPoolExecutor | None = None
@@ -106,15 +105,15 @@ class GzipIndexFileSystem(AsyncFileSystem):
         return source
 
     def _load(self, path: str) -> _Source:
-        """Read (or reuse) the descriptor's index and check its source once per process; runs in a thread."""
+        """Read (or reuse) the descriptor's index; runs in a thread."""
         descriptor_path = f"{self._root_path}/{path}"
         url = self._root_fs.unstrip_protocol(descriptor_path)
         with _lock(url):
             try:
                 descriptor_fp = fingerprint.stat(self._root_fs, descriptor_path, url)
             except SourceNotFound as err:
-                raise ManifestError(url, f"no gzip index descriptor here (is root={self.root!r} the manifest "
-                                         "folder?)") from err
+                raise ManifestError(url, f"no gzip index descriptor here: is root={self.root!r} the manifest "
+                                         "folder, or was it rescanned since it was opened? (open it again)") from err
             cached = _INDEXES.get(url)
             if cached is not None and cached[0] == descriptor_fp:
                 index = cached[1]
@@ -122,14 +121,12 @@ class GzipIndexFileSystem(AsyncFileSystem):
                 index = gzindex.read_sidecar(self._root_fs, descriptor_path)
                 _INDEXES[url] = (descriptor_fp, index)
         fs, source_path = fsspec.core.url_to_fs(index.source, **self.target_options)
-        checked = (index.source, json.dumps(index.fingerprint, sort_keys=True))
-        if checked not in _CHECKED:
-            fingerprint.check(fs, source_path, index.source, index.fingerprint)
-            _CHECKED.add(checked)
         return _Source(index, fs, source_path)
 
     async def _fetch(self, source: _Source, start: int, end: int) -> bytes:
-        """Compressed bytes ``[start, end)`` of the source, in one ranged read (from any loop: see ``call``)."""
+        """Compressed bytes ``[start, end)`` of the source, in one ranged read (from any loop: see ``call``), once
+        the source is known to be the one indexed."""
+        await _CHECKER.ensure(source.fs, source.path, source.index.source, source.index.fingerprint)
         try:
             data = await call(source.fs, "cat_file", source.path, start=start, end=end)
         except storage_errors() as err:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import collections
 import functools
+import hashlib
+import json
 import os
 import posixpath
 import re
@@ -560,16 +562,28 @@ def index_gzip_source(source: Source, writer: ManifestWriter, zarr_format: int,
     index = gzindex.build_index(source.data_url, offsets, fs=source.fs, prefix=prefix,
                                 known=fingerprint.from_info(source.data_info), progress=progress)
     _check_data_size(source.data_url, header, index.uncompressed_size)
-    # sidecars mirror the image names (sub-01/anat/…), which are unique, so sidecar paths are too
     folder, _, base = source.name.rpartition("/")
     relative = f"{GZIP_INDEX_FOLDER}/{folder}".rstrip("/")
     with writer.writing():
-        descriptor = f"{relative}/{gzindex.write_sidecar(index, writer.fs, f'{writer.tmp}/{relative}', base)}"
+        written = gzindex.write_sidecar(index, writer.fs, f"{writer.tmp}/{relative}", f"{base}.{_version_tag(index)}")
+    descriptor = f"{relative}/{written}"
     layout_refs.url = f"gzidx://{descriptor}"
     entry = _entry(source, header, layout_refs)
     entry["gzip_index"] = descriptor
     entry["uncompressed_size"] = index.uncompressed_size
     return header, layout_refs, entry
+
+
+def _version_tag(index: gzindex.GzipIndex) -> str:
+    """8 hex digits naming this version of a source and its chunking, part of the sidecar's file name.
+
+    Sidecar paths mirror the image names (``sub-01/anat/…``), which are unique within a manifest; the tag makes
+    them unique across rescans too.  A reader still holding the references of an earlier scan (opened before
+    the manifest was replaced) then finds its own sidecar or none — never the index of a changed source, whose
+    seek points would serve other bytes at its old offsets.
+    """
+    identity = json.dumps(index.fingerprint, sort_keys=True).encode() + index.stops.tobytes()
+    return hashlib.blake2b(identity, digest_size=4).hexdigest()
 
 
 # -------------------------------------------------------------------------------------------------- entries

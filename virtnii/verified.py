@@ -2,8 +2,10 @@
 
 References into a ``.nii`` are bare ``(url, offset, length)`` triples: if the file is replaced they silently
 point at other bytes.  :func:`virtnii.open` therefore reads sources through :class:`VerifiedFileSystem`, which
-compares each source's size and ETag/mtime with the manifest's record the first time the source is touched
-(one ``info`` call per source per opened manifest) and raises :class:`~virtnii.errors.StaleSource` on mismatch.
+compares each source's size and ETag/mtime with the manifest's record before reading it (every read of a local
+file; remote ones again after :data:`~virtnii.fingerprint.RECHECK_AFTER` seconds) and raises
+:class:`~virtnii.errors.StaleSource` on mismatch.  A source is also refused if it returns other than the exact
+bytes asked for.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ IGNORES_RANGES = ("the server ignores byte ranges (HTTP Range), which reading fi
 
 
 class VerifiedFileSystem(AsyncFileSystem):
-    """Reads through ``fs`` (any fsspec filesystem), checking ``expected[url]`` fingerprints once per source."""
+    """Reads through ``fs`` (any fsspec filesystem), checking ``expected[url]`` fingerprints before reads."""
 
     cachable = False
 
@@ -65,14 +67,12 @@ class VerifiedFileSystem(AsyncFileSystem):
         self.fs = fs
         self.protocol = fs.protocol
         self.expected = {fs._strip_protocol(url): fp for url, fp in expected.items()}
-        self._checked: set[str] = set()
+        self._checker = fingerprint.Checker()
 
     async def _verify(self, url: str) -> str:
         path = self.fs._strip_protocol(url)
-        if path in self._checked or path not in self.expected:
-            return path
-        await asyncio.to_thread(fingerprint.check, self.fs, path, self.fs.unstrip_protocol(path), self.expected[path])
-        self._checked.add(path)
+        if path in self.expected:
+            await self._checker.ensure(self.fs, path, self.fs.unstrip_protocol(path), self.expected[path])
         return path
 
     async def _cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
