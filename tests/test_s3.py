@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 import virtnii
-from conftest import LocalS3
+import virtnii.manifest
+from conftest import LocalS3, clear_fsspec_caches
 
 DATA = Path(nib.__file__).parent / "tests" / "data"
 
@@ -227,3 +228,46 @@ def test_open_manifest_rechecks_remote_sources(s3: LocalS3, dataset: dict[str, A
     monkeypatch.setattr(fingerprint, "RECHECK_AFTER", 0.0)
     with pytest.raises(virtnii.StaleSource, match="etag"):
         array[0]
+
+
+def test_rescan_into_a_manifest_on_s3_replaces_it_index_last(s3: LocalS3, dataset: dict[str, Any],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Object stores cannot rename: new files are copied over the old ones, the index file last, then what only
+    the old manifest had is deleted.  A copy failing before the index leaves a manifest that still opens and
+    reads right (new references, old index file: never wrong voxels), until a rescan completes."""
+    import s3fs
+
+    bucket = dataset["bucket"]
+    fs = s3.filesystem()
+    fs.put_file(str(DATA / "example4d.nii.gz"), f"{bucket}/ds/sub-03/func/sub-03_bold.nii.gz")
+    out, opts = f"s3://{bucket}/manifests/ds", s3.storage_options
+    first = virtnii.scan(f"s3://{bucket}/ds", out, storage_options=opts, manifest_options=opts)
+    old_sidecars = [f for f in fs.find(f"{bucket}/manifests/ds") if "/gzindex/" in f]
+    assert len(old_sidecars) == 2 and len(first.images) == 5
+
+    real_copy = s3fs.S3FileSystem._copy
+
+    async def copy_but_not_the_index(self: Any, path1: Any, path2: Any, **kwargs: Any) -> Any:
+        if any(str(p).endswith("/virtnii.json") for p in path1):
+            raise OSError("connection reset")
+        return await real_copy(self, path1, path2, **kwargs)
+
+    urls = [f"s3://{bucket}/ds/{name}.nii" for name in PLAIN]  # a rescan of fewer files, no .nii.gz
+    monkeypatch.setattr(s3fs.S3FileSystem, "_copy", copy_but_not_the_index)
+    clear_fsspec_caches()  # new filesystem instances bind their sync methods to the patched coroutine
+    with pytest.raises(virtnii.ManifestError, match="connection reset"):
+        virtnii.scan(urls, out, storage_options=opts, manifest_options=opts)
+    monkeypatch.undo()
+    clear_fsspec_caches()
+    assert sorted(e["name"] for e in virtnii.manifest.read_index(out, opts)["images"]) == sorted(
+        e["name"] for e in first.images)  # the old index file stayed
+    group = virtnii.open(out, **opts)  # over the new references
+    _assert_same_image(group, "sub-01_T1w", DATA / PLAIN["sub-01/anat/sub-01_T1w"])
+
+    clear_fsspec_caches()
+    second = virtnii.scan(urls, out, storage_options=opts, manifest_options=opts)
+    assert sorted(e["name"] for e in second.images) == sorted(n.rsplit("/", 1)[1] for n in PLAIN)
+    left = fs.find(f"{bucket}/manifests")
+    assert not [f for f in left if "/gzindex/" in f or ".partial-" in f], left  # the old sidecars are gone
+    group = virtnii.open(out, **opts)
+    _assert_same_image(group, "sub-01_T1w", DATA / PLAIN["sub-01/anat/sub-01_T1w"])

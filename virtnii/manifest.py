@@ -8,7 +8,8 @@ Layout (documented for users in ``docs/manifest.md``)::
       gzindex/            gzip seek-point sidecars of .nii.gz sources (see docs/gzip.md)
 
 Everything is written into a sibling ``OUT.partial-<id>`` folder first and moved into place only when complete,
-so a failure or an interrupt never leaves a half-written manifest at ``OUT``.  Nothing from the storage options
+so a failure or an interrupt never leaves a half-written manifest at ``OUT`` (on object stores, which cannot
+rename, the files are copied over the old ones with the index file last; see ``ManifestWriter.commit``).  Nothing from the storage options
 used to read sources (credentials, endpoints) is ever written: references carry only URLs.
 """
 
@@ -104,13 +105,21 @@ class ManifestWriter:
             if self.fs.exists(old):
                 self.fs.rm(old, recursive=True)
             return
-        if self.fs.exists(self.out):
-            self.fs.rm(self.out, recursive=True)
-        # Object stores cannot rename, and fsspec's recursive mv also copies the "folder" key itself, which
-        # does not exist there (NoSuchKey on S3): copy the files, the index file last, then delete the originals.
-        files = [f for f in self.fs.find(self.tmp) if not f.endswith(f"/{INDEX_FILE}")]
-        for batch in (files, [f"{self.tmp}/{INDEX_FILE}"]):
-            self.fs.copy(batch, [self.out + f[len(self.tmp):] for f in batch])
+        # Object stores cannot rename (and fsspec's recursive mv also copies the "folder" key itself, which does
+        # not exist there: NoSuchKey on S3).  Copy the new files over the old ones — sidecars, then references,
+        # then the index file (one PUT: readers find the old manifest or the new one) — and only then delete what
+        # only the old manifest had.  Old and new files never combine into wrong voxels: sidecar names carry a
+        # version tag, and every source is checked against its fingerprint before it is read.
+        old = set(self.fs.find(self.out)) if self.fs.exists(self.out) else set()
+        new = [f for f in self.fs.find(self.tmp) if f != f"{self.tmp}/{INDEX_FILE}"]
+        references = f"{self.tmp}/{ref_file}"
+        sidecars = [f for f in new if not f.startswith(references)]
+        for batch in (sidecars, [f for f in new if f.startswith(references)], [f"{self.tmp}/{INDEX_FILE}"]):
+            if batch:
+                self.fs.copy(batch, [self.out + f[len(self.tmp):] for f in batch])
+        stale = sorted(old - {self.out + f[len(self.tmp):] for f in new} - {f"{self.out}/{INDEX_FILE}"})
+        if stale:
+            self.fs.rm(stale)
         self.fs.rm(self.tmp, recursive=True)
 
 
