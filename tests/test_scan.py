@@ -362,3 +362,28 @@ def test_reader_left_open_across_a_rescan_never_reads_the_new_file(tmp_path: Pat
         early[...]
     with pytest.raises(virtnii.ManifestError, match="gzip index"):
         late[...]
+
+
+def test_interrupted_scan_stops_indexing_and_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C during the gzip phase: queued files are not indexed, running passes end early, no manifest."""
+    scanning = importlib.import_module("virtnii.scan")
+    blob = (DATA / "example4d.nii.gz").read_bytes()
+    for i in range(60):
+        (tmp_path / "ds" / f"sub-{i:02d}").mkdir(parents=True)
+        (tmp_path / "ds" / f"sub-{i:02d}" / "bold.nii.gz").write_bytes(blob)
+    started = []
+    index = scanning.index_gzip_source
+
+    def counted(*args: Any) -> Any:
+        started.append(args[0].name)
+        return index(*args)
+
+    def interrupt(*args: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(scanning, "index_gzip_source", counted)
+    monkeypatch.setattr(scanning, "_collect", interrupt)  # the first finished file: as if Ctrl-C came then
+    with pytest.raises(KeyboardInterrupt):
+        virtnii.scan([str(tmp_path / "ds")], str(tmp_path / "out"))
+    assert len(started) < 20, f"{len(started)} of 60 files indexed after the interrupt"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]

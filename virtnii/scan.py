@@ -16,6 +16,7 @@ import json
 import os
 import posixpath
 import re
+import threading
 import urllib.parse
 import zlib
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -138,20 +139,36 @@ def scan(sources: Iterable[str] | str, out: str, *, zarr_format: int = 3, ref_fo
                     pending.append(prefetch.submit(read_plain_headers, batches[k + 1]))
                 for source, outcome in zip(batch, _plain_images(batch, heads, zarr_format)):
                     _collect(source, outcome, images, entries, failures, bar)
+        stop = threading.Event()
+
+        def advance(consumed: int) -> None:
+            """Progress of an index pass; ends the pass early once the scan is being abandoned."""
+            if stop.is_set():
+                raise _Abandoned()
+            gz_bar.update(consumed)
+
         with ThreadPoolExecutor(max_workers=_gzip_workers(gzipped)) as pool:
-            jobs = {pool.submit(index_gzip_source, s, writer, zarr_format, gz_bar.update): s
-                    for s in gzipped}
-            for job in as_completed(jobs):
-                try:
-                    outcome = job.result()
-                except VirtniiError as err:
-                    outcome = err
-                _collect(jobs[job], outcome, images, entries, failures, bar)
+            jobs = {pool.submit(index_gzip_source, s, writer, zarr_format, advance): s for s in gzipped}
+            try:
+                for job in as_completed(jobs):
+                    try:
+                        outcome = job.result()
+                    except VirtniiError as err:
+                        outcome = err
+                    _collect(jobs[job], outcome, images, entries, failures, bar)
+            except BaseException:  # Ctrl-C or a bug: do not index the rest of an archive before giving up
+                stop.set()
+                pool.shutdown(cancel_futures=True)
+                raise
         if not images:
             return ScanResult(None, [], failures)
         order = sorted(range(len(images)), key=lambda i: images[i].name)
         writer.commit([images[i] for i in order], [entries[i] for i in order], zarr_format, ref_format)
     return ScanResult(out, [entries[i] for i in order], failures)
+
+
+class _Abandoned(Exception):
+    """Raised inside an index pass when the scan it belongs to is being abandoned (Ctrl-C, an error)."""
 
 
 def _gzip_workers(sources: list[Source]) -> int:
