@@ -33,7 +33,7 @@ import nibabel as nib
 import numpy as np
 import zarr
 
-from virtnii import fingerprint, gzindex, gzipfs
+from virtnii import gzindex, gzipfs
 
 T = TypeVar("T")
 
@@ -128,7 +128,7 @@ def _best(func: Callable[[], T], repeat: int) -> tuple[float, T]:
 def _forget_gzip_indexes() -> None:
     """Make the next gzidx:// read cold: no parsed index, no checked source in this process."""
     gzipfs._INDEXES.clear()
-    gzipfs._CHECKER = fingerprint.Checker()
+    gzipfs._CHECKER.forget()
 
 
 @dataclass

@@ -281,9 +281,10 @@ def main() -> None:
         ok &= report("local disk (warm page cache)", ours, theirs, None if args.gzip else TARGET_LOCAL)
         if not args.gzip:
             io_seconds, json_seconds = floor_parts(str(args.dir), work / "local", args.repeat)
+            most = theirs.seconds / (io_seconds + json_seconds)
             print(f"  floor: listing + reading the headers {io_seconds:.3f} s, JSON-encoding the metadata it must "
-                  f"write {json_seconds:.3f} s\n         -> at most {theirs.seconds / (io_seconds + json_seconds):.1f}x "
-                  "the baseline even if parsing, references and writing cost nothing")
+                  f"write {json_seconds:.3f} s\n         -> at most {most:.1f}x the baseline even if parsing, "
+                  "references and writing cost nothing")
         if profile is not None:
             print_profile(profile, f"local, {args.repeat} runs")
 

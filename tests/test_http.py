@@ -126,3 +126,14 @@ def test_unreachable_server_is_an_access_error_not_a_missing_file(tmp_path: Path
     server.stop()  # nothing listens on its port any more
     [error] = virtnii.scan([f"{server.url}/anat.nii"], str(tmp_path / "out")).failures
     assert type(error) is virtnii.SourceAccessError and "Cannot connect" in str(error)
+
+
+def test_http_refusal_at_read_time_is_not_a_missing_file(http_root: tuple[Path, LocalHTTP], tmp_path: Path) -> None:
+    root, server = http_root
+    _serve(root)
+    virtnii.scan([f"{server.url}/anat.nii"], str(tmp_path / "out"))
+    server.fail["anat.nii"] = 403
+    with pytest.raises(virtnii.SourceAccessError, match="anat.nii: permission denied"):
+        virtnii.open(str(tmp_path / "out"))["anat"]["0"][...]
+    count, problems = virtnii.verify(str(tmp_path / "out"))
+    assert count == 1 and [type(p) for p in problems] == [virtnii.SourceAccessError]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -111,3 +112,16 @@ def test_parquet_record_size_fits_the_largest_array(tmp_path: Path, monkeypatch:
     for name in sources:
         assert len(_parquet_files(out, f"{name}/0")) == -(-chunks[name] // 8)
         np.testing.assert_array_equal(group[name]["0"][...], expected[name])
+
+
+def test_references_and_index_that_disagree_never_read_unchecked(tmp_path: Path) -> None:
+    """An interrupted replacement on an object store can pair new references with the old index file: a source
+    the index does not list is refused, and .nii.gz images still read through their own versioned sidecars."""
+    virtnii.scan([str(DATA / "anatomical.nii")], str(tmp_path / "old"))
+    virtnii.scan([str(DATA / "functional.nii"), str(DATA / "example4d.nii.gz")], str(tmp_path / "new"))
+    shutil.copy(tmp_path / "old" / "virtnii.json", tmp_path / "new" / "virtnii.json")
+    group = virtnii.open(str(tmp_path / "new"))
+    with pytest.raises(virtnii.ManifestError, match="functional.nii: is referenced but not listed"):
+        group["functional"]["0"][...]
+    expected = file_to_zarr_order(nib.load(DATA / "example4d.nii.gz").dataobj.get_unscaled())
+    np.testing.assert_array_equal(group["example4d"]["0"][...], expected)

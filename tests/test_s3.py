@@ -7,6 +7,7 @@ files.  Also checked: credentials never reach a manifest, and a source replaced 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import sys
 from pathlib import Path
@@ -17,7 +18,9 @@ import numpy as np
 import pytest
 
 import virtnii
+import virtnii.layout
 import virtnii.manifest
+import virtnii.references
 from conftest import LocalS3, clear_fsspec_caches
 
 DATA = Path(nib.__file__).parent / "tests" / "data"
@@ -211,6 +214,24 @@ def test_unwritable_manifest_location_is_a_manifest_error(s3: LocalS3, dataset: 
     with pytest.raises(virtnii.ManifestError, match="cannot write the manifest here: Could not connect"):
         virtnii.scan(f"s3://{dataset['bucket']}/ds", "s3://elsewhere/manifest", storage_options=s3.storage_options,
                      manifest_options=_unreachable(s3))
+
+
+def test_remote_sources_are_checked_once_per_interval(s3: LocalS3, dataset: dict[str, Any], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Concurrent chunk reads share one check, and reads within RECHECK_AFTER of it make no other."""
+    bucket, name = dataset["bucket"], "sub-01/func/sub-01_task-rest_bold"
+    out = tmp_path / "manifest"
+    monkeypatch.setattr(virtnii.references, "plan", functools.partial(virtnii.layout.plan, target=4096, limit=8192))
+    assert not virtnii.scan(f"s3://{bucket}/ds", str(out), storage_options=s3.storage_options).failures
+    monkeypatch.undo()
+    array = virtnii.open(str(out), **s3.storage_options)[name]["0"]
+    assert array.nchunks > 1
+    s3.reset_counters()
+    array[...]  # every chunk at once
+    array[0]
+    array[...]
+    requests = s3.meter().requests
+    assert requests.get("HEAD", 0) == 1, requests
 
 
 def test_open_manifest_rechecks_remote_sources(s3: LocalS3, dataset: dict[str, Any], tmp_path: Path,

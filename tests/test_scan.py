@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import virtnii
-from nifti_samples import voxels, write_nifti
+from nifti_samples import patch_header, voxels, write_nifti
 from virtnii import fingerprint
 from virtnii.scan import assign_names, expand
 
@@ -205,6 +205,14 @@ def test_bad_gzip_sources_are_reported_by_name(tmp_path: Path) -> None:
     assert all(isinstance(f, virtnii.InvalidGzip) for f in by_file.values()), by_file
 
 
+def test_gzip_header_claiming_a_huge_vox_offset_is_refused_without_inflating_it(tmp_path: Path) -> None:
+    """vox_offset 1e9 in a small .nii.gz: the scanner must not inflate a gigabyte to find the header's end."""
+    plain = patch_header(write_nifti(tmp_path / "src.nii", voxels((9, 8, 7), "i2")), vox_offset=1e9)
+    (tmp_path / "huge.nii.gz").write_bytes(gzip.compress(plain.read_bytes() + bytes(2**21)))
+    [error] = virtnii.scan([str(tmp_path / "huge.nii.gz")], str(tmp_path / "out")).failures
+    assert isinstance(error, virtnii.InvalidNifti) and "vox_offset corrupt" in str(error)
+
+
 # ------------------------------------------------------------------------------------------- naming edges
 
 def test_gzip_sidecars_of_lookalike_names_do_not_collide(tmp_path: Path) -> None:
@@ -325,7 +333,8 @@ def test_broken_links_are_reported_and_the_rest_indexed(tmp_path: Path, glob: bo
     assert sorted(e["name"] for e in result.images) == expected
     errors = {Path(e.source).name: e for e in result.failures}
     assert sorted(errors) == ["sub-01_PD.nii", "sub-01_T2w.nii"]
-    assert isinstance(errors["sub-01_T2w.nii"], virtnii.SourceNotFound) and "datalad get" in str(errors["sub-01_T2w.nii"])
+    missing = errors["sub-01_T2w.nii"]
+    assert isinstance(missing, virtnii.SourceNotFound) and "datalad get" in str(missing)
     assert isinstance(errors["sub-01_PD.nii"], virtnii.SourceAccessError)
 
 
@@ -366,24 +375,29 @@ def test_reader_left_open_across_a_rescan_never_reads_the_new_file(tmp_path: Pat
 
 def test_interrupted_scan_stops_indexing_and_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C during the gzip phase: queued files are not indexed, running passes end early, no manifest."""
-    scanning = importlib.import_module("virtnii.scan")
+    scanning, indexing = importlib.import_module("virtnii.scan"), importlib.import_module("virtnii.gzindex")
     blob = (DATA / "example4d.nii.gz").read_bytes()
-    for i in range(60):
+    for i in range(20):
         (tmp_path / "ds" / f"sub-{i:02d}").mkdir(parents=True)
         (tmp_path / "ds" / f"sub-{i:02d}" / "bold.nii.gz").write_bytes(blob)
-    started = []
-    index = scanning.index_gzip_source
+    monkeypatch.setattr(scanning, "_gzip_workers", lambda sources: 4)
+    monkeypatch.setattr(scanning, "GZIP_FIRST_READ", 4096)  # many small pieces per pass, so passes are long
+    monkeypatch.setattr(indexing, "_READ_PIECE", 4096)
+    pieces: dict[int, int] = {}
+    feed = indexing._Indexer.feed
 
-    def counted(*args: Any) -> Any:
-        started.append(args[0].name)
-        return index(*args)
+    def counted(indexer: Any, piece: bytes) -> None:
+        pieces[id(indexer)] = pieces.get(id(indexer), 0) + 1
+        feed(indexer, piece)
 
     def interrupt(*args: Any) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(scanning, "index_gzip_source", counted)
+    monkeypatch.setattr(indexing._Indexer, "feed", counted)
     monkeypatch.setattr(scanning, "_collect", interrupt)  # the first finished file: as if Ctrl-C came then
     with pytest.raises(KeyboardInterrupt):
         virtnii.scan([str(tmp_path / "ds")], str(tmp_path / "out"))
-    assert len(started) < 20, f"{len(started)} of 60 files indexed after the interrupt"
+    whole = -(-len(blob) // 4096)
+    assert len(pieces) <= 4 + 1, f"{len(pieces)} of 20 files started after the interrupt"
+    assert sorted(pieces.values())[0] < whole, f"no running pass ended early: {pieces}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]

@@ -62,21 +62,34 @@ def storage_errors() -> tuple[type[BaseException], ...]:
     from aiohttp import ClientError
     from botocore.exceptions import BotoCoreError
 
-    return (OSError, BotoCoreError, ClientError, asyncio.TimeoutError)
+    return (OSError, BotoCoreError, ClientError, asyncio.TimeoutError)  # (an OSError from Python 3.11 on)
+
+
+def is_missing(err: BaseException) -> bool:
+    """Whether a storage error means the file is not there — not that it could not be reached or was refused.
+
+    fsspec's HTTP filesystem reports any failed request (404, 403, 500, no server) as ``FileNotFoundError``;
+    its cause says which: an HTTP status (aiohttp) or a connection error.  s3fs's causes, such as botocore's
+    ``NoSuchKey``, carry neither: the object is gone.
+    """
+    if not isinstance(err, FileNotFoundError):
+        return False
+    cause = err.__cause__
+    status = getattr(cause, "status", None)
+    if isinstance(status, int):
+        return status in (404, 410)
+    return not (isinstance(cause, OSError) and not isinstance(cause, FileNotFoundError))
 
 
 def from_os_error(source: str, err: Exception, doing: str) -> VirtniiError:
     """The VirtniiError for a storage error met while ``doing`` something with ``source`` (e.g. ``"read"``)."""
-    if isinstance(err, FileNotFoundError):
-        # fsspec's HTTP filesystem reports any failed request (404, 403, 500, no server) as FileNotFoundError;
-        # its cause says which
-        cause = err.__cause__
-        status = getattr(cause, "status", None)
-        if cause is None or isinstance(cause, FileNotFoundError) or status in (404, 410):
-            return SourceNotFound(source, "no such file or object")
+    if is_missing(err):
+        return SourceNotFound(source, "no such file or object")
+    if isinstance(err, FileNotFoundError):  # not missing: see is_missing
+        status = getattr(err.__cause__, "status", None)
         if status in (401, 403):
             return SourceAccessError(source, f"permission denied (HTTP {status})")
-        return SourceAccessError(source, f"cannot {doing}: {cause}")
+        return SourceAccessError(source, f"cannot {doing}: {err.__cause__}")
     if isinstance(err, PermissionError):
         return SourceAccessError(source, f"permission denied ({err})")
     return SourceAccessError(source, f"cannot {doing}: {err}")

@@ -8,8 +8,10 @@ plus its ETag (object stores, HTTP) or mtime (POSIX-like filesystems), and reade
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import datetime as _dt
 import json
+import threading
 import time
 from typing import Any
 
@@ -85,19 +87,45 @@ class Checker:
 
     def __init__(self) -> None:
         self._passed: dict[tuple[str, str], float] = {}
+        self._running: dict[tuple[str, str], concurrent.futures.Future[None]] = {}
+        self._lock = threading.Lock()
+
+    def forget(self) -> None:
+        """Check every source again before its next read."""
+        self._passed.clear()
 
     async def ensure(self, fs: fsspec.AbstractFileSystem, path: str, url: str, recorded: Fingerprint) -> None:
-        """Raise like :func:`check` unless ``url`` passed a check recently enough; from any event loop."""
+        """Raise like :func:`check` unless ``url`` passed a check recently enough; from any thread or event loop.
+
+        Concurrent reads of one source (zarr fetches chunks together) share one check rather than each
+        making its own request.
+        """
         key = (url, json.dumps(recorded, sort_keys=True))
         local = getattr(fs, "local_file", False)
         last = self._passed.get(key)
         if not local and last is not None and time.monotonic() - last < RECHECK_AFTER:
             return
-        if local:
-            check(fs, path, url, recorded)
-        else:  # fs.info of an async filesystem blocks on its own loop, which may be the caller's: use a thread
-            await asyncio.to_thread(check, fs, path, url, recorded)
-        self._passed[key] = time.monotonic()
+        with self._lock:
+            running = self._running.get(key)
+            if running is None:
+                self._running[key] = mine = concurrent.futures.Future()
+        if running is not None:
+            await asyncio.wrap_future(running)  # raises what that check raised
+            return
+        try:
+            if local:
+                check(fs, path, url, recorded)
+            else:  # fs.info of an async filesystem blocks on its own loop, which may be the caller's: a thread
+                await asyncio.to_thread(check, fs, path, url, recorded)
+        except BaseException as err:
+            mine.set_exception(err)
+            raise
+        else:
+            self._passed[key] = time.monotonic()
+            mine.set_result(None)
+        finally:
+            with self._lock:
+                del self._running[key]
 
 
 def check(fs: fsspec.AbstractFileSystem, path: str, url: str, recorded: Fingerprint) -> None:
@@ -107,10 +135,12 @@ def check(fs: fsspec.AbstractFileSystem, path: str, url: str, recorded: Fingerpr
     stat'ed :class:`SourceAccessError`; errors name ``url``.  Safe from any thread (fsspec runs async
     filesystems on their own loop).
     """
+    fs.invalidate_cache(path)  # s3fs would answer from a listing made before the change
     try:
         info = fs.info(path)
-    except FileNotFoundError:
-        raise SourceNotFound(url, "was indexed but no longer exists; re-run `virtnii scan`") from None
     except storage_errors() as err:
-        raise from_os_error(url, err, "stat") from err
+        error = from_os_error(url, err, "stat")
+        if isinstance(error, SourceNotFound):
+            error = SourceNotFound(url, "was indexed but no longer exists; re-run `virtnii scan`")
+        raise error from err
     ensure_unchanged(url, recorded, from_info(info))

@@ -15,6 +15,7 @@ they differ; see :class:`virtnii.fingerprint.Checker` for how often).  See docs/
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +43,9 @@ class _Source:
 # Per process: parsed indexes by descriptor URL (with the descriptor's own fingerprint, so a manifest re-written
 # in place is re-read), passing source checks, one lock per descriptor so that a burst of concurrent first reads
 # loads it once, and the inflate workers.
-_INDEXES: dict[str, tuple[fingerprint.Fingerprint, gzindex.GzipIndex]] = {}
+_INDEXES: collections.OrderedDict[str, tuple[fingerprint.Fingerprint, gzindex.GzipIndex]] = collections.OrderedDict()
+#: Parsed indexes kept (least recently used dropped first): each holds 32 KiB per seek point, ~8 MB for 1 GiB.
+_MAX_INDEXES = 64
 _CHECKER = fingerprint.Checker()
 _LOCKS: dict[str, threading.Lock] = {}
 _LOCKS_GUARD = threading.Lock()
@@ -117,9 +120,12 @@ class GzipIndexFileSystem(AsyncFileSystem):
             cached = _INDEXES.get(url)
             if cached is not None and cached[0] == descriptor_fp:
                 index = cached[1]
+                _INDEXES.move_to_end(url)
             else:
                 index = gzindex.read_sidecar(self._root_fs, descriptor_path)
                 _INDEXES[url] = (descriptor_fp, index)
+                while len(_INDEXES) > _MAX_INDEXES:
+                    _INDEXES.popitem(last=False)
         fs, source_path = fsspec.core.url_to_fs(index.source, **self.target_options)
         return _Source(index, fs, source_path)
 

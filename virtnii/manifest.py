@@ -9,8 +9,9 @@ Layout (documented for users in ``docs/manifest.md``)::
 
 Everything is written into a sibling ``OUT.partial-<id>`` folder first and moved into place only when complete,
 so a failure or an interrupt never leaves a half-written manifest at ``OUT`` (on object stores, which cannot
-rename, the files are copied over the old ones with the index file last; see ``ManifestWriter.commit``).  Nothing from the storage options
-used to read sources (credentials, endpoints) is ever written: references carry only URLs.
+rename, the files are copied over the old ones with the index file last; see ``ManifestWriter._commit``).
+Nothing from the storage options used to read sources (credentials, endpoints) is ever written: references
+carry only URLs.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any, Iterable, Iterator
 import fsspec
 import kerchunk.df
 
-from .errors import ManifestError, storage_errors
+from .errors import ManifestError, is_missing, storage_errors
 from .references import ImageRefs, hierarchy_docs
 
 INDEX_FILE = "virtnii.json"
@@ -162,10 +163,11 @@ def read_index(manifest: str, storage_options: dict[str, Any] | None = None) -> 
     try:
         with fs.open(index_path, "rb") as f:
             index = json.load(f)
-    except FileNotFoundError as err:
-        raise ManifestError(manifest, f"not a virtnii manifest (no {INDEX_FILE}); create one with `virtnii scan`") from err
     except (*storage_errors(), ValueError) as err:
-        raise ManifestError(manifest, f"cannot read {INDEX_FILE}: {err}") from err
+        if is_missing(err):
+            raise ManifestError(manifest, f"not a virtnii manifest (no {INDEX_FILE}); create one with `virtnii scan`"
+                                ) from err
+        raise ManifestError(manifest, f"cannot read {INDEX_FILE}: {err.__cause__ or err}") from err
     if not isinstance(index, dict) or index.get("virtnii_manifest") != MANIFEST_VERSION:
         raise ManifestError(manifest, f"{INDEX_FILE} is not a version-{MANIFEST_VERSION} virtnii manifest")
     return index

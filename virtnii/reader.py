@@ -19,7 +19,7 @@ from fsspec.implementations.reference import ReferenceFileSystem, ReferenceNotRe
 from nibabel.fileslice import canonical_slicers
 from zarr.storage import FsspecStore
 
-from .errors import InvalidNifti, ManifestError, VirtniiError, storage_errors
+from .errors import InvalidNifti, ManifestError, VirtniiError, is_missing, storage_errors
 from .layout import ZARR_TO_FILE
 from .manifest import manifest_options_for, read_index
 from .verified import VerifiedFileSystem
@@ -52,10 +52,9 @@ def reference_options(manifest: str, manifest_options: dict[str, Any] | None = N
         expected.setdefault(protocol, {})[url] = image.get("data_fingerprint", image["fingerprint"])
     fss: dict[str, Any] = {protocol: VerifiedFileSystem(fsspec.filesystem(protocol, **storage_options), fps)
                            for protocol, fps in expected.items()}
-    if any(image.get("gzip_index") for image in index["images"]):
-        fss["gzidx"] = fsspec.filesystem("gzidx", root=manifest, root_options=manifest_options,
-                                         target_options=storage_options, asynchronous=True,
-                                         skip_instance_cache=True)
+    # always, even with no .nii.gz listed: references may outlive an interrupted replacement of the index file
+    fss["gzidx"] = fsspec.filesystem("gzidx", root=manifest, root_options=manifest_options,
+                                     target_options=storage_options, asynchronous=True, skip_instance_cache=True)
     refs = f"{manifest}/{index['references']}"
     return {"fo": refs, "fs": fss, "target_options": manifest_options, "asynchronous": True}
 
@@ -63,16 +62,17 @@ def reference_options(manifest: str, manifest_options: dict[str, Any] | None = N
 def open(manifest: str, manifest_options: dict[str, Any] | None = None, **storage_options: Any) -> zarr.Group:
     """Open a manifest folder (local path or fsspec URL) as a read-only zarr group, one subgroup per image.
 
-    Every source is checked against the size and ETag/mtime recorded at scan time the first time it is read;
-    a changed source raises :class:`~virtnii.errors.StaleSource` instead of returning wrong voxels.
+    Every source is checked against the size and ETag/mtime recorded at scan time before it is read (see
+    :class:`virtnii.fingerprint.Checker`); a changed source raises :class:`~virtnii.errors.StaleSource`
+    instead of returning wrong voxels.
     """
     options = reference_options(manifest, manifest_options, **storage_options)
     try:
         references = _ReferenceFileSystem(**options)
-    except FileNotFoundError as err:
-        raise ManifestError(manifest, f"references {options['fo']} are missing; re-run `virtnii scan`") from err
     except (*storage_errors(), ValueError) as err:  # ValueError: not JSON / not Parquet
-        raise ManifestError(manifest, f"cannot read references {options['fo']}: {err}") from err
+        if is_missing(err):
+            raise ManifestError(manifest, f"references {options['fo']} are missing; re-run `virtnii scan`") from err
+        raise ManifestError(manifest, f"cannot read references {options['fo']}: {err.__cause__ or err}") from err
     return zarr.open_group(store=FsspecStore(references, read_only=True, path=""), mode="r")
 
 

@@ -43,6 +43,9 @@ HEADER_BATCH = 512
 #: Compressed bytes read first from a ``.nii.gz``: its header, and the start of the index pass (which reuses
 #: them), so a file this small costs one request in all.
 GZIP_FIRST_READ = 2**20
+#: Most bytes inflated for a gzipped header with its extensions: a corrupt vox_offset must not inflate gigabytes
+#: (in each of the workers below).
+GZIP_MAX_HEADER = 64 * 2**20
 #: ``.nii.gz`` files indexed at once from remote storage: each pass is mostly waiting (a request per piece), and
 #: inflating runs outside the GIL.  Locally, one per core.
 GZIP_REMOTE_WORKERS = 16
@@ -153,6 +156,8 @@ def scan(sources: Iterable[str] | str, out: str, *, zarr_format: int = 3, ref_fo
                 for job in as_completed(jobs):
                     try:
                         outcome = job.result()
+                    except ManifestError:  # writing its sidecar failed: the manifest, not this source, is at fault
+                        raise
                     except VirtniiError as err:
                         outcome = err
                     _collect(jobs[job], outcome, images, entries, failures, bar)
@@ -335,8 +340,9 @@ def _stat_local(path: str, fs: LocalFileSystem, failures: list[VirtniiError]) ->
         st = os.stat(path)
     except FileNotFoundError as err:
         if os.path.islink(path):
-            failures.append(SourceNotFound(fs.unstrip_protocol(path), "is a broken symbolic link (a DataLad or "
-                                                                       "git-annex file not fetched yet? `datalad get` it)"))
+            failures.append(SourceNotFound(fs.unstrip_protocol(path), "is a broken symbolic link (a DataLad "
+                                                                       "or git-annex file not fetched yet? "
+                                                                       "`datalad get` it)"))
         else:
             failures.append(from_os_error(fs.unstrip_protocol(path), err, "stat"))
         return None
@@ -519,6 +525,9 @@ def gunzip_head(fs: fsspec.AbstractFileSystem, path: str, url: str, size: int,
         except zlib.error as err:
             raise InvalidGzip(url, f"corrupt gzip data at the start of the file: {err}") from err
         wanted = need(head)
+        if wanted > GZIP_MAX_HEADER:
+            raise InvalidNifti(url, f"header and extensions of {wanted} bytes (vox_offset): more than the "
+                                    f"{GZIP_MAX_HEADER >> 20} MiB virtnii reads for a header; is vox_offset corrupt?")
         if len(head) >= wanted:
             return compressed, head[:wanted]
         if len(head) >= limit:  # more of these bytes to inflate
@@ -562,7 +571,7 @@ def index_gzip_source(source: Source, writer: ManifestWriter, zarr_format: int,
     """
     fs, url = source.fs, source.url
     if source.is_pair:
-        _, raw = gunzip_head(fs, source.path, url, source.info["size"], lambda head: 2**31)
+        _, raw = gunzip_head(fs, source.path, url, source.info["size"], lambda head: GZIP_MAX_HEADER)
         prefix = b""  # the voxels are in the .img.gz
     else:
         prefix, raw = gunzip_head(fs, source.path, url, source.info["size"],

@@ -18,7 +18,7 @@ import fsspec
 from fsspec.asyn import AsyncFileSystem
 
 from . import fingerprint
-from .errors import SourceAccessError, StaleSource, VirtniiError, from_os_error, storage_errors
+from .errors import ManifestError, SourceAccessError, StaleSource, VirtniiError, from_os_error, storage_errors
 from .manifest import manifest_options_for, read_index
 
 
@@ -71,8 +71,10 @@ class VerifiedFileSystem(AsyncFileSystem):
 
     async def _verify(self, url: str) -> str:
         path = self.fs._strip_protocol(url)
-        if path in self.expected:
-            await self._checker.ensure(self.fs, path, self.fs.unstrip_protocol(path), self.expected[path])
+        if path not in self.expected:  # nothing to check it against: the references are not the index's
+            raise ManifestError(self.fs.unstrip_protocol(path), "is referenced but not listed in the manifest's "
+                                "index file (was replacing the manifest interrupted?); re-run `virtnii scan`")
+        await self._checker.ensure(self.fs, path, self.fs.unstrip_protocol(path), self.expected[path])
         return path
 
     async def _cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
