@@ -12,12 +12,16 @@ sizes); each maker writes into a folder and returns the path to scan (the ``.nii
 from __future__ import annotations
 
 import io
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
 import nibabel as nib
 import numpy as np
 from nibabel.arrayproxy import ArrayProxy
+
+#: nibabel's own test files: real NIfTI written by other tools.
+DATA = Path(nib.__file__).parent / "tests" / "data"
 
 RGB24 = np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")])
 RGBA32 = np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1"), ("A", "u1")])
@@ -201,3 +205,20 @@ def assert_same_voxels(actual: Any, expected: np.ndarray) -> None:
     if actual.dtype.fields or expected.dtype.fields:
         assert [n.lower() for n in actual.dtype.names] == [n.lower() for n in expected.dtype.names]
     assert comparable_bytes(actual) == comparable_bytes(expected)
+
+
+def bids_tree(root: Path) -> dict[str, Path]:
+    """A small BIDS-like tree of real nibabel files: two subjects, anat + func."""
+    files = {
+        "sub-01/anat/sub-01_T1w": DATA / "anatomical.nii",
+        "sub-01/func/sub-01_task-rest_bold": DATA / "functional.nii",
+        "sub-02/anat/sub-02_T1w": DATA / "reoriented_anat_moved.nii",
+    }
+    out = {}
+    for name, src in files.items():
+        dest = root / f"{name}.nii"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, dest)
+        out[name] = dest
+    (root / "dataset_description.json").write_text("{}")
+    return out

@@ -1,10 +1,12 @@
-"""Scanner: source expansion, naming, mixed good/bad batches, and any fsspec URL (memory://) end to end."""
+"""Scanner: mixed good/bad batches, .nii.gz in place, interrupts, and any fsspec URL (memory://) end to end.
+
+Finding sources and naming them is :mod:`virtnii.sources`, tested in ``test_sources.py``.
+"""
 
 from __future__ import annotations
 
 import gzip
 import importlib
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -15,36 +17,13 @@ import numpy as np
 import pytest
 
 import virtnii
-from nifti_samples import patch_header, voxels, write_nifti
-from virtnii import fingerprint
-from virtnii.scan import assign_names, expand
+from nifti_samples import bids_tree, nibabel_raw, patch_header, voxels, write_nifti
 
 DATA = Path(nib.__file__).parent / "tests" / "data"
 
 
-def _bids_tree(root: Path) -> dict[str, Path]:
-    """A small BIDS-like tree of real nibabel files: two subjects, anat + func."""
-    files = {
-        "sub-01/anat/sub-01_T1w": DATA / "anatomical.nii",
-        "sub-01/func/sub-01_task-rest_bold": DATA / "functional.nii",
-        "sub-02/anat/sub-02_T1w": DATA / "reoriented_anat_moved.nii",
-    }
-    out = {}
-    for name, src in files.items():
-        dest = root / f"{name}.nii"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(src, dest)
-        out[name] = dest
-    (root / "dataset_description.json").write_text("{}")
-    return out
-
-
-def _raw(path: Path) -> np.ndarray:
-    return np.asanyarray(nib.load(path).dataobj.get_unscaled())
-
-
 def test_folder_scan_names_groups_after_bids_paths(tmp_path: Path) -> None:
-    files = _bids_tree(tmp_path / "ds")
+    files = bids_tree(tmp_path / "ds")
     result = virtnii.scan([str(tmp_path / "ds")], str(tmp_path / "out"))
     assert not result.failures
     assert sorted(e["name"] for e in result.images) == sorted(files)
@@ -53,24 +32,7 @@ def test_folder_scan_names_groups_after_bids_paths(tmp_path: Path) -> None:
     assert sorted(group.group_keys()) == ["sub-01", "sub-02"]
     assert sorted(group["sub-01"].group_keys()) == ["anat", "func"]
     for name, path in files.items():
-        np.testing.assert_array_equal(virtnii.to_nibabel(group[name]).dataobj.get_unscaled(), _raw(path))
-
-
-def test_glob_and_explicit_files_are_deduplicated(tmp_path: Path) -> None:
-    files = _bids_tree(tmp_path / "ds")
-    sources = [str(tmp_path / "ds" / "sub-01" / "*" / "*.nii"), str(files["sub-01/anat/sub-01_T1w"])]
-    found, failures = expand(sources, {})
-    assert not failures
-    assert len(found) == 2
-
-
-def test_same_stem_in_one_folder_gets_distinct_names(tmp_path: Path) -> None:
-    (tmp_path / "a").mkdir()
-    shutil.copy(DATA / "anatomical.nii", tmp_path / "a" / "x.nii")
-    shutil.copy(DATA / "anatomical.nii", tmp_path / "a" / "x.NII")
-    found, _ = expand([str(tmp_path / "a")], {})
-    assign_names(found)
-    assert len({s.name for s in found}) == 2
+        np.testing.assert_array_equal(virtnii.to_nibabel(group[name]).dataobj.get_unscaled(), nibabel_raw(path))
 
 
 def test_good_sources_are_kept_when_others_fail(tmp_path: Path) -> None:
@@ -105,7 +67,7 @@ def test_memory_filesystem_sources_and_manifest() -> None:
         assert not fs.exists("/vn-out.partial")
         group = virtnii.open("memory://vn-out")
         np.testing.assert_array_equal(virtnii.to_nibabel(group["func"]).dataobj.get_unscaled(),
-                                      _raw(DATA / "functional.nii"))
+                                      nibabel_raw(DATA / "functional.nii"))
     finally:
         fs.rm("/vn-src", recursive=True)
         fs.rm("/vn-out", recursive=True)
@@ -142,7 +104,7 @@ def test_every_voxel_of_real_gzip_files_equals_nibabel(gz_manifest) -> None:
     for name, path in sources.items():
         ours = virtnii.to_nibabel(group[name])
         theirs = nib.load(path)
-        np.testing.assert_array_equal(np.asarray(ours.dataobj.get_unscaled()), _raw(path), err_msg=name)
+        np.testing.assert_array_equal(np.asarray(ours.dataobj.get_unscaled()), nibabel_raw(path), err_msg=name)
         np.testing.assert_array_equal(ours.affine, theirs.affine)
         assert ours.dataobj.slope == theirs.dataobj.slope and ours.dataobj.inter == theirs.dataobj.inter
 
@@ -155,7 +117,7 @@ def test_gzip_manifest_survives_being_moved(gz_manifest, tmp_path: Path) -> None
     for file in moved.rglob("*.json"):
         assert str(out) not in file.read_text(), f"{file} holds the manifest's old absolute path"
     group = virtnii.open(str(moved))
-    np.testing.assert_array_equal(np.asarray(virtnii.to_nibabel(group[name]).dataobj.get_unscaled()), _raw(path))
+    np.testing.assert_array_equal(np.asarray(virtnii.to_nibabel(group[name]).dataobj.get_unscaled()), nibabel_raw(path))
 
 
 def test_niizarr_reads_gzip_backed_groups(gz_manifest) -> None:
@@ -164,7 +126,7 @@ def test_niizarr_reads_gzip_backed_groups(gz_manifest) -> None:
     group = virtnii.open(str(out))
     for name in ["example4d", "mni_icbm152_t1_tal_nlin_sym_09a_converted"]:
         img = niizarr.zarr2nii(group[name])
-        np.testing.assert_array_equal(np.asarray(img.dataobj), _raw(sources[name]))
+        np.testing.assert_array_equal(np.asarray(img.dataobj), nibabel_raw(sources[name]))
         np.testing.assert_allclose(img.header.get_best_affine(), nib.load(sources[name]).affine)
 
 
@@ -184,7 +146,7 @@ def test_gzipped_pair_and_multimember_gzip(tmp_path: Path) -> None:
     np.testing.assert_array_equal(virtnii.to_nibabel(group["pair"]).dataobj.get_unscaled(),
                                   np.asanyarray(src.dataobj))
     np.testing.assert_array_equal(virtnii.to_nibabel(group["multi"]).dataobj.get_unscaled(),
-                                  _raw(DATA / "anatomical.nii"))
+                                  nibabel_raw(DATA / "anatomical.nii"))
 
 
 def test_bad_gzip_sources_are_reported_by_name(tmp_path: Path) -> None:
@@ -225,37 +187,13 @@ def test_gzip_sidecars_of_lookalike_names_do_not_collide(tmp_path: Path) -> None
     (tmp_path / "ds" / "a__b.nii.gz").write_bytes(gzip.compress(func))
     virtnii.scan([str(tmp_path / "ds")], str(tmp_path / "out"))
     group = virtnii.open(str(tmp_path / "out"))
-    np.testing.assert_array_equal(virtnii.to_nibabel(group["a/b"]).dataobj.get_unscaled(), _raw(DATA / "anatomical.nii"))
-    np.testing.assert_array_equal(virtnii.to_nibabel(group["a__b"]).dataobj.get_unscaled(), _raw(DATA / "functional.nii"))
-
-
-def test_image_inside_another_image_group_is_renamed(tmp_path: Path) -> None:
-    (tmp_path / "ds" / "s").mkdir(parents=True)
-    shutil.copy(DATA / "anatomical.nii", tmp_path / "ds" / "s.nii")
-    shutil.copy(DATA / "functional.nii", tmp_path / "ds" / "s" / "0.nii")
-    result = virtnii.scan([str(tmp_path / "ds")], str(tmp_path / "out"))
-    assert sorted(e["name"] for e in result.images) == ["s", "s_0"]
-    group = virtnii.open(str(tmp_path / "out"))
-    np.testing.assert_array_equal(virtnii.to_nibabel(group["s"]).dataobj.get_unscaled(), _raw(DATA / "anatomical.nii"))
-    np.testing.assert_array_equal(virtnii.to_nibabel(group["s_0"]).dataobj.get_unscaled(), _raw(DATA / "functional.nii"))
-
-
-def test_one_file_named_two_ways_is_one_source(tmp_path: Path) -> None:
-    shutil.copytree(DATA, tmp_path / "d", ignore=shutil.ignore_patterns("*.gz", "*.hdr", "*.img", "*.dconn.nii"))
-    found, _ = expand([str(tmp_path / "d" / "anatomical.nii"), str(tmp_path / "d" / ".." / "d" / "anatomical.nii")], {})
-    assert len(found) == 1
-
-
-def test_credentials_in_a_url_are_refused_and_not_echoed(tmp_path: Path) -> None:
-    result = virtnii.scan(["http://user:s3cr3t@127.0.0.1:9/a.nii"], str(tmp_path / "out"))
-    assert result.manifest is None
-    (failure,) = result.failures
-    assert "storage options" in str(failure) and "s3cr3t" not in str(failure)
+    np.testing.assert_array_equal(virtnii.to_nibabel(group["a/b"]).dataobj.get_unscaled(), nibabel_raw(DATA / "anatomical.nii"))
+    np.testing.assert_array_equal(virtnii.to_nibabel(group["a__b"]).dataobj.get_unscaled(), nibabel_raw(DATA / "functional.nii"))
 
 
 def test_an_existing_folder_that_is_not_a_manifest_is_never_replaced(tmp_path: Path) -> None:
     dataset = tmp_path / "ds"
-    _bids_tree(dataset)
+    bids_tree(dataset)
     before = sorted(p.relative_to(dataset) for p in dataset.rglob("*"))
     with pytest.raises(virtnii.ManifestError, match="not a virtnii manifest"):
         virtnii.scan([str(dataset / "sub-01")], str(dataset))
@@ -270,7 +208,7 @@ def test_header_split_across_tiny_gzip_members(tmp_path: Path) -> None:
     assert not result.failures, result.failures
     group = virtnii.open(str(tmp_path / "out"))
     np.testing.assert_array_equal(virtnii.to_nibabel(group["split"]).dataobj.get_unscaled(),
-                                  _raw(DATA / "functional.nii"))
+                                  nibabel_raw(DATA / "functional.nii"))
 
 
 @pytest.mark.parametrize("first_read", [2**20, 1024])
@@ -286,75 +224,7 @@ def test_gzip_header_with_large_extensions(tmp_path: Path, monkeypatch: pytest.M
     group = virtnii.open(str(tmp_path / "out"))
     offset = nib.load(path).dataobj.offset
     assert np.asarray(group["ext"]["nifti"][:]).tobytes() == gzip.decompress(path.read_bytes())[:offset]
-    np.testing.assert_array_equal(virtnii.to_nibabel(group["ext"]).dataobj.get_unscaled(), _raw(path))
-
-
-def test_local_listing_matches_fsspec(tmp_path: Path) -> None:
-    """virtnii lists local folders itself (for speed): it must find what fsspec finds, fingerprinted as the
-    read-time check (``fs.info``) will see them — for a symbolic link, the target's size and mtime (fsspec's own
-    ``find`` gives the link's mtime, which made every read of a linked source a false StaleSource)."""
-    files = _bids_tree(tmp_path / "ds")
-    os.utime(files["sub-01/anat/sub-01_T1w"], (1e9, 1e9))
-    (tmp_path / "ds" / "sub-02" / "link.nii").symlink_to(files["sub-01/anat/sub-01_T1w"])
-    found, failures = expand([str(tmp_path / "ds")], {})
-    assert not failures
-    fs = fsspec.filesystem("file")
-    expected = [p for p in fs.find(str(tmp_path / "ds")) if p.endswith(".nii")]
-    assert sorted(s.path for s in found) == sorted(expected)
-    for source in found:
-        assert fingerprint.from_info(source.info) == fingerprint.from_info(fs.info(source.path))
-    for source, name in ((tmp_path / "ds", "sub-02/link"), (tmp_path / "ds" / "sub-0*" / "*.nii", "sub-02/link")):
-        virtnii.scan([str(source)], str(tmp_path / "out"))
-        linked = virtnii.to_nibabel(virtnii.open(str(tmp_path / "out"))[name]).dataobj.get_unscaled()
-        np.testing.assert_array_equal(linked, _raw(files["sub-01/anat/sub-01_T1w"]))
-
-
-def test_symlinked_folders_are_not_entered(tmp_path: Path) -> None:
-    """As in fsspec: a linked folder (``latest -> sub-01``, or a cycle) would index its images twice, under names
-    that depend on listing order."""
-    files = _bids_tree(tmp_path / "ds")
-    for link, target in (("aa", "sub-01"), ("zz", "sub-01"), ("sub-01/anat/loop", ".")):
-        (tmp_path / "ds" / link).symlink_to(tmp_path / "ds" / target, target_is_directory=True)
-    result = virtnii.scan([str(tmp_path / "ds")], str(tmp_path / "out"))
-    assert not result.failures
-    assert sorted(e["name"] for e in result.images) == sorted(files)
-
-
-@pytest.mark.parametrize("glob", [False, True])
-def test_broken_links_are_reported_and_the_rest_indexed(tmp_path: Path, glob: bool) -> None:
-    """DataLad datasets hold files not fetched yet as links to nothing; a link to itself cannot even be stat'ed."""
-    files = _bids_tree(tmp_path / "ds")
-    anat = tmp_path / "ds" / "sub-01" / "anat"
-    (anat / "sub-01_T2w.nii").symlink_to("../../.git/annex/objects/XX/missing")
-    (anat / "sub-01_PD.nii").symlink_to("sub-01_PD.nii")
-    source = anat / "*.nii" if glob else tmp_path / "ds"
-    result = virtnii.scan([str(source)], str(tmp_path / "out"))
-    expected = ["sub-01_T1w"] if glob else sorted(files)
-    assert sorted(e["name"] for e in result.images) == expected
-    errors = {Path(e.source).name: e for e in result.failures}
-    assert sorted(errors) == ["sub-01_PD.nii", "sub-01_T2w.nii"]
-    missing = errors["sub-01_T2w.nii"]
-    assert isinstance(missing, virtnii.SourceNotFound) and "datalad get" in str(missing)
-    assert isinstance(errors["sub-01_PD.nii"], virtnii.SourceAccessError)
-
-
-def test_unlistable_subfolder_is_reported_and_the_rest_indexed(tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    files = _bids_tree(tmp_path / "ds")
-    locked = tmp_path / "ds" / "sub-02"
-    real_scandir = os.scandir
-
-    def scandir(path: str) -> Any:  # chmod does not stop root, who runs CI: refuse the folder here instead
-        if Path(path) == locked:
-            raise PermissionError(13, "Permission denied", str(path))
-        return real_scandir(path)
-
-    monkeypatch.setattr(os, "scandir", scandir)
-    result = virtnii.scan([str(tmp_path / "ds")], str(tmp_path / "out"))
-    assert sorted(e["name"] for e in result.images) == sorted(n for n in files if not n.startswith("sub-02"))
-    [error] = result.failures
-    assert isinstance(error, virtnii.SourceAccessError) and "permission denied" in str(error)
-    assert error.source == locked.as_uri()
+    np.testing.assert_array_equal(virtnii.to_nibabel(group["ext"]).dataobj.get_unscaled(), nibabel_raw(path))
 
 
 def test_reader_left_open_across_a_rescan_never_reads_the_new_file(tmp_path: Path) -> None:
@@ -398,6 +268,7 @@ def test_interrupted_scan_stops_indexing_and_writes_nothing(tmp_path: Path, monk
     with pytest.raises(KeyboardInterrupt):
         virtnii.scan([str(tmp_path / "ds")], str(tmp_path / "out"))
     whole = -(-len(blob) // 4096)
-    assert len(pieces) <= 4 + 1, f"{len(pieces)} of 20 files started after the interrupt"
+    # 4 running, plus any a worker took up between a finish and the interrupt reaching the main thread
+    assert len(pieces) < 10, f"{len(pieces)} of 20 files started after the interrupt"
     assert sorted(pieces.values())[0] < whole, f"no running pass ended early: {pieces}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]

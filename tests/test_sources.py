@@ -1,0 +1,130 @@
+"""Finding sources and naming their groups: folders, globs and files at any fsspec URL, links, BIDS names.
+
+A folder of a real archive holds links (DataLad), files that vanish or cannot be read, names that collide; each
+must end as one source with a stable name, or as one failure naming the file, with the rest still indexed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import numpy as np
+import pytest
+
+import virtnii
+from nifti_samples import DATA, bids_tree, nibabel_raw
+from virtnii import fingerprint
+from virtnii.sources import assign_names, expand
+
+
+def test_glob_and_explicit_files_are_deduplicated(tmp_path: Path) -> None:
+    files = bids_tree(tmp_path / "ds")
+    sources = [str(tmp_path / "ds" / "sub-01" / "*" / "*.nii"), str(files["sub-01/anat/sub-01_T1w"])]
+    found, failures = expand(sources, {})
+    assert not failures
+    assert len(found) == 2
+
+
+def test_same_stem_in_one_folder_gets_distinct_names(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    shutil.copy(DATA / "anatomical.nii", tmp_path / "a" / "x.nii")
+    shutil.copy(DATA / "anatomical.nii", tmp_path / "a" / "x.NII")
+    found, _ = expand([str(tmp_path / "a")], {})
+    assign_names(found)
+    assert len({s.name for s in found}) == 2
+
+
+def test_image_inside_another_image_group_is_renamed(tmp_path: Path) -> None:
+    (tmp_path / "ds" / "s").mkdir(parents=True)
+    shutil.copy(DATA / "anatomical.nii", tmp_path / "ds" / "s.nii")
+    shutil.copy(DATA / "functional.nii", tmp_path / "ds" / "s" / "0.nii")
+    result = virtnii.scan([str(tmp_path / "ds")], str(tmp_path / "out"))
+    assert sorted(e["name"] for e in result.images) == ["s", "s_0"]
+    group = virtnii.open(str(tmp_path / "out"))
+    np.testing.assert_array_equal(virtnii.to_nibabel(group["s"]).dataobj.get_unscaled(), nibabel_raw(DATA / "anatomical.nii"))
+    np.testing.assert_array_equal(virtnii.to_nibabel(group["s_0"]).dataobj.get_unscaled(), nibabel_raw(DATA / "functional.nii"))
+
+
+def test_one_file_named_two_ways_is_one_source(tmp_path: Path) -> None:
+    shutil.copytree(DATA, tmp_path / "d", ignore=shutil.ignore_patterns("*.gz", "*.hdr", "*.img", "*.dconn.nii"))
+    found, _ = expand([str(tmp_path / "d" / "anatomical.nii"), str(tmp_path / "d" / ".." / "d" / "anatomical.nii")], {})
+    assert len(found) == 1
+
+
+def test_credentials_in_a_url_are_refused_and_not_echoed(tmp_path: Path) -> None:
+    result = virtnii.scan(["http://user:s3cr3t@127.0.0.1:9/a.nii"], str(tmp_path / "out"))
+    assert result.manifest is None
+    (failure,) = result.failures
+    assert "storage options" in str(failure) and "s3cr3t" not in str(failure)
+
+
+def test_local_listing_matches_fsspec(tmp_path: Path) -> None:
+    """virtnii lists local folders itself (for speed): it must find what fsspec finds, fingerprinted as the
+    read-time check (``fs.info``) will see them — for a symbolic link, the target's size and mtime (fsspec's own
+    ``find`` gives the link's mtime, which made every read of a linked source a false StaleSource)."""
+    files = bids_tree(tmp_path / "ds")
+    os.utime(files["sub-01/anat/sub-01_T1w"], (1e9, 1e9))
+    (tmp_path / "ds" / "sub-02" / "link.nii").symlink_to(files["sub-01/anat/sub-01_T1w"])
+    found, failures = expand([str(tmp_path / "ds")], {})
+    assert not failures
+    fs = fsspec.filesystem("file")
+    expected = [p for p in fs.find(str(tmp_path / "ds")) if p.endswith(".nii")]
+    assert sorted(s.path for s in found) == sorted(expected)
+    for source in found:
+        assert fingerprint.from_info(source.info) == fingerprint.from_info(fs.info(source.path))
+    for source, name in ((tmp_path / "ds", "sub-02/link"), (tmp_path / "ds" / "sub-0*" / "*.nii", "sub-02/link")):
+        virtnii.scan([str(source)], str(tmp_path / "out"))
+        linked = virtnii.to_nibabel(virtnii.open(str(tmp_path / "out"))[name]).dataobj.get_unscaled()
+        np.testing.assert_array_equal(linked, nibabel_raw(files["sub-01/anat/sub-01_T1w"]))
+
+
+def test_symlinked_folders_are_not_entered(tmp_path: Path) -> None:
+    """As in fsspec: a linked folder (``latest -> sub-01``, or a cycle) would index its images twice, under names
+    that depend on listing order."""
+    files = bids_tree(tmp_path / "ds")
+    for link, target in (("aa", "sub-01"), ("zz", "sub-01"), ("sub-01/anat/loop", ".")):
+        (tmp_path / "ds" / link).symlink_to(tmp_path / "ds" / target, target_is_directory=True)
+    result = virtnii.scan([str(tmp_path / "ds")], str(tmp_path / "out"))
+    assert not result.failures
+    assert sorted(e["name"] for e in result.images) == sorted(files)
+
+
+@pytest.mark.parametrize("glob", [False, True])
+def test_broken_links_are_reported_and_the_rest_indexed(tmp_path: Path, glob: bool) -> None:
+    """DataLad datasets hold files not fetched yet as links to nothing; a link to itself cannot even be stat'ed."""
+    files = bids_tree(tmp_path / "ds")
+    anat = tmp_path / "ds" / "sub-01" / "anat"
+    (anat / "sub-01_T2w.nii").symlink_to("../../.git/annex/objects/XX/missing")
+    (anat / "sub-01_PD.nii").symlink_to("sub-01_PD.nii")
+    source = anat / "*.nii" if glob else tmp_path / "ds"
+    result = virtnii.scan([str(source)], str(tmp_path / "out"))
+    expected = ["sub-01_T1w"] if glob else sorted(files)
+    assert sorted(e["name"] for e in result.images) == expected
+    errors = {Path(e.source).name: e for e in result.failures}
+    assert sorted(errors) == ["sub-01_PD.nii", "sub-01_T2w.nii"]
+    missing = errors["sub-01_T2w.nii"]
+    assert isinstance(missing, virtnii.SourceNotFound) and "datalad get" in str(missing)
+    assert isinstance(errors["sub-01_PD.nii"], virtnii.SourceAccessError)
+
+
+def test_unlistable_subfolder_is_reported_and_the_rest_indexed(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    files = bids_tree(tmp_path / "ds")
+    locked = tmp_path / "ds" / "sub-02"
+    real_scandir = os.scandir
+
+    def scandir(path: str) -> Any:  # chmod does not stop root, who runs CI: refuse the folder here instead
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    result = virtnii.scan([str(tmp_path / "ds")], str(tmp_path / "out"))
+    assert sorted(e["name"] for e in result.images) == sorted(n for n in files if not n.startswith("sub-02"))
+    [error] = result.failures
+    assert isinstance(error, virtnii.SourceAccessError) and "permission denied" in str(error)
+    assert error.source == locked.as_uri()
