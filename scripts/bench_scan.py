@@ -151,11 +151,12 @@ def floor_parts(root: str, manifest: Path, repeat: int) -> tuple[float, float]:
        the kerchunk mapping around them: ``json.dumps`` of what ``manifest`` holds, decoded first.
     """
     scanning = importlib.import_module("virtnii.scan")  # the module: ``virtnii.scan`` the attribute is the function
+    sources = importlib.import_module("virtnii.sources")
     refs = json.loads((manifest / "refs.json").read_text())["refs"]
     documents = {key: json.loads(value) for key, value in refs.items() if key.endswith(METADATA_KEYS)}
 
     def list_and_read() -> int:
-        found, _ = scanning.expand([root], {})
+        found, _ = sources.expand([root], {})
         return len(scanning.read_plain_headers(found))
 
     def encode() -> int:
