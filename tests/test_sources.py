@@ -128,3 +128,10 @@ def test_unlistable_subfolder_is_reported_and_the_rest_indexed(tmp_path: Path,
     [error] = result.failures
     assert isinstance(error, virtnii.SourceAccessError) and "permission denied" in str(error)
     assert error.source == locked.as_uri()
+
+
+def test_expand_reports_progress_after_each_source(tmp_path: Path) -> None:
+    files = bids_tree(tmp_path / "ds")
+    counts: list[int] = []
+    expand([str(tmp_path / "ds" / "sub-01"), str(tmp_path / "missing"), str(tmp_path / "ds")], {}, counts.append)
+    assert counts == [2, 2, len(files)]

@@ -84,7 +84,13 @@ def scan(sources: Iterable[str] | str, out: str, *, zarr_format: int = 3, ref_fo
         raise ManifestError(out, "Parquet references need --zarr-format 2 (fsspec's Parquet reference reader "
                                  "understands only Zarr v2 metadata)")
     options = dict(storage_options or {})
-    found, failures = expand([sources] if isinstance(sources, str) else list(sources), options)
+    sources = [sources] if isinstance(sources, str) else list(sources)
+    with tqdm(total=len(sources), unit="source", desc="list", disable=not progress) as listing:
+        def listed(count: int) -> None:
+            listing.set_postfix_str(f"{count} NIfTI files", refresh=False)
+            listing.update(1)
+
+        found, failures = expand(sources, options, listed)
     assign_names(found)
     images: list[ImageRefs] = []
     entries: list[dict[str, Any]] = []

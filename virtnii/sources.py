@@ -14,7 +14,7 @@ import posixpath
 import re
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -55,34 +55,20 @@ class Source:
         return self.data_path.lower().endswith(".gz")
 
 
-def expand(sources: list[str], options: dict[str, Any]) -> tuple[list[Source], list[VirtniiError]]:
-    """Resolve files, folders and globs to :class:`Source` objects with their listing info."""
+def expand(sources: list[str], options: dict[str, Any],
+           listed: Callable[[int], Any] = lambda found: None) -> tuple[list[Source], list[VirtniiError]]:
+    """Resolve files, folders and globs to :class:`Source` objects with their listing info.
+
+    ``listed(n)`` is called after each of ``sources``, with the number of NIfTI files found so far: listing a
+    big bucket takes a while, with nothing else to show.
+    """
     found: dict[str, Source] = {}
     failures: list[VirtniiError] = []
     for src in sources:
-        parts = urllib.parse.urlsplit(src)
-        if parts.password is not None or (parts.username is not None and parts.scheme not in ("", "file")):
-            hidden = parts._replace(netloc=(parts.hostname or "") + (f":{parts.port}" if parts.port else "")).geturl()
-            failures.append(SourceAccessError(hidden, "credentials in a URL would be written into the manifest; "
-                                                      "give them as storage options (-s KEY=VALUE) instead"))
-            continue
         try:
-            fs, path = fsspec.core.url_to_fs(src, **with_s3_pool(src, options))
-        except (ValueError, ImportError, TypeError) as err:
-            failures.append(SourceAccessError(src, f"cannot open this URL: {err}"))
-            continue
-        if getattr(fs, "local_file", False):
-            path = posixpath.normpath(path)  # d/../d/a.nii and d/a.nii are one source
-        try:
-            listing, base = _list(fs, path, src, failures)
-        except VirtniiError as err:
-            failures.append(err)
-            continue
-        for p in sorted(listing):
-            if not p.lower().endswith(NIFTI_SUFFIXES):
-                continue
-            source = Source(fs, p, listing[p], base=base)
-            found.setdefault(source.url, source)
+            _expand_one(src, options, found, failures)
+        finally:
+            listed(len(found))
     sources_out = []
     for source in found.values():
         try:
@@ -94,6 +80,33 @@ def expand(sources: list[str], options: dict[str, Any]) -> tuple[list[Source], l
         except VirtniiError as err:
             failures.append(err)
     return sources_out, failures
+
+
+def _expand_one(src: str, options: dict[str, Any], found: dict[str, Source], failures: list[VirtniiError]) -> None:
+    """Add the NIfTI files behind one file, folder or glob ``src`` to ``found`` (by URL), or its error to
+    ``failures``."""
+    parts = urllib.parse.urlsplit(src)
+    if parts.password is not None or (parts.username is not None and parts.scheme not in ("", "file")):
+        hidden = parts._replace(netloc=(parts.hostname or "") + (f":{parts.port}" if parts.port else "")).geturl()
+        failures.append(SourceAccessError(hidden, "credentials in a URL would be written into the manifest; "
+                                                  "give them as storage options (-s KEY=VALUE) instead"))
+        return
+    try:
+        fs, path = fsspec.core.url_to_fs(src, **with_s3_pool(src, options))
+    except (ValueError, ImportError, TypeError) as err:
+        failures.append(SourceAccessError(src, f"cannot open this URL: {err}"))
+        return
+    if getattr(fs, "local_file", False):
+        path = posixpath.normpath(path)  # d/../d/a.nii and d/a.nii are one source
+    try:
+        listing, base = _list(fs, path, src, failures)
+    except VirtniiError as err:
+        failures.append(err)
+        return
+    for p in sorted(listing):
+        if p.lower().endswith(NIFTI_SUFFIXES):
+            source = Source(fs, p, listing[p], base=base)
+            found.setdefault(source.url, source)
 
 
 def _no_size(url: str) -> SourceAccessError:
