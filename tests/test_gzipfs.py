@@ -9,13 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+import nibabel as nib
 import numpy as np
 import pytest
 import zarr
 from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
 from fsspec.implementations.reference import ReferenceNotReachable
 
-from virtnii import gzindex
+import virtnii
+from virtnii import gzindex, gzipfs
 from virtnii.errors import ManifestError, SourceNotFound, StaleSource
 from virtnii.gzipfs import GzipIndexFileSystem
 
@@ -237,3 +239,19 @@ def test_docs_example_runs() -> None:
     text = (Path(__file__).parent.parent / "docs" / "gzip.md").read_text()
     example = text.split("## Example", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     exec(compile(example, "docs/gzip.md", "exec"), {})
+
+
+def test_parsed_indexes_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long-lived reader of many .nii.gz keeps at most _MAX_INDEXES indexes (each ~8 MB per GiB of data)."""
+    monkeypatch.setattr(gzipfs, "_MAX_INDEXES", 2)
+    paths = []
+    for i in range(4):
+        paths.append(tmp_path / f"img{i}.nii.gz")
+        paths[-1].write_bytes((Path(nib.__file__).parent / "tests" / "data" / "example4d.nii.gz").read_bytes())
+    virtnii.scan([str(p) for p in paths], str(tmp_path / "out"))
+    group = virtnii.open(str(tmp_path / "out"))
+    for i in range(4):
+        group[f"img{i}"]["0"][0]
+    assert len(gzipfs._INDEXES) <= 2
+    [gzidx] = [fs for fs in group.store.fs.fss.values() if isinstance(fs, gzipfs.GzipIndexFileSystem)]
+    assert len(gzidx._sources) == 2

@@ -125,3 +125,12 @@ def test_references_and_index_that_disagree_never_read_unchecked(tmp_path: Path)
         group["functional"]["0"][...]
     expected = file_to_zarr_order(nib.load(DATA / "example4d.nii.gz").dataobj.get_unscaled())
     np.testing.assert_array_equal(group["example4d"]["0"][...], expected)
+
+
+def test_references_through_storage_the_index_file_does_not_list_are_refused(tmp_path: Path) -> None:
+    """The old index file listed only .nii.gz (no filesystem for plain files is set up): still a clear error."""
+    virtnii.scan([str(DATA / "example4d.nii.gz")], str(tmp_path / "old"))
+    virtnii.scan([str(DATA / "functional.nii")], str(tmp_path / "new"))
+    shutil.copy(tmp_path / "old" / "virtnii.json", tmp_path / "new" / "virtnii.json")
+    with pytest.raises(virtnii.ManifestError, match="which the manifest's index file does not list"):
+        virtnii.open(str(tmp_path / "new"))["functional"]["0"][...]

@@ -272,3 +272,16 @@ def test_interrupted_scan_stops_indexing_and_writes_nothing(tmp_path: Path, monk
     assert len(pieces) < 10, f"{len(pieces)} of 20 files started after the interrupt"
     assert sorted(pieces.values())[0] < whole, f"no running pass ended early: {pieces}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+
+
+def test_failure_to_write_a_sidecar_aborts_the_scan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The manifest, not the source, is at fault: no manifest without that image, no failure naming the file."""
+    indexing = importlib.import_module("virtnii.gzindex")
+
+    def disk_full(*args: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(indexing, "write_sidecar", disk_full)
+    with pytest.raises(virtnii.ManifestError, match="No space left"):
+        virtnii.scan([str(DATA / "anatomical.nii"), str(DATA / "example4d.nii.gz")], str(tmp_path / "out"))
+    assert not list(tmp_path.iterdir())

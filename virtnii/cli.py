@@ -167,7 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"virtnii: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("virtnii: interrupted before the manifest was complete; run the scan again", file=sys.stderr)
+        print("virtnii: interrupted" + ("; the manifest may be incomplete: run the scan again"
+                                        if args.command == "scan" else ""), file=sys.stderr)
         return 130
     except BrokenPipeError:  # `virtnii info OUT | head`: the reader has what it wanted
         # Python flushes stdout again at exit, into the closed pipe: point it at /dev/null first

@@ -68,17 +68,20 @@ def storage_errors() -> tuple[type[BaseException], ...]:
 def is_missing(err: BaseException) -> bool:
     """Whether a storage error means the file is not there — not that it could not be reached or was refused.
 
-    fsspec's HTTP filesystem reports any failed request (404, 403, 500, no server) as ``FileNotFoundError``;
-    its cause says which: an HTTP status (aiohttp) or a connection error.  s3fs's causes, such as botocore's
-    ``NoSuchKey``, carry neither: the object is gone.
+    fsspec's HTTP filesystem reports any failed request (404, 403, 500, no server, a dropped connection) as
+    ``FileNotFoundError``; its cause says which.  Missing means no cause, an HTTP 404/410, or botocore's
+    ``NoSuchKey``-like codes; anything else is a failure to reach or read the file.
     """
     if not isinstance(err, FileNotFoundError):
         return False
     cause = err.__cause__
-    status = getattr(cause, "status", None)
-    if isinstance(status, int):
-        return status in (404, 410)
-    return not (isinstance(cause, OSError) and not isinstance(cause, FileNotFoundError))
+    if cause is None or isinstance(cause, FileNotFoundError):
+        return True
+    if getattr(cause, "status", None) in (404, 410):  # aiohttp
+        return True
+    response = getattr(cause, "response", None)  # botocore's ClientError
+    code = response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+    return code in ("NoSuchKey", "NoSuchBucket", "NotFound", "404")
 
 
 def from_os_error(source: str, err: Exception, doing: str) -> VirtniiError:

@@ -97,35 +97,40 @@ class Checker:
     async def ensure(self, fs: fsspec.AbstractFileSystem, path: str, url: str, recorded: Fingerprint) -> None:
         """Raise like :func:`check` unless ``url`` passed a check recently enough; from any thread or event loop.
 
-        Concurrent reads of one source (zarr fetches chunks together) share one check rather than each
-        making its own request.
+        A remote check runs in a worker thread (``fs.info`` of an async filesystem blocks on that filesystem's
+        own loop, which may be the caller's), and concurrent reads of one source (zarr fetches chunks
+        together) share it; a reader that is cancelled while waiting leaves it running for the others.
         """
         key = (url, json.dumps(recorded, sort_keys=True))
-        local = getattr(fs, "local_file", False)
+        if getattr(fs, "local_file", False):
+            check(fs, path, url, recorded)
+            return
         last = self._passed.get(key)
-        if not local and last is not None and time.monotonic() - last < RECHECK_AFTER:
+        if last is not None and time.monotonic() - last < RECHECK_AFTER:
             return
         with self._lock:
             running = self._running.get(key)
-            if running is None:
-                self._running[key] = mine = concurrent.futures.Future()
-        if running is not None:
-            await asyncio.wrap_future(running)  # raises what that check raised
-            return
-        try:
-            if local:
-                check(fs, path, url, recorded)
-            else:  # fs.info of an async filesystem blocks on its own loop, which may be the caller's: a thread
-                await asyncio.to_thread(check, fs, path, url, recorded)
-        except BaseException as err:
-            mine.set_exception(err)
-            raise
-        else:
-            self._passed[key] = time.monotonic()
-            mine.set_result(None)
-        finally:
-            with self._lock:
-                del self._running[key]
+            if running is None or running.done():
+                running = self._running[key] = _checks().submit(self._check, key, fs, path, url, recorded)
+        await asyncio.wrap_future(running)  # raises what the check raised
+
+    def _check(self, key: tuple[str, str], fs: fsspec.AbstractFileSystem, path: str, url: str,
+               recorded: Fingerprint) -> None:
+        check(fs, path, url, recorded)
+        self._passed[key] = time.monotonic()
+
+
+_CHECKS: concurrent.futures.ThreadPoolExecutor | None = None
+_CHECKS_LOCK = threading.Lock()
+
+
+def _checks() -> concurrent.futures.ThreadPoolExecutor:
+    """The threads remote fingerprint checks run in (one request each: a few suffice)."""
+    global _CHECKS
+    with _CHECKS_LOCK:
+        if _CHECKS is None:
+            _CHECKS = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="virtnii-check")
+        return _CHECKS
 
 
 def check(fs: fsspec.AbstractFileSystem, path: str, url: str, recorded: Fingerprint) -> None:
@@ -135,8 +140,8 @@ def check(fs: fsspec.AbstractFileSystem, path: str, url: str, recorded: Fingerpr
     stat'ed :class:`SourceAccessError`; errors name ``url``.  Safe from any thread (fsspec runs async
     filesystems on their own loop).
     """
-    fs.invalidate_cache(path)  # s3fs would answer from a listing made before the change
     try:
+        fs.invalidate_cache(path)  # s3fs would answer from a listing made before the change
         info = fs.info(path)
     except storage_errors() as err:
         error = from_os_error(url, err, "stat")

@@ -46,6 +46,7 @@ class _Source:
 _INDEXES: collections.OrderedDict[str, tuple[fingerprint.Fingerprint, gzindex.GzipIndex]] = collections.OrderedDict()
 #: Parsed indexes kept (least recently used dropped first): each holds 32 KiB per seek point, ~8 MB for 1 GiB.
 _MAX_INDEXES = 64
+_INDEXES_LOCK = threading.Lock()
 _CHECKER = fingerprint.Checker()
 _LOCKS: dict[str, threading.Lock] = {}
 _LOCKS_GUARD = threading.Lock()
@@ -95,7 +96,8 @@ class GzipIndexFileSystem(AsyncFileSystem):
         self.root_options = dict(root_options or {})
         self.target_options = dict(target_options or {})
         self._root_fs, self._root_path = fsspec.core.url_to_fs(self.root, **self.root_options)
-        self._sources: dict[str, _Source] = {}
+        # this instance's descriptors, most recently read last; bounded like _INDEXES, as each holds an index
+        self._sources: collections.OrderedDict[str, _Source] = collections.OrderedDict()
 
     # -- sources ------------------------------------------------------------------------------------------
 
@@ -105,6 +107,10 @@ class GzipIndexFileSystem(AsyncFileSystem):
         if source is None:
             source = await asyncio.to_thread(self._load, path)
             self._sources[path] = source
+            while len(self._sources) > _MAX_INDEXES:
+                self._sources.popitem(last=False)
+        else:
+            self._sources.move_to_end(path)
         return source
 
     def _load(self, path: str) -> _Source:
@@ -117,15 +123,18 @@ class GzipIndexFileSystem(AsyncFileSystem):
             except SourceNotFound as err:
                 raise ManifestError(url, f"no gzip index descriptor here: is root={self.root!r} the manifest "
                                          "folder, or was it rescanned since it was opened? (open it again)") from err
-            cached = _INDEXES.get(url)
+            with _INDEXES_LOCK:
+                cached = _INDEXES.get(url)
+                if cached is not None and cached[0] == descriptor_fp:
+                    _INDEXES.move_to_end(url)
             if cached is not None and cached[0] == descriptor_fp:
                 index = cached[1]
-                _INDEXES.move_to_end(url)
             else:
                 index = gzindex.read_sidecar(self._root_fs, descriptor_path)
-                _INDEXES[url] = (descriptor_fp, index)
-                while len(_INDEXES) > _MAX_INDEXES:
-                    _INDEXES.popitem(last=False)
+                with _INDEXES_LOCK:
+                    _INDEXES[url] = (descriptor_fp, index)
+                    while len(_INDEXES) > _MAX_INDEXES:
+                        _INDEXES.popitem(last=False)
         fs, source_path = fsspec.core.url_to_fs(index.source, **self.target_options)
         return _Source(index, fs, source_path)
 

@@ -90,7 +90,11 @@ class _ReferenceFileSystem(ReferenceFileSystem):
             return await super()._cat_file(path, start=start, end=end, **kwargs)
         except ReferenceNotReachable as err:
             cause = err.__cause__
-            if not isinstance(cause, VirtniiError):
+            if isinstance(cause, KeyError):  # no filesystem for the reference's protocol
+                cause = ManifestError(path, f"is referenced through {cause} storage, which the manifest's index "
+                                            "file does not list (was replacing the manifest interrupted?); "
+                                            "re-run `virtnii scan`")
+            elif not isinstance(cause, VirtniiError):
                 raise
         raise cause  # outside the handler, so the two errors do not become each other's context (a cycle)
 

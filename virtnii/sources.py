@@ -145,7 +145,7 @@ def _list(fs: fsspec.AbstractFileSystem, path: str, src: str,
     folder, or a file's parent.  Local files and sub-folders that cannot be listed are added to ``failures``.
     """
     try:
-        if _GLOB.search(path):
+        if _GLOB.search(path) and not _is_http(fs):  # a URL's "?" starts a query; web servers cannot be listed
             base = posixpath.dirname(_GLOB.split(path, 1)[0])
             matches = {p: i for p, i in fs.glob(path, detail=True).items() if i.get("type") != "directory"}
             if is_local(fs):  # fingerprints as fs.info() gives them (see _stat_local)
@@ -161,6 +161,11 @@ def _list(fs: fsspec.AbstractFileSystem, path: str, src: str,
     if not path.lower().endswith(NIFTI_SUFFIXES):
         raise InvalidNifti(src, f"not a NIfTI file name (expected one of {', '.join(NIFTI_SUFFIXES)})")
     return {path: info}, posixpath.dirname(path)
+
+
+def _is_http(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    return bool({"http", "https"} & set(protocols))
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
