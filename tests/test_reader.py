@@ -240,13 +240,15 @@ def test_source_cut_short_between_checks_is_stale(tmp_path: Path) -> None:
     fs = fsspec.filesystem("memory")
     blob = write_nifti(tmp_path / "bold.nii", voxels((6, 5, 4, 3), "i2")).read_bytes()
     fs.pipe_file("/reader-test/bold.nii", blob)
-    virtnii.scan(["memory://reader-test/bold.nii"], str(tmp_path / "out"))
-    array = virtnii.open(str(tmp_path / "out"))["bold"]["0"]
-    array[0]  # checks the fingerprint, trusted for RECHECK_AFTER seconds
-    fs.pipe_file("/reader-test/bold.nii", blob[:-2])
-    with pytest.raises(virtnii.StaleSource, match="got only"):
-        array[-1]
-    fs.rm("/reader-test", recursive=True)
+    try:
+        virtnii.scan(["memory://reader-test/bold.nii"], str(tmp_path / "out"))
+        array = virtnii.open(str(tmp_path / "out"))["bold"]["0"]
+        array[0]  # checks the fingerprint, trusted for RECHECK_AFTER seconds
+        fs.pipe_file("/reader-test/bold.nii", blob[:-2])
+        with pytest.raises(virtnii.StaleSource, match="got only"):
+            array[-1]
+    finally:
+        fs.rm("/reader-test", recursive=True)
 
 
 def test_source_replaced_after_the_first_read_is_stale(indexed: tuple[Path, Path]) -> None:
