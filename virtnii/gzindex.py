@@ -217,24 +217,26 @@ class GzipIndex:
 # ------------------------------------------------------------------------------------------ zlib via ctypes
 
 
+def _stream_fields(avail: type, total: type, adler: type) -> list[tuple[str, type]]:
+    """The fields of zlib's ``z_stream``, with one implementation's integer types (zlib-ng's native
+    ``zng_stream`` has ``uint32_t``/``size_t`` where zlib has ``uInt``/``uLong``)."""
+    return [("next_in", ctypes.c_void_p), ("avail_in", avail), ("total_in", total),
+            ("next_out", ctypes.c_void_p), ("avail_out", avail), ("total_out", total),
+            ("msg", ctypes.c_char_p), ("state", ctypes.c_void_p), ("zalloc", ctypes.c_void_p),
+            ("zfree", ctypes.c_void_p), ("opaque", ctypes.c_void_p), ("data_type", ctypes.c_int),
+            ("adler", adler), ("reserved", ctypes.c_ulong)]
+
+
 class _ZStream(ctypes.Structure):
     """zlib's ``z_stream``."""
 
-    _fields_ = [("next_in", ctypes.c_void_p), ("avail_in", ctypes.c_uint), ("total_in", ctypes.c_ulong),
-                ("next_out", ctypes.c_void_p), ("avail_out", ctypes.c_uint), ("total_out", ctypes.c_ulong),
-                ("msg", ctypes.c_char_p), ("state", ctypes.c_void_p), ("zalloc", ctypes.c_void_p),
-                ("zfree", ctypes.c_void_p), ("opaque", ctypes.c_void_p), ("data_type", ctypes.c_int),
-                ("adler", ctypes.c_ulong), ("reserved", ctypes.c_ulong)]
+    _fields_ = _stream_fields(ctypes.c_uint, ctypes.c_ulong, ctypes.c_ulong)
 
 
 class _ZngStream(ctypes.Structure):
-    """zlib-ng's native ``zng_stream`` (sizes are ``size_t``/``uint32_t`` where zlib has ``uLong``)."""
+    """zlib-ng's native ``zng_stream``."""
 
-    _fields_ = [("next_in", ctypes.c_void_p), ("avail_in", ctypes.c_uint32), ("total_in", ctypes.c_size_t),
-                ("next_out", ctypes.c_void_p), ("avail_out", ctypes.c_uint32), ("total_out", ctypes.c_size_t),
-                ("msg", ctypes.c_char_p), ("state", ctypes.c_void_p), ("zalloc", ctypes.c_void_p),
-                ("zfree", ctypes.c_void_p), ("opaque", ctypes.c_void_p), ("data_type", ctypes.c_int),
-                ("adler", ctypes.c_uint32), ("reserved", ctypes.c_ulong)]
+    _fields_ = _stream_fields(ctypes.c_uint32, ctypes.c_size_t, ctypes.c_uint32)
 
 
 _Z_OK, _Z_STREAM_END, _Z_NEED_DICT, _Z_BUF_ERROR, _Z_NO_FLUSH, _Z_BLOCK = 0, 1, 2, -5, 0, 5
