@@ -51,12 +51,26 @@ def from_info(info: dict[str, Any]) -> Fingerprint:
     return fp
 
 
+def _info(fs: fsspec.AbstractFileSystem, path: str, url: str, *, fresh: bool = False,
+          missing: str = "no such file or object") -> dict[str, Any]:
+    """``fs.info(path)``, its errors as VirtniiErrors naming ``url`` (``missing`` says a missing file's problem).
+
+    ``fresh``: drop cached listings first (s3fs would answer from a listing made before a change).
+    """
+    try:
+        if fresh:
+            fs.invalidate_cache(path)
+        return fs.info(path)
+    except storage_errors() as err:
+        error = from_os_error(url, err, "stat")
+        if isinstance(error, SourceNotFound):
+            error = SourceNotFound(url, missing)
+        raise error from err
+
+
 def stat(fs: fsspec.AbstractFileSystem, path: str, url: str) -> Fingerprint:
     """Fingerprint of ``path`` on ``fs`` now; errors name ``url``."""
-    try:
-        info = fs.info(path)
-    except storage_errors() as err:
-        raise from_os_error(url, err, "stat") from err
+    info = _info(fs, path, url)
     if info.get("type") == "directory":
         raise SourceNotFound(url, "is a directory, not a file")
     return from_info(info)
@@ -140,12 +154,5 @@ def check(fs: fsspec.AbstractFileSystem, path: str, url: str, recorded: Fingerpr
     stat'ed :class:`SourceAccessError`; errors name ``url``.  Safe from any thread (fsspec runs async
     filesystems on their own loop).
     """
-    try:
-        fs.invalidate_cache(path)  # s3fs would answer from a listing made before the change
-        info = fs.info(path)
-    except storage_errors() as err:
-        error = from_os_error(url, err, "stat")
-        if isinstance(error, SourceNotFound):
-            error = SourceNotFound(url, "was indexed but no longer exists; re-run `virtnii scan`")
-        raise error from err
+    info = _info(fs, path, url, fresh=True, missing="was indexed but no longer exists; re-run `virtnii scan`")
     ensure_unchanged(url, recorded, from_info(info))
