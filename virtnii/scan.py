@@ -21,13 +21,12 @@ import fsspec
 from tqdm.auto import tqdm
 
 from . import fingerprint, gzindex
-from .errors import (InvalidGzip, InvalidNifti, ManifestError, SourceAccessError, VirtniiError, from_os_error,
-                     storage_errors)
+from .errors import InvalidGzip, InvalidNifti, ManifestError, VirtniiError, from_os_error, storage_errors
 from .header import HEAD_BYTES, NiftiHeader, header_extent, parse, parse_many
 from .manifest import REF_FILES, ManifestWriter
 from .references import ZARR_FORMATS, ImageRefs, image_refs
 from .sources import CONCURRENT_READS, Source, assign_names, expand, is_local
-from .verified import IGNORES_RANGES
+from .verified import ranges_ignored
 
 GZIP_INDEX_FOLDER = "gzindex"
 #: Uncompressed sources whose headers are fetched together (concurrently on object stores).
@@ -207,7 +206,7 @@ def read_plain_headers(sources: list[Source]) -> list[bytes | VirtniiError]:
                 outcomes[i] = from_os_error(s.url, head, "read")
                 continue
             if len(head) > want:  # the whole file came back: the next ranged read (a chunk) would get it too
-                outcomes[i] = SourceAccessError(s.url, f"asked for {want} bytes and got {len(head)}: {IGNORES_RANGES}")
+                outcomes[i] = ranges_ignored(s.url, 0, want, len(head))
                 continue
             try:
                 extent = header_extent(s.url, head, s.is_pair, s.info["size"])
@@ -294,7 +293,7 @@ def _read_gzip_start(fs: fsspec.AbstractFileSystem, path: str, url: str, end: in
     except storage_errors() as err:
         raise from_os_error(url, err, "read") from err
     if len(compressed) > end:
-        raise SourceAccessError(url, f"asked for {end} bytes and got {len(compressed)}: {IGNORES_RANGES}")
+        raise ranges_ignored(url, 0, end, len(compressed))
     if compressed[:2] != b"\x1f\x8b":
         raise InvalidGzip(url, "not gzip data (no gzip magic bytes): is it an uncompressed .nii named .gz?")
     return compressed

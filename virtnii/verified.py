@@ -37,6 +37,13 @@ async def call(fs: fsspec.AbstractFileSystem, method: str, *args: Any, **kwargs:
     return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, fs.loop))
 
 
+def ranges_ignored(url: str, start: int, end: int, got: int) -> SourceAccessError:
+    """The error for a server that answered a read of bytes ``[start, end)`` with ``got`` > end - start bytes."""
+    return SourceAccessError(url, f"asked for bytes {start}-{end} and got {got}: the server ignores byte ranges "
+                                  "(HTTP Range), which reading files in place needs; serve them with one that "
+                                  "supports ranges (most do; `python -m http.server` does not)")
+
+
 def exact_range(url: str, start: int, end: int, data: bytes) -> bytes:
     """``data`` if it holds exactly the bytes ``[start, end)`` asked for, else the error that says why not.
 
@@ -45,15 +52,12 @@ def exact_range(url: str, start: int, end: int, data: bytes) -> bytes:
     is a reshape error or wrong voxels, never a useful message.
     """
     if len(data) > end - start:
-        raise SourceAccessError(url, f"asked for bytes {start}-{end} and got {len(data)}: {IGNORES_RANGES}")
+        raise ranges_ignored(url, start, end, len(data))
     if len(data) < end - start:
         raise StaleSource(url, f"asked for bytes {start}-{end} and got only {len(data)}: the file is shorter than "
                                "when it was indexed; re-run `virtnii scan`")
     return data
 
-
-IGNORES_RANGES = ("the server ignores byte ranges (HTTP Range), which reading files in place needs; serve them "
-                  "with one that supports ranges (most do; `python -m http.server` does not)")
 
 
 class VerifiedFileSystem(AsyncFileSystem):
