@@ -83,7 +83,7 @@ class ManifestWriter:
                 ref_format: str) -> None:
         refs = build_refs(images, zarr_format)
         ref_file = REF_FILES[ref_format]
-        target = f"{self.tmp}/{ref_file}"
+        target, index_file = f"{self.tmp}/{ref_file}", f"{self.tmp}/{INDEX_FILE}"
         if ref_format == "json":
             with self.fs.open(target, "w") as f:
                 # one dumps + write: json.dump streams through the pure-Python encoder, ~10x slower on big manifests
@@ -95,7 +95,7 @@ class ManifestWriter:
         # one image per line: readable and diffable, and each line goes through the C JSON encoder
         # (``indent=`` falls back to the pure-Python encoder: a quarter of a 2000-file scan)
         text = json.dumps(head)[:-1] + ', "images": [\n' + ",\n".join(map(json.dumps, entries)) + "\n]}\n"
-        with self.fs.open(f"{self.tmp}/{INDEX_FILE}", "w") as f:
+        with self.fs.open(index_file, "w") as f:
             f.write(text)
         if getattr(self.fs, "local_file", False):
             # renames: the old manifest stays whole at OUT until the new one is complete and renamed in
@@ -112,10 +112,9 @@ class ManifestWriter:
         # only the old manifest had.  Old and new files never combine into wrong voxels: sidecar names carry a
         # version tag, and every source is checked against its fingerprint before it is read.
         old = set(self.fs.find(self.out)) if self.fs.exists(self.out) else set()
-        new = [f for f in self.fs.find(self.tmp) if f != f"{self.tmp}/{INDEX_FILE}"]
-        references = f"{self.tmp}/{ref_file}"
-        sidecars = [f for f in new if not f.startswith(references)]
-        for batch in (sidecars, [f for f in new if f.startswith(references)], [f"{self.tmp}/{INDEX_FILE}"]):
+        new = [f for f in self.fs.find(self.tmp) if f != index_file]
+        sidecars = [f for f in new if not f.startswith(target)]
+        for batch in (sidecars, [f for f in new if f.startswith(target)], [index_file]):
             if batch:
                 self.fs.copy(batch, [self.out + f[len(self.tmp):] for f in batch])
         stale = sorted(old - {self.out + f[len(self.tmp):] for f in new} - {f"{self.out}/{INDEX_FILE}"})

@@ -150,15 +150,15 @@ def _gzip_workers(sources: list[Source]) -> int:
     return GZIP_REMOTE_WORKERS
 
 
-def _collect(source: Source, outcome: tuple[NiftiHeader, ImageRefs, dict[str, Any]] | VirtniiError,
+def _collect(source: Source, outcome: tuple[ImageRefs, dict[str, Any]] | VirtniiError,
              images: list[ImageRefs], entries: list[dict[str, Any]], failures: list[VirtniiError], bar: tqdm) -> None:
     """Add one finished source to the results (or to the failures) and advance the progress bar."""
     bar.update(1)
     if isinstance(outcome, VirtniiError):
         failures.append(outcome)
         return
-    images.append(outcome[1])
-    entries.append(outcome[2])
+    images.append(outcome[0])
+    entries.append(outcome[1])
 
 
 # ---------------------------------------------------------------------------------------------------- headers
@@ -224,7 +224,7 @@ def read_plain_headers(sources: list[Source]) -> list[bytes | VirtniiError]:
 
 
 def _plain_images(sources: list[Source], heads: list[bytes | VirtniiError],
-                  zarr_format: int) -> list[tuple[NiftiHeader, ImageRefs, dict[str, Any]] | VirtniiError]:
+                  zarr_format: int) -> list[tuple[ImageRefs, dict[str, Any]] | VirtniiError]:
     """Headers (parsed together), references and index entries of a batch of uncompressed sources."""
     outcomes: list[Any] = list(heads)
     read = [i for i, head in enumerate(heads) if not isinstance(head, VirtniiError)]
@@ -235,13 +235,13 @@ def _plain_images(sources: list[Source], heads: list[bytes | VirtniiError],
 
 
 def _plain_image(source: Source, header: NiftiHeader,
-                 zarr_format: int) -> tuple[NiftiHeader, ImageRefs, dict[str, Any]] | VirtniiError:
+                 zarr_format: int) -> tuple[ImageRefs, dict[str, Any]] | VirtniiError:
     try:
-        _check_data_size(source.data_url if source.is_pair else source.url, header, int(source.data_info["size"]))
+        _check_data_size(source.data_url, header, int(source.data_info["size"]))
         refs = image_refs(source.name, header, source.data_url, zarr_format)
     except VirtniiError as err:
         return err
-    return header, refs, _entry(source, header, refs)
+    return refs, _entry(source, header, refs)
 
 
 def _check_data_size(url: str, header: NiftiHeader, size: int) -> None:
@@ -312,7 +312,7 @@ def _gunzip_members(data: bytes, limit: int) -> bytes:
 
 
 def index_gzip_source(source: Source, writer: ManifestWriter, zarr_format: int,
-                      advance: Callable[[int], Any] = lambda n: None) -> tuple[NiftiHeader, ImageRefs, dict[str, Any]]:
+                      advance: Callable[[int], Any] = lambda n: None) -> tuple[ImageRefs, dict[str, Any]]:
     """Header, seek-point index and references of a ``.nii.gz`` (or gzipped pair), indexed in place.
 
     ``advance(n)`` is told of every ``n`` more compressed bytes indexed (a progress bar's ``update``).
@@ -345,7 +345,7 @@ def index_gzip_source(source: Source, writer: ManifestWriter, zarr_format: int,
     entry = _entry(source, header, layout_refs)
     entry["gzip_index"] = descriptor
     entry["uncompressed_size"] = index.uncompressed_size
-    return header, layout_refs, entry
+    return layout_refs, entry
 
 
 def _version_tag(index: gzindex.GzipIndex) -> str:

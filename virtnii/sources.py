@@ -73,9 +73,9 @@ def expand(sources: list[str], options: dict[str, Any],
     for source in found.values():
         try:
             _attach_data_file(source)
-            for path, info in ((source.path, source.info), (source.data_path, source.data_info)):
+            for url, info in ((source.url, source.info), (source.data_url, source.data_info)):
                 if info.get("size") is None:
-                    raise _no_size(source.fs.unstrip_protocol(path))
+                    raise _no_size(url)
             sources_out.append(source)
         except VirtniiError as err:
             failures.append(err)
