@@ -252,6 +252,9 @@ def test_bad_gzip_raises_invalid_gzip(tmp_path: Path, how: str, message: str) ->
         gzindex.build_index(str(path), [1000])
     assert info.value.source == str(path)
     assert str(path) in str(info.value)
+    if how == "trailing garbage":  # where the garbage starts: right after the member
+        size = path.stat().st_size - len(b"PK\x03\x04 not a gzip member")
+        assert f"unexpected data at byte {size} " in str(info.value)
 
 
 def test_missing_and_unreadable(tmp_path: Path) -> None:

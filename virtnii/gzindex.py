@@ -491,13 +491,14 @@ class _Indexer:
         strm.next_out, strm.avail_out = self.buf.ctypes.data + self.fill, room
         ret = self.zlib.inflate(self.ref, _Z_BLOCK)
         consumed, produced = len(rest) - strm.avail_in, room - strm.avail_out
+        start = self.cmp
         self.cmp += consumed
         self.uncmp += produced
         self.fill += produced
         if ret == _Z_STREAM_END:
             self.in_member = False
         elif ret not in (_Z_OK, _Z_BUF_ERROR):
-            raise self._error(ret)
+            raise self._error(ret, start)
         elif strm.data_type & 128 and not strm.data_type & 64:
             self._boundary(strm.data_type & 7)
         self._record_stops()
@@ -505,13 +506,12 @@ class _Indexer:
             raise InvalidGzip(self.url, f"inflate made no progress at compressed byte {self.cmp}")
         return consumed
 
-    def _error(self, ret: int) -> InvalidGzip:
+    def _error(self, ret: int, start: int) -> InvalidGzip:
+        """The error for zlib's failure ``ret`` on input that began at compressed byte ``start``."""
         message = (self.strm.msg or b"").decode(errors="replace")
         where = f"at compressed byte ~{self.cmp}"
-        if message == "incorrect header check":
-            if self.cmp == 0:
-                return InvalidGzip(self.url, "not gzip data (bad magic bytes)")
-            return InvalidGzip(self.url, f"unexpected data at byte {self.cmp} after the gzip member that ends "
+        if message == "incorrect header check":  # a member's first bytes (the file's are checked by build_index)
+            return InvalidGzip(self.url, f"unexpected data at byte {start} after the gzip member that ends "
                                          "there: neither another gzip member nor zero padding")
         if message == "incorrect data check":
             return InvalidGzip(self.url, f"CRC-32 mismatch at the end of the gzip member ending near byte "
