@@ -125,11 +125,10 @@ class GzipIndexFileSystem(AsyncFileSystem):
                                          "folder, or was it rescanned since it was opened? (open it again)") from err
             with _INDEXES_LOCK:
                 cached = _INDEXES.get(url)
-                if cached is not None and cached[0] == descriptor_fp:
+                index = cached[1] if cached is not None and cached[0] == descriptor_fp else None
+                if index is not None:
                     _INDEXES.move_to_end(url)
-            if cached is not None and cached[0] == descriptor_fp:
-                index = cached[1]
-            else:
+            if index is None:
                 index = gzindex.read_sidecar(self._root_fs, descriptor_path)
                 with _INDEXES_LOCK:
                     _INDEXES[url] = (descriptor_fp, index)

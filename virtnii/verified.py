@@ -92,7 +92,8 @@ class VerifiedFileSystem(AsyncFileSystem):
         return exact_range(self.fs.unstrip_protocol(verified), start, end, data)
 
     async def _cat_ranges(self, paths: list[str], starts: list[int], ends: list[int], **kwargs: Any) -> list[Any]:
-        verified = [await self._verify(p) for p in paths]
+        checked = dict(zip(paths, await asyncio.gather(*map(self._verify, dict.fromkeys(paths)))))  # once each
+        verified = [checked[p] for p in paths]
         results = await call(self.fs, "cat_ranges", verified, starts, ends, **kwargs)
         for i, (path, start, end, data) in enumerate(zip(verified, starts, ends, results)):
             url = self.fs.unstrip_protocol(path)
