@@ -22,20 +22,18 @@ import json
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import fsspec
 import nibabel as nib
 import numpy as np
 import zarr
 
+from benchkit import best_of, mri_slab
 from virtnii import gzindex, gzipfs
 
-T = TypeVar("T")
 
 DEFAULT_DIR = Path(__file__).parent / "_data"
 
@@ -57,28 +55,6 @@ FULL = [Volume("mri_int16", (1024, 1024, 512), "<i2"), Volume("mri_float32", (10
 SMALL = [Volume("mri_int16_small", (256, 256, 128), "<i2"), Volume("mri_float32_small", (256, 256, 64), "<f4")]
 
 
-def _slab(volume: Volume, z0: int, z1: int, rng: np.random.Generator) -> np.ndarray:
-    """Voxels of slices [z0, z1) in NIfTI order (x fastest): a head phantom with a bias field and noise.
-
-    An ellipsoid "head" whose intensity varies smoothly (tissue-like bands times a bias field), a dark
-    background with Rician-like noise, and Gaussian noise of ~2 % everywhere: it compresses about like real
-    structural MRI (roughly 2:1 for int16), which is what matters for inflate and index timings.
-    """
-    nx, ny, nz = volume.shape
-    z = ((np.arange(z0, z1, dtype=np.float32) + 0.5) / nz * 2 - 1)[:, None, None]
-    y = ((np.arange(ny, dtype=np.float32) + 0.5) / ny * 2 - 1)[None, :, None]
-    x = ((np.arange(nx, dtype=np.float32) + 0.5) / nx * 2 - 1)[None, None, :]
-    radius = np.sqrt((x / 0.8) ** 2 + (y / 0.9) ** 2 + (z / 0.85) ** 2)
-    tissue = 600 + 250 * np.sin(9 * radius + 2 * x * y) + 120 * np.cos(5 * z + 3 * x)
-    bias = 1 + 0.2 * (x + 0.5 * y - 0.3 * z)
-    signal = np.where(radius < 1, tissue * bias, 0).astype(np.float32)
-    noise = rng.standard_normal(signal.shape, dtype=np.float32) * 20
-    data = np.abs(signal + noise)
-    if np.dtype(volume.dtype).kind == "i":
-        return np.rint(data).astype(volume.dtype)
-    return (data / 1000).astype(volume.dtype)
-
-
 def generate(volume: Volume, folder: Path) -> Path:
     """Write ``<folder>/<name>.nii.gz`` slab by slab (never the whole volume in memory); reuse it if present."""
     path = folder / f"{volume.name}.nii.gz"
@@ -96,33 +72,13 @@ def generate(volume: Volume, folder: Path) -> Path:
     with gzip.open(partial, "wb", compresslevel=6) as out:
         out.write(header.binaryblock + b"\0" * 4)  # 348-byte header + empty extension flag
         for z0 in range(0, volume.shape[2], 16):
-            slab = _slab(volume, z0, min(z0 + 16, volume.shape[2]), rng)
+            slab = mri_slab(volume.shape, volume.dtype, z0, min(z0 + 16, volume.shape[2]), rng)
             out.write(slab.tobytes())
     os.replace(partial, path)
     return path
 
 
 # ------------------------------------------------------------------------------------------------ measuring
-
-
-def _timed(func: Callable[[], T]) -> tuple[float, T]:
-    start = time.perf_counter()
-    result = func()
-    return time.perf_counter() - start, result
-
-
-def _best(func: Callable[[], T], repeat: int) -> tuple[float, T]:
-    """Fastest of ``repeat`` runs (the others are noise from the machine, not the code), and the last result.
-
-    Earlier results are dropped before the next run: on a VM, touching never-used memory costs several
-    seconds per GB, so keeping every run's gigabyte alive would make each run pay for fresh pages.
-    """
-    best, result = float("inf"), None
-    for _ in range(repeat):
-        result = None
-        seconds, result = _timed(func)
-        best = min(best, seconds)
-    return best, result
 
 
 def _forget_gzip_indexes() -> None:
@@ -149,8 +105,8 @@ def bench_volume(volume: Volume, path: Path, repeat: int) -> list[Result]:
     offsets = [vox_offset + z * slice_bytes for z in range(0, nz, slab)]
     subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)  # warm the page cache for all
 
-    gunzip, _ = _best(lambda: subprocess.run(f"gzip -dc '{path}' > /dev/null", shell=True, check=True), repeat)
-    build, index = _best(lambda: gzindex.build_index(str(path), offsets), repeat)
+    gunzip, _ = best_of(lambda: subprocess.run(f"gzip -dc '{path}' > /dev/null", shell=True, check=True), repeat)
+    build, index = best_of(lambda: gzindex.build_index(str(path), offsets), repeat)
 
     manifest = path.parent / f"{volume.name}.manifest"
     local = fsspec.filesystem("file")
@@ -166,8 +122,8 @@ def bench_volume(volume: Volume, path: Path, repeat: int) -> list[Result]:
         fs = gzipfs.GzipIndexFileSystem(root=str(manifest), skip_instance_cache=True)
         return np.frombuffer(fs.cat_file(url, start, start + slice_bytes), volume.dtype).reshape(ny, nx).T
 
-    ours_slice, got = _best(fs_slice, repeat)
-    nib_slice, expected = _best(lambda: np.asanyarray(nib.load(path).dataobj[..., k]), repeat)
+    ours_slice, got = best_of(fs_slice, repeat)
+    nib_slice, expected = best_of(lambda: np.asanyarray(nib.load(path).dataobj[..., k]), repeat)
     if not np.array_equal(got, expected):
         raise AssertionError(f"{path}: slice {k} read through gzidx:// differs from nibabel's")
 
@@ -188,12 +144,12 @@ def bench_volume(volume: Volume, path: Path, repeat: int) -> list[Result]:
                                 storage_options={"fo": refs, "fs": {"gzidx": {"root": str(manifest)}}})
         return group["0"][:].T
 
-    nib_full, expected = _best(lambda: np.asanyarray(nib.load(path).dataobj), repeat)
-    ours_zarr, got = _best(zarr_volume, repeat)
+    nib_full, expected = best_of(lambda: np.asanyarray(nib.load(path).dataobj), repeat)
+    ours_zarr, got = best_of(zarr_volume, repeat)
     if not np.array_equal(got, expected):
         raise AssertionError(f"{path}: the volume read through zarr and gzidx:// differs from nibabel's")
     del got
-    ours_chunks, chunks = _best(fs_chunks, repeat)
+    ours_chunks, chunks = best_of(fs_chunks, repeat)
     if not np.array_equal(np.frombuffer(b"".join(chunks), volume.dtype).reshape(nz, ny, nx).T, expected):
         raise AssertionError(f"{path}: the chunks read through gzidx:// differ from nibabel's volume")
     del chunks, expected

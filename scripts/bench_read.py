@@ -20,12 +20,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
 
 import nibabel as nib
 import numpy as np
 
 import virtnii
+from benchkit import best_of, mri_slab
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from conftest import LocalS3, clear_fsspec_caches, running_s3  # noqa: E402  (the tests' S3 server)
@@ -33,18 +33,6 @@ from conftest import LocalS3, clear_fsspec_caches, running_s3  # noqa: E402  (th
 DEFAULT_DIR = Path(__file__).parent / "_data" / "read"
 TARGET_WHOLE = 0.8
 SLAB = 16  # z-slices generated at a time: a 1 GiB volume never sits in memory twice
-
-
-def _slab(shape: tuple[int, int, int], z0: int, z1: int, rng: np.random.Generator) -> np.ndarray:
-    """int16 voxels of slices [z0, z1) in file order (x fastest): a smooth head phantom, bias field and noise."""
-    nx, ny, nz = shape
-    z = ((np.arange(z0, z1, dtype=np.float32) + 0.5) / nz * 2 - 1)[:, None, None]
-    y = ((np.arange(ny, dtype=np.float32) + 0.5) / ny * 2 - 1)[None, :, None]
-    x = ((np.arange(nx, dtype=np.float32) + 0.5) / nx * 2 - 1)[None, None, :]
-    radius = np.sqrt((x / 0.8) ** 2 + (y / 0.9) ** 2 + (z / 0.85) ** 2)
-    tissue = 600 + 250 * np.sin(9 * radius + 2 * x * y) + 120 * np.cos(5 * z + 3 * x)
-    signal = np.where(radius < 1, tissue * (1 + 0.2 * (x + 0.5 * y - 0.3 * z)), 0).astype(np.float32)
-    return np.rint(np.abs(signal + rng.standard_normal(signal.shape, dtype=np.float32) * 20)).astype("<i2")
 
 
 def generate(folder: Path, shape: tuple[int, int, int]) -> Path:
@@ -69,28 +57,18 @@ def generate(folder: Path, shape: tuple[int, int, int]) -> Path:
     with open(partial, "wb") as out:
         out.write(header.binaryblock + b"\0" * 4)  # 348-byte header + "no extensions" flag
         for z0 in range(0, shape[2], SLAB):
-            out.write(_slab(shape, z0, min(z0 + SLAB, shape[2]), rng).tobytes())
+            out.write(mri_slab(shape, "<i2", z0, min(z0 + SLAB, shape[2]), rng).tobytes())
     os.replace(partial, path)
     return path
-
-
-def best_of(repeat: int, run: Callable[[], Any]) -> tuple[float, Any]:
-    """Fastest wall time of ``repeat`` runs, and the last result."""
-    best, result = float("inf"), None
-    for _ in range(repeat):
-        start = time.perf_counter()
-        result = run()
-        best = min(best, time.perf_counter() - start)
-    return best, result
 
 
 def whole_volume(path: Path, manifest: str, name: str, repeat: int) -> bool:
     """Whole-volume read: virtnii through zarr vs nibabel into memory; checks both give the same voxels."""
     size = path.stat().st_size
     # mmap=False: with nibabel's default memory map np.asanyarray returns without reading anything
-    t_nib, expected = best_of(repeat, lambda: np.asanyarray(nib.load(path, mmap=False).dataobj))
+    t_nib, expected = best_of(lambda: np.asanyarray(nib.load(path, mmap=False).dataobj), repeat)
     del expected
-    t_ours, ours = best_of(repeat, lambda: virtnii.open(manifest)[name]["0"][:])
+    t_ours, ours = best_of(lambda: virtnii.open(manifest)[name]["0"][:], repeat)
     reference = np.asanyarray(nib.load(path).dataobj)  # memory-mapped: compared without a second copy in memory
     if not np.array_equal(ours, reference.T):
         raise SystemExit("virtnii returned other voxels than nibabel")
@@ -106,10 +84,10 @@ def whole_volume(path: Path, manifest: str, name: str, repeat: int) -> bool:
 
 def local_slice(path: Path, manifest: str, name: str, z: int, repeat: int) -> None:
     """One z-slice from the local file: time only (bytes are counted over S3 below)."""
-    t_nib, expected = best_of(repeat, lambda: np.asanyarray(nib.load(path).dataobj[:, :, z]))
-    t_ours, ours = best_of(repeat, lambda: virtnii.open(manifest)[name]["0"][z])
+    t_nib, expected = best_of(lambda: np.asanyarray(nib.load(path).dataobj[:, :, z]), repeat)
+    t_ours, ours = best_of(lambda: virtnii.open(manifest)[name]["0"][z], repeat)
     array = virtnii.open(manifest)[name]["0"]
-    t_open, _ = best_of(repeat, lambda: array[z])
+    t_open, _ = best_of(lambda: array[z], repeat)
     if not np.array_equal(ours, expected.T):
         raise SystemExit("virtnii returned another slice than nibabel")
     print(f"\none z-slice (z={z}, {expected.nbytes / 2**20:.1f} MiB), local, warm, best of {repeat}")
