@@ -116,7 +116,8 @@ def test_pair_references_point_into_the_img(tmp_path: Path) -> None:
 
 
 def test_explicit_data_offset_overrides_the_header(tmp_path: Path) -> None:
-    """``.nii.gz`` images pass their own offset (into the uncompressed stream served by gzidx://)."""
+    """A caller whose voxels do not start at the header's vox_offset can say where they do (no caller in virtnii
+    does today: .nii.gz references use the header's offset into the uncompressed stream)."""
     path = write_nifti(tmp_path / "a.nii", voxels((5, 4, 3), "i2"))
     blob = path.read_bytes()
     header = parse(str(path), blob[:352], False)
