@@ -78,7 +78,7 @@ class Scanned:
 def _scan(paths: dict[str, Path], out: Path, zarr_format: int, **options: object) -> Scanned:
     result = virtnii.scan([str(p) for p in paths.values()], str(out), zarr_format=zarr_format, **options)
     by_source = {f"file://{p}": p for p in paths.values()}
-    names = {entry["name"]: by_source[entry["source"]] for entry in result.images}
+    names = {entry.name: by_source[entry.source] for entry in result.images}
     return Scanned(result, virtnii.open(str(out)), names, str(out))
 
 

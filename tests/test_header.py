@@ -193,7 +193,7 @@ def test_missing_file_is_source_not_found(bad_batch: tuple) -> None:
 
 def test_good_sources_survive_a_bad_batch(bad_batch: tuple) -> None:
     result, files, out = bad_batch
-    assert [e["name"] for e in result.images] == ["good"]
+    assert [e.name for e in result.images] == ["good"]
     assert len(result.failures) == len(files)
     np.testing.assert_array_equal(virtnii.to_nibabel(virtnii.open(str(out))["good"]).dataobj.get_unscaled(),
                                   voxels((4, 3, 2), "i2"))
@@ -313,7 +313,7 @@ def test_permission_error_from_storage_is_source_access_error(tmp_path: Path) ->
     fsspec.register_implementation("denied", _DeniedFileSystem, clobber=True)
     denied, readable = _good(tmp_path, "denied.nii"), _good(tmp_path, "readable.nii")
     result = virtnii.scan([f"denied://{denied}", str(readable)], str(tmp_path / "out"))
-    assert [e["name"] for e in result.images] == ["readable"]
+    assert [e.name for e in result.images] == ["readable"]
     [error] = result.failures
     assert isinstance(error, virtnii.SourceAccessError)
     assert error.source == f"denied://{denied}" and "permission denied" in str(error)

@@ -39,7 +39,7 @@ def test_http_sources_read_like_nibabel(http_root: tuple[Path, LocalHTTP], tmp_p
     originals = _serve(root)
     result = virtnii.scan([f"{server.url}/{name}" for name in originals], str(tmp_path / "out"))
     assert not result.failures, [str(f) for f in result.failures]
-    assert all("etag" in entry["fingerprint"] for entry in result.images)
+    assert all("etag" in entry.fingerprint for entry in result.images)
     group = virtnii.open(str(tmp_path / "out"))
     for name, original in originals.items():
         img = virtnii.to_nibabel(group[name.split(".")[0]])
@@ -60,7 +60,7 @@ def test_missing_http_source_is_named(http_root: tuple[Path, LocalHTTP], tmp_pat
     root, server = http_root
     _serve(root)
     result = virtnii.scan([f"{server.url}/anat.nii", f"{server.url}/nope.nii"], str(tmp_path / "out"))
-    assert [e["name"] for e in result.images] == ["anat"]
+    assert [e.name for e in result.images] == ["anat"]
     [error] = result.failures
     assert isinstance(error, virtnii.SourceNotFound) and error.source == f"{server.url}/nope.nii"
 
@@ -72,7 +72,7 @@ def test_gzip_content_encoding_is_a_clear_error(http_root: tuple[Path, LocalHTTP
     _serve(root)
     server.gzip_encoding = True
     result = virtnii.scan([f"{server.url}/anat.nii", f"{server.url}/bold.nii.gz"], str(tmp_path / "out"))
-    assert [e["name"] for e in result.images] == ["anat"]
+    assert [e.name for e in result.images] == ["anat"]
     [error] = result.failures
     assert isinstance(error, virtnii.SourceAccessError) and error.source == f"{server.url}/bold.nii.gz"
     assert "Content-Encoding" in str(error)

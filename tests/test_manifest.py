@@ -23,7 +23,7 @@ DATA = Path(nib.__file__).parent / "tests" / "data"
 def test_index_file_describes_each_image(tmp_path: Path) -> None:
     virtnii.scan([str(DATA / "functional.nii")], str(tmp_path / "out"))
     index = json.loads((tmp_path / "out" / "virtnii.json").read_text())
-    assert index["virtnii_manifest"] == 1 and index["zarr_format"] == 3 and index["references"] == "refs.json"
+    assert index["virtnii_manifest"] == 2 and index["zarr_format"] == 3 and index["references"] == "refs.json"
     (image,) = index["images"]
     assert image["name"] == "functional"
     assert image["source"] == (DATA / "functional.nii").as_uri()
@@ -52,12 +52,12 @@ def test_rescan_replaces_manifest(tmp_path: Path) -> None:
     virtnii.scan([str(DATA / "anatomical.nii")], str(out))
     virtnii.scan([str(DATA / "functional.nii")], str(out), zarr_format=2)
     index = manifest.read_index(str(out))
-    assert [i["name"] for i in index["images"]] == ["functional"] and index["zarr_format"] == 2
+    assert [i.name for i in index.images] == ["functional"] and index.zarr_format == 2
     assert not (out / "zarr.json").exists()
 
 
 @pytest.mark.parametrize("content, problem", [(None, "not a virtnii manifest"),
-                                               ('{"virtnii_manifest": 99}', "not a version-1"),
+                                               ('{"virtnii_manifest": 99}', "format 99"),
                                                ("{not json", "cannot read")])
 def test_unreadable_manifests_raise_manifest_error(tmp_path: Path, content: str | None, problem: str) -> None:
     if content is not None:

@@ -104,9 +104,9 @@ def test_folder_url_scan_reads_every_voxel(s3: LocalS3, dataset: dict[str, Any],
     result = virtnii.scan(f"s3://{dataset['bucket']}/ds", str(out), storage_options=s3.storage_options)
     assert not result.failures
     sources = _sources(dataset)
-    assert sorted(e["name"] for e in result.images) == sorted(sources)
-    assert all(e["source"].startswith(f"s3://{dataset['bucket']}/ds/sub-0") for e in result.images)
-    assert all(e["fingerprint"].get("etag") for e in result.images)  # S3 sources are fingerprinted by ETag
+    assert sorted(e.name for e in result.images) == sorted(sources)
+    assert all(e.source.startswith(f"s3://{dataset['bucket']}/ds/sub-0") for e in result.images)
+    assert all(e.fingerprint.get("etag") for e in result.images)  # S3 sources are fingerprinted by ETag
     group = virtnii.open(str(out), **s3.storage_options)
     assert sorted(group.group_keys()) == ["sub-01", "sub-02"]
     for name, original in sources.items():
@@ -183,7 +183,7 @@ def test_nii_gz_over_s3(s3: LocalS3, tmp_path: Path) -> None:
     result = virtnii.scan(f"s3://{bucket}/ds", out, storage_options=s3.storage_options,
                           manifest_options=s3.storage_options)
     assert not result.failures
-    assert result.images[0]["gzip_index"]
+    assert result.images[0].gzip_index
     group = virtnii.open(out, **s3.storage_options)
     _assert_same_image(group, "sub-01/func/sub-01_task-rest_bold", original)
     _assert_no_secrets(s3, _manifest_files(s3.filesystem(), f"{bucket}/manifests/gz"))
@@ -284,14 +284,14 @@ def test_rescan_into_a_manifest_on_s3_replaces_it_index_last(s3: LocalS3, datase
         virtnii.scan(urls, out, storage_options=opts, manifest_options=opts)
     monkeypatch.undo()
     clear_fsspec_caches()
-    assert sorted(e["name"] for e in virtnii.manifest.read_index(out, opts)["images"]) == sorted(
-        e["name"] for e in first.images)  # the old index file stayed
+    assert sorted(e.name for e in virtnii.manifest.read_index(out, opts).images) == sorted(
+        e.name for e in first.images)  # the old index file stayed
     group = virtnii.open(out, **opts)  # over the new references
     _assert_same_image(group, "sub-01_T1w", DATA / PLAIN["sub-01/anat/sub-01_T1w"])
 
     clear_fsspec_caches()
     second = virtnii.scan(urls, out, storage_options=opts, manifest_options=opts)
-    assert sorted(e["name"] for e in second.images) == sorted(n.rsplit("/", 1)[1] for n in PLAIN)
+    assert sorted(e.name for e in second.images) == sorted(n.rsplit("/", 1)[1] for n in PLAIN)
     left = fs.find(f"{bucket}/manifests")
     assert not [f for f in left if "/gzindex/" in f or ".partial-" in f], left  # the old sidecars are gone
     group = virtnii.open(out, **opts)

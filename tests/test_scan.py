@@ -26,7 +26,7 @@ def test_folder_scan_names_groups_after_bids_paths(tmp_path: Path) -> None:
     files = bids_tree(tmp_path / "ds")
     result = virtnii.scan([str(tmp_path / "ds")], str(tmp_path / "out"))
     assert not result.failures
-    assert sorted(e["name"] for e in result.images) == sorted(files)
+    assert sorted(e.name for e in result.images) == sorted(files)
     group = virtnii.open(str(tmp_path / "out"))
     # listing walks the hierarchy (a known zarr/fsspec pitfall is empty listings of subgroups)
     assert sorted(group.group_keys()) == ["sub-01", "sub-02"]
@@ -40,7 +40,7 @@ def test_good_sources_are_kept_when_others_fail(tmp_path: Path) -> None:
     bad.write_bytes(b"<!DOCTYPE html><html>not found</html>")
     result = virtnii.scan([str(DATA / "anatomical.nii"), str(bad), str(tmp_path / "missing.nii")],
                           str(tmp_path / "out"))
-    assert [e["name"] for e in result.images] == ["anatomical"]
+    assert [e.name for e in result.images] == ["anatomical"]
     messages = sorted(str(f) for f in result.failures)
     assert any("bad.nii" in m and "HTML" in m for m in messages)
     assert any("missing.nii" in m and "no such" in m for m in messages)
@@ -63,7 +63,7 @@ def test_memory_filesystem_sources_and_manifest() -> None:
     fs.pipe("/vn-src/func.nii", (DATA / "functional.nii").read_bytes())
     try:
         result = virtnii.scan(["memory://vn-src"], "memory://vn-out")
-        assert sorted(e["name"] for e in result.images) == ["anat", "func"]
+        assert sorted(e.name for e in result.images) == ["anat", "func"]
         assert not fs.exists("/vn-out.partial")
         group = virtnii.open("memory://vn-out")
         np.testing.assert_array_equal(virtnii.to_nibabel(group["func"]).dataobj.get_unscaled(),
@@ -90,7 +90,7 @@ def gz_manifest(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
     out = tmp_path_factory.mktemp("gz") / "out"
     result = virtnii.scan([str(p) for p in REAL_GZ], str(out))
     assert not result.failures, result.failures
-    return out, {e["name"]: Path(e["source"].removeprefix("file://")) for e in result.images}
+    return out, {e.name: Path(e.source.removeprefix("file://")) for e in result.images}
 
 
 def test_real_gzip_files_found() -> None:

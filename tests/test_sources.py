@@ -43,7 +43,7 @@ def test_image_inside_another_image_group_is_renamed(tmp_path: Path) -> None:
     shutil.copy(DATA / "anatomical.nii", tmp_path / "ds" / "s.nii")
     shutil.copy(DATA / "functional.nii", tmp_path / "ds" / "s" / "0.nii")
     result = virtnii.scan([str(tmp_path / "ds")], str(tmp_path / "out"))
-    assert sorted(e["name"] for e in result.images) == ["s", "s_0"]
+    assert sorted(e.name for e in result.images) == ["s", "s_0"]
     group = virtnii.open(str(tmp_path / "out"))
     np.testing.assert_array_equal(virtnii.to_nibabel(group["s"]).dataobj.get_unscaled(), nibabel_raw(DATA / "anatomical.nii"))
     np.testing.assert_array_equal(virtnii.to_nibabel(group["s_0"]).dataobj.get_unscaled(), nibabel_raw(DATA / "functional.nii"))
@@ -90,7 +90,7 @@ def test_symlinked_folders_are_not_entered(tmp_path: Path) -> None:
         (tmp_path / "ds" / link).symlink_to(tmp_path / "ds" / target, target_is_directory=True)
     result = virtnii.scan([str(tmp_path / "ds")], str(tmp_path / "out"))
     assert not result.failures
-    assert sorted(e["name"] for e in result.images) == sorted(files)
+    assert sorted(e.name for e in result.images) == sorted(files)
 
 
 @pytest.mark.parametrize("glob", [False, True])
@@ -103,7 +103,7 @@ def test_broken_links_are_reported_and_the_rest_indexed(tmp_path: Path, glob: bo
     source = anat / "*.nii" if glob else tmp_path / "ds"
     result = virtnii.scan([str(source)], str(tmp_path / "out"))
     expected = ["sub-01_T1w"] if glob else sorted(files)
-    assert sorted(e["name"] for e in result.images) == expected
+    assert sorted(e.name for e in result.images) == expected
     errors = {Path(e.source).name: e for e in result.failures}
     assert sorted(errors) == ["sub-01_PD.nii", "sub-01_T2w.nii"]
     missing = errors["sub-01_T2w.nii"]
@@ -124,7 +124,7 @@ def test_unlistable_subfolder_is_reported_and_the_rest_indexed(tmp_path: Path,
 
     monkeypatch.setattr(os, "scandir", scandir)
     result = virtnii.scan([str(tmp_path / "ds")], str(tmp_path / "out"))
-    assert sorted(e["name"] for e in result.images) == sorted(n for n in files if not n.startswith("sub-02"))
+    assert sorted(e.name for e in result.images) == sorted(n for n in files if not n.startswith("sub-02"))
     [error] = result.failures
     assert isinstance(error, virtnii.SourceAccessError) and "permission denied" in str(error)
     assert error.source == locked.as_uri()

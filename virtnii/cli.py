@@ -96,7 +96,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     if result.manifest is None:
         print("virtnii: nothing indexed, no manifest written", file=sys.stderr)
         return 2
-    total = sum(image["nbytes"] for image in result.images)
+    total = sum(image.nbytes for image in result.images)
     print(f"indexed {len(result.images)} image(s), {_human(total)} of voxels referenced in place -> {result.manifest}"
           + (f"; {len(result.failures)} source(s) failed" if result.failures else ""))
     return 1 if result.failures else 0
@@ -104,16 +104,30 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
 def print_info(manifest: str, manifest_options: dict[str, Any]) -> None:
     index = read_index(manifest, manifest_options)
-    images = index["images"]
-    print(f"manifest {manifest}: {len(images)} image(s), Zarr v{index['zarr_format']}, references {index['references']}")
-    width = max((len(image["name"]) for image in images), default=4)
+    images = index.images
+    print(f"manifest {manifest}: {len(images)} image(s), Zarr v{index.zarr_format}, references {index.references}")
+    width = max((len(image.name) for image in images), default=4)
     print(f"  {'name':<{width}}  {'axes':<5} {'shape':<22} {'dtype':<10} {'chunks':<22} {'bytes':>10}  source")
     for image in images:
-        dtype = image["dtype"] if isinstance(image["dtype"], str) else "rgb" + str(8 * len(image["dtype"]))
-        gz = " (gzip index)" if image.get("gzip_index") else ""
-        print(f"  {image['name']:<{width}}  {image['axes']:<5} {'x'.join(map(str, image['shape'])):<22} {dtype:<10} "
-              f"{'x'.join(map(str, image['chunks'])):<22} {_human(image['nbytes']):>10}  {image['source']}{gz}")
-    print(f"  total: {_human(sum(image['nbytes'] for image in images))} referenced")
+        dtype = image.dtype if isinstance(image.dtype, str) else "rgb" + str(8 * len(image.dtype))
+        gz = " (gzip index)" if image.gzip_index else ""
+        print(f"  {image.name:<{width}}  {image.axes:<5} {_dims(image.shape):<22} {dtype:<10} "
+              f"{_dims(image.chunks):<22} {_human(image.nbytes):>10}  {image.source}{gz}")
+        if image.pyramid:
+            pyramid = image.pyramid
+            for level in pyramid.levels:
+                shards = f" shards {_dims(level.shards)}" if level.shards else ""
+                print(f"  {'':<{width}}  level {level.path}: {_dims(level.shape)}, chunks {_dims(level.chunks)}"
+                      f"{shards}, {_human(level.stored_bytes)} written")
+            print(f"  {'':<{width}}  pyramid: {pyramid.method}, {len(pyramid.levels)} level(s), "
+                  f"{_human(pyramid.stored_bytes)} in {pyramid.store}")
+    written = sum(image.pyramid.stored_bytes for image in images if image.pyramid)
+    print(f"  total: {_human(sum(image.nbytes for image in images))} referenced"
+          + (f", {_human(written)} of pyramid levels written" if written else ""))
+
+
+def _dims(values: tuple[int, ...]) -> str:
+    return "x".join(map(str, values))
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -148,10 +162,10 @@ def cmd_example(args: argparse.Namespace) -> int:
     print_info(args.out, {})
     group = open_manifest(args.out)
     for image in result.images:
-        ours = to_nibabel(group[image["name"]])
-        theirs = nib.load(str(data / Path(image["source"]).name))
+        ours = to_nibabel(group[image.name])
+        theirs = nib.load(str(data / Path(image.source).name))
         same = np.array_equal(np.asarray(ours.dataobj.get_unscaled()), np.asanyarray(theirs.dataobj.get_unscaled()))
-        print(f"read back {image['name']}: {ours.shape} {ours.get_data_dtype()} voxels equal nibabel's: {same}; "
+        print(f"read back {image.name}: {ours.shape} {ours.get_data_dtype()} voxels equal nibabel's: {same}; "
               f"affine equal: {np.allclose(ours.affine, theirs.affine)}")
         if not same:
             return 1

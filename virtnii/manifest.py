@@ -19,17 +19,49 @@ from __future__ import annotations
 import contextlib
 import json
 import uuid
+from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 import fsspec
 import kerchunk.df
 
+from .entry import ImageEntry
 from .errors import ManifestError, is_missing, storage_errors
 from .references import ImageRefs, hierarchy_docs
 
 INDEX_FILE = "virtnii.json"
-MANIFEST_VERSION = 1
+#: Version written.  2 added pyramid levels (references relative to the manifest folder, which a version-1
+#: reader would resolve against its working directory): version-1 readers refuse it instead.
+MANIFEST_VERSION = 2
+#: Versions read.
+READABLE_VERSIONS = (1, 2)
 REF_FILES = {"json": "refs.json", "parquet": "refs.parquet"}
+
+
+@dataclass(frozen=True)
+class Index:
+    """A manifest's index file: its Zarr format, where its references are, and its images."""
+
+    zarr_format: int
+    references: str
+    images: tuple[ImageEntry, ...]
+
+    @property
+    def ref_format(self) -> str:
+        return "parquet" if self.references.endswith(".parquet") else "json"
+
+    def image(self, name: str) -> ImageEntry:
+        for entry in self.images:
+            if entry.name == name:
+                return entry
+        raise KeyError(name)
+
+    def text(self) -> str:
+        """The index file's text: one image per line, readable and diffable, each through the C JSON encoder
+        (``indent=`` falls back to the pure-Python encoder: a quarter of a 2000-file scan)."""
+        head = {"virtnii_manifest": MANIFEST_VERSION, "zarr_format": self.zarr_format, "references": self.references}
+        lines = ",\n".join(json.dumps(entry.to_json()) for entry in self.images)
+        return json.dumps(head)[:-1] + ', "images": [\n' + lines + "\n]}\n"
 
 
 class ManifestWriter:
@@ -73,13 +105,13 @@ class ManifestWriter:
             if exc is None:
                 raise
 
-    def commit(self, images: list[ImageRefs], entries: list[dict[str, Any]], zarr_format: int,
+    def commit(self, images: list[ImageRefs], entries: list[ImageEntry], zarr_format: int,
                ref_format: str) -> None:
         """Write references and the index file, then replace ``OUT`` with the finished folder."""
         with self.writing():
             self._commit(images, entries, zarr_format, ref_format)
 
-    def _commit(self, images: list[ImageRefs], entries: list[dict[str, Any]], zarr_format: int,
+    def _commit(self, images: list[ImageRefs], entries: list[ImageEntry], zarr_format: int,
                 ref_format: str) -> None:
         refs = build_refs(images, zarr_format)
         ref_file = REF_FILES[ref_format]
@@ -91,12 +123,8 @@ class ManifestWriter:
         else:
             kerchunk.df.refs_to_dataframe(refs, self.fs.unstrip_protocol(target), record_size=_record_size(images),
                                           storage_options=self.fs.storage_options)
-        head = {"virtnii_manifest": MANIFEST_VERSION, "zarr_format": zarr_format, "references": ref_file}
-        # one image per line: readable and diffable, and each line goes through the C JSON encoder
-        # (``indent=`` falls back to the pure-Python encoder: a quarter of a 2000-file scan)
-        text = json.dumps(head)[:-1] + ', "images": [\n' + ",\n".join(map(json.dumps, entries)) + "\n]}\n"
         with self.fs.open(index_file, "w") as f:
-            f.write(text)
+            f.write(Index(zarr_format, ref_file, tuple(entries)).text())
         if getattr(self.fs, "local_file", False):
             # renames: the old manifest stays whole at OUT until the new one is complete and renamed in
             old = f"{self.tmp}.old"
@@ -155,8 +183,8 @@ def manifest_options_for(manifest: str, manifest_options: dict[str, Any] | None,
     return dict(storage_options) if remote else {}
 
 
-def read_index(manifest: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The index file of a manifest folder, checked for a version this code understands."""
+def read_index(manifest: str, storage_options: dict[str, Any] | None = None) -> Index:
+    """The index file of a manifest folder, checked for a version this code understands and parsed."""
     fs, path = fsspec.core.url_to_fs(manifest, **(storage_options or {}))
     index_path = f"{path.rstrip('/')}/{INDEX_FILE}"
     try:
@@ -167,6 +195,14 @@ def read_index(manifest: str, storage_options: dict[str, Any] | None = None) -> 
             raise ManifestError(manifest, f"not a virtnii manifest (no {INDEX_FILE}); create one with `virtnii scan`"
                                 ) from err
         raise ManifestError(manifest, f"cannot read {INDEX_FILE}: {err.__cause__ or err}") from err
-    if not isinstance(index, dict) or index.get("virtnii_manifest") != MANIFEST_VERSION:
-        raise ManifestError(manifest, f"{INDEX_FILE} is not a version-{MANIFEST_VERSION} virtnii manifest")
-    return index
+    if not isinstance(index, dict) or index.get("virtnii_manifest") not in READABLE_VERSIONS:
+        version = index.get("virtnii_manifest") if isinstance(index, dict) else None
+        raise ManifestError(manifest, f"{INDEX_FILE} is not a virtnii manifest this version reads (format "
+                                      f"{version!r}; this virtnii reads {' and '.join(map(str, READABLE_VERSIONS))}"
+                                      "): upgrade virtnii, or re-run `virtnii scan`")
+    images = index.get("images")
+    if not isinstance(images, list) or index.get("zarr_format") not in (2, 3) \
+            or not isinstance(index.get("references"), str):
+        raise ManifestError(manifest, f"{INDEX_FILE} is damaged (no images, zarr_format or references)")
+    return Index(index["zarr_format"], index["references"],
+                 tuple(ImageEntry.from_json(doc, manifest) for doc in images))

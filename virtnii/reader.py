@@ -44,18 +44,17 @@ def reference_options(manifest: str, manifest_options: dict[str, Any] | None = N
     manifest_options = manifest_options_for(manifest, manifest_options, storage_options)
     index = read_index(manifest, manifest_options)
     expected: dict[str, dict[str, dict[str, Any]]] = {}  # protocol -> {data url: fingerprint}
-    for image in index["images"]:
-        if image.get("gzip_index"):
+    for image in index.images:
+        if image.gzip_index:
             continue  # read through gzidx://, which checks its source itself
-        url = image.get("data", image["source"])
-        protocol = fsspec.core.split_protocol(url)[0] or "file"
-        expected.setdefault(protocol, {})[url] = image.get("data_fingerprint", image["fingerprint"])
+        protocol = fsspec.core.split_protocol(image.data_url)[0] or "file"
+        expected.setdefault(protocol, {})[image.data_url] = image.data_fp
     fss: dict[str, Any] = {protocol: VerifiedFileSystem(fsspec.filesystem(protocol, **storage_options), fps)
                            for protocol, fps in expected.items()}
     # always, even with no .nii.gz listed: references may outlive an interrupted replacement of the index file
     fss["gzidx"] = fsspec.filesystem("gzidx", root=manifest, root_options=manifest_options,
                                      target_options=storage_options, asynchronous=True, skip_instance_cache=True)
-    refs = f"{manifest}/{index['references']}"
+    refs = f"{manifest}/{index.references}"
     return {"fo": refs, "fs": fss, "target_options": manifest_options, "asynchronous": True}
 
 

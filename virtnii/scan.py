@@ -21,6 +21,7 @@ import fsspec
 from tqdm.auto import tqdm
 
 from . import fingerprint, gzindex
+from .entry import ImageEntry
 from .errors import InvalidGzip, InvalidNifti, ManifestError, VirtniiError, from_os_error, storage_errors
 from .header import HEAD_BYTES, NiftiHeader, header_extent, parse, parse_many
 from .manifest import REF_FILES, ManifestWriter
@@ -47,7 +48,7 @@ class ScanResult:
     """What a scan made: the manifest URL (None when nothing could be indexed), its image entries, and failures."""
 
     manifest: str | None
-    images: list[dict[str, Any]]
+    images: list[ImageEntry]
     failures: list[VirtniiError]
 
 
@@ -92,7 +93,7 @@ def scan(sources: Iterable[str] | str, out: str, *, zarr_format: int = 3, ref_fo
         found, failures = expand(sources, options, listed)
     assign_names(found)
     images: list[ImageRefs] = []
-    entries: list[dict[str, Any]] = []
+    entries: list[ImageEntry] = []
     plain = [s for s in found if not s.is_gzip]
     gzipped = [s for s in found if s.is_gzip]
     with ManifestWriter(out, manifest_options) as writer, \
@@ -150,8 +151,8 @@ def _gzip_workers(sources: list[Source]) -> int:
     return GZIP_REMOTE_WORKERS
 
 
-def _collect(source: Source, outcome: tuple[ImageRefs, dict[str, Any]] | VirtniiError,
-             images: list[ImageRefs], entries: list[dict[str, Any]], failures: list[VirtniiError], bar: tqdm) -> None:
+def _collect(source: Source, outcome: tuple[ImageRefs, ImageEntry] | VirtniiError,
+             images: list[ImageRefs], entries: list[ImageEntry], failures: list[VirtniiError], bar: tqdm) -> None:
     """Add one finished source to the results (or to the failures) and advance the progress bar."""
     bar.update(1)
     if isinstance(outcome, VirtniiError):
@@ -224,7 +225,7 @@ def read_plain_headers(sources: list[Source]) -> list[bytes | VirtniiError]:
 
 
 def _plain_images(sources: list[Source], heads: list[bytes | VirtniiError],
-                  zarr_format: int) -> list[tuple[ImageRefs, dict[str, Any]] | VirtniiError]:
+                  zarr_format: int) -> list[tuple[ImageRefs, ImageEntry] | VirtniiError]:
     """Headers (parsed together), references and index entries of a batch of uncompressed sources."""
     outcomes: list[Any] = list(heads)
     read = [i for i, head in enumerate(heads) if not isinstance(head, VirtniiError)]
@@ -235,7 +236,7 @@ def _plain_images(sources: list[Source], heads: list[bytes | VirtniiError],
 
 
 def _plain_image(source: Source, header: NiftiHeader,
-                 zarr_format: int) -> tuple[ImageRefs, dict[str, Any]] | VirtniiError:
+                 zarr_format: int) -> tuple[ImageRefs, ImageEntry] | VirtniiError:
     try:
         _check_data_size(source.data_url, header, int(source.data_info["size"]))
         refs = image_refs(source.name, header, source.data_url, zarr_format)
@@ -312,7 +313,7 @@ def _gunzip_members(data: bytes, limit: int) -> bytes:
 
 
 def index_gzip_source(source: Source, writer: ManifestWriter, zarr_format: int,
-                      advance: Callable[[int], Any] = lambda n: None) -> tuple[ImageRefs, dict[str, Any]]:
+                      advance: Callable[[int], Any] = lambda n: None) -> tuple[ImageRefs, ImageEntry]:
     """Header, seek-point index and references of a ``.nii.gz`` (or gzipped pair), indexed in place.
 
     ``advance(n)`` is told of every ``n`` more compressed bytes indexed (a progress bar's ``update``).
@@ -342,10 +343,7 @@ def index_gzip_source(source: Source, writer: ManifestWriter, zarr_format: int,
         written = gzindex.write_sidecar(index, writer.fs, f"{writer.tmp}/{relative}", f"{base}.{_version_tag(index)}")
     descriptor = f"{relative}/{written}"
     layout_refs.url = f"gzidx://{descriptor}"
-    entry = _entry(source, header, layout_refs)
-    entry["gzip_index"] = descriptor
-    entry["uncompressed_size"] = index.uncompressed_size
-    return layout_refs, entry
+    return layout_refs, _entry(source, header, layout_refs, descriptor, index.uncompressed_size)
 
 
 def _version_tag(index: gzindex.GzipIndex) -> str:
@@ -363,22 +361,15 @@ def _version_tag(index: gzindex.GzipIndex) -> str:
 # -------------------------------------------------------------------------------------------------- entries
 
 
-def _entry(source: Source, header: NiftiHeader, refs: ImageRefs) -> dict[str, Any]:
+def _entry(source: Source, header: NiftiHeader, refs: ImageRefs, gzip_index: str | None = None,
+           uncompressed_size: int | None = None) -> ImageEntry:
     """The index-file entry of one image: where it came from, what it looked like, what it holds."""
     layout = refs.layout
-    entry: dict[str, Any] = {
-        "name": source.name,
-        "source": source.url,
-        "fingerprint": fingerprint.from_info(source.info),
-        "nifti_version": header.version,
-        "shape": list(layout.shape),
-        "axes": "".join(layout.axes),
-        "chunks": list(layout.chunks),
-        "dtype": header.dtype.str if not header.dtype.fields else header.dtype.descr,
-        "nbytes": layout.nbytes,
-        "gzip_index": None,
-    }
-    if source.is_pair:
-        entry["data"] = source.data_url
-        entry["data_fingerprint"] = fingerprint.from_info(source.data_info)
-    return entry
+    dtype = header.dtype
+    return ImageEntry(
+        name=source.name, source=source.url, fingerprint=fingerprint.from_info(source.info),
+        nifti_version=header.version, shape=layout.shape, axes="".join(layout.axes), chunks=layout.chunks,
+        dtype=dtype.str if not dtype.fields else tuple((n, t) for n, t in dtype.descr), nbytes=layout.nbytes,
+        gzip_index=gzip_index, uncompressed_size=uncompressed_size,
+        data=source.data_url if source.is_pair else None,
+        data_fingerprint=fingerprint.from_info(source.data_info) if source.is_pair else None)

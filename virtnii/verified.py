@@ -116,8 +116,7 @@ def verify(manifest: str, manifest_options: dict[str, Any] | None = None,
     (object stores answer each in one round trip).
     """
     index = read_index(manifest, manifest_options_for(manifest, manifest_options, storage_options))
-    checks = [(image[url_key], image[fp_key]) for image in index["images"]
-              for url_key, fp_key in (("source", "fingerprint"), ("data", "data_fingerprint")) if url_key in image]
+    checks = [item for image in index.images for item in image.checked_files]
 
     def check(item: tuple[str, fingerprint.Fingerprint]) -> VirtniiError | None:
         url, recorded = item

@@ -1,0 +1,200 @@
+"""The typed manifest entry: one image of a manifest's index file (``virtnii.json``), as code reads it.
+
+The index file is what others rely on (documented in ``docs/manifest.md``); every module that reads it — opening,
+``info``, ``verify``, the pyramid builder, the combiner — goes through :class:`ImageEntry`, so a key is spelt
+once and a damaged or foreign index file is one clear :class:`~virtnii.errors.ManifestError`, not a ``KeyError``
+deep inside a read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from .errors import ManifestError
+from .fingerprint import Fingerprint
+
+
+@dataclass(frozen=True)
+class Level:
+    """One written pyramid level of an image: zarr array ``path`` (``"1"``, ``"2"``, …) inside the level store.
+
+    ``factors`` is the downsampling factor along each zarr axis relative to level 0 (1 for t and c), ``chunks``
+    and ``shards`` the written array's chunking (``shards`` None without sharding), ``stored_bytes`` what its
+    chunk objects take in storage.
+    """
+
+    path: str
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    shards: tuple[int, ...] | None
+    factors: tuple[int, ...]
+    stored_bytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "shape": list(self.shape), "chunks": list(self.chunks),
+                "shards": None if self.shards is None else list(self.shards), "factors": list(self.factors),
+                "stored_bytes": self.stored_bytes}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> "Level":
+        shards = doc.get("shards")
+        return cls(str(doc["path"]), _ints(doc["shape"]), _ints(doc["chunks"]),
+                   None if shards is None else _ints(shards), _ints(doc["factors"]), int(doc["stored_bytes"]))
+
+
+@dataclass(frozen=True)
+class Pyramid:
+    """The written levels of one image and how they were made.
+
+    ``store`` is the folder holding the level arrays: relative to the manifest folder (``levels/…``, the
+    default, so a manifest that is moved or uploaded whole still opens) or an absolute URL (``--out``, or a
+    combined manifest pointing at another manifest's levels).  ``tag`` names the inputs the levels were made
+    from (source version, level-0 layout, method, chunking, codec): a re-run with the same tag is skipped.
+    """
+
+    store: str
+    tag: str
+    method: str
+    codec: dict[str, Any]
+    levels: tuple[Level, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"store": self.store, "tag": self.tag, "method": self.method, "codec": self.codec,
+                "levels": [level.to_json() for level in self.levels]}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> "Pyramid":
+        return cls(str(doc["store"]), str(doc["tag"]), str(doc["method"]), dict(doc["codec"]),
+                   tuple(Level.from_json(level) for level in doc["levels"]))
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(level.stored_bytes for level in self.levels)
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    """One image of a manifest: where its voxels are, what they looked like when indexed, what the group holds.
+
+    ``source`` is the header file (``.nii``, ``.nii.gz``, ``.hdr``); ``data``/``data_fingerprint`` the voxel
+    file of a ``.hdr/.img`` pair.  ``gzip_index`` is the sidecar descriptor (relative to the manifest) of a
+    gzipped source, whose uncompressed size is ``uncompressed_size``.  ``dtype`` is numpy's ``str`` (``"<i2"``)
+    or, for RGB, its ``descr`` list.
+    """
+
+    name: str
+    source: str
+    fingerprint: Fingerprint
+    nifti_version: int
+    shape: tuple[int, ...]
+    axes: str
+    chunks: tuple[int, ...]
+    dtype: str | tuple[tuple[str, str], ...]
+    nbytes: int
+    gzip_index: str | None = None
+    uncompressed_size: int | None = None
+    data: str | None = None
+    data_fingerprint: Fingerprint | None = None
+    pyramid: Pyramid | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # keys other tools or later versions added: kept as is
+
+    @property
+    def data_url(self) -> str:
+        """The file holding the voxels (the source itself but for ``.hdr/.img`` pairs)."""
+        return self.data or self.source
+
+    @property
+    def data_fp(self) -> Fingerprint:
+        return self.data_fingerprint if self.data_fingerprint is not None else self.fingerprint
+
+    @property
+    def checked_files(self) -> list[tuple[str, Fingerprint]]:
+        """Every source file with its recorded fingerprint (header file, and the voxel file of a pair)."""
+        files = [(self.source, self.fingerprint)]
+        if self.data is not None:
+            files.append((self.data, self.data_fp))
+        return files
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        return np.dtype(self.dtype if isinstance(self.dtype, str) else [tuple(f) for f in self.dtype])
+
+    @property
+    def levels(self) -> tuple[Level, ...]:
+        return self.pyramid.levels if self.pyramid else ()
+
+    def with_pyramid(self, pyramid: Pyramid | None) -> "ImageEntry":
+        return replace(self, pyramid=pyramid)
+
+    def renamed(self, name: str) -> "ImageEntry":
+        return replace(self, name=name)
+
+    def to_json(self) -> dict[str, Any]:
+        """The index-file form: documented keys in a fixed order, optional ones only when set."""
+        doc: dict[str, Any] = {
+            "name": self.name, "source": self.source, "fingerprint": self.fingerprint,
+            "nifti_version": self.nifti_version, "shape": list(self.shape), "axes": self.axes,
+            "chunks": list(self.chunks),
+            "dtype": self.dtype if isinstance(self.dtype, str) else [list(f) for f in self.dtype],
+            "nbytes": self.nbytes, "gzip_index": self.gzip_index,
+        }
+        if self.uncompressed_size is not None:
+            doc["uncompressed_size"] = self.uncompressed_size
+        if self.data is not None:
+            doc["data"] = self.data
+            doc["data_fingerprint"] = self.data_fingerprint
+        if self.pyramid is not None:
+            doc["pyramid"] = self.pyramid.to_json()
+        doc.update(self.extra)
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: Any, manifest: str) -> "ImageEntry":
+        """Parse one index-file entry; anything missing or mistyped is a ManifestError naming ``manifest``."""
+        try:
+            dtype = doc["dtype"]
+            known = {"name", "source", "fingerprint", "nifti_version", "shape", "axes", "chunks", "dtype", "nbytes",
+                     "gzip_index", "uncompressed_size", "data", "data_fingerprint", "pyramid"}
+            entry = cls(
+                name=_text(doc["name"]), source=_text(doc["source"]), fingerprint=_fingerprint(doc["fingerprint"]),
+                nifti_version=int(doc["nifti_version"]), shape=_ints(doc["shape"]), axes=_text(doc["axes"]),
+                chunks=_ints(doc["chunks"]),
+                dtype=dtype if isinstance(dtype, str) else tuple((str(n), str(t)) for n, t in dtype),
+                nbytes=int(doc["nbytes"]),
+                gzip_index=None if doc.get("gzip_index") is None else _text(doc["gzip_index"]),
+                uncompressed_size=None if doc.get("uncompressed_size") is None else int(doc["uncompressed_size"]),
+                data=None if doc.get("data") is None else _text(doc["data"]),
+                data_fingerprint=None if doc.get("data_fingerprint") is None
+                else _fingerprint(doc["data_fingerprint"]),
+                pyramid=None if doc.get("pyramid") is None else Pyramid.from_json(doc["pyramid"]),
+                extra={k: v for k, v in doc.items() if k not in known},
+            )
+            entry.numpy_dtype  # noqa: B018  (an unknown dtype string is damage too)
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            name = doc.get("name") if isinstance(doc, dict) else None
+            raise ManifestError(manifest, f"index file entry {name or '?'!s} is damaged ({type(err).__name__}: "
+                                          f"{err}); re-run `virtnii scan`") from err
+        if len(entry.shape) != len(entry.axes) or len(entry.chunks) != len(entry.shape):
+            raise ManifestError(manifest, f"index file entry {entry.name}: shape, axes and chunks disagree")
+        return entry
+
+
+def _ints(values: Any) -> tuple[int, ...]:
+    if not isinstance(values, (list, tuple)):
+        raise TypeError(f"expected a list of integers, got {values!r}")
+    return tuple(int(v) for v in values)
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"expected a non-empty string, got {value!r}")
+    return value
+
+
+def _fingerprint(value: Any) -> Fingerprint:
+    if not isinstance(value, dict) or not isinstance(value.get("size"), int):
+        raise TypeError(f"expected a fingerprint with a size, got {value!r}")
+    return dict(value)
