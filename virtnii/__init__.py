@@ -4,6 +4,8 @@ Pipeline: :func:`scan` (headers → references, gzip seek points for ``.nii.gz``
 :func:`open` reads it as a zarr group; :func:`to_nibabel` turns an image group back into a nibabel image.
 """
 
+__version__ = "0.1.0"  # first: subpackages import it while this package is initialising
+
 from .errors import (InvalidGzip, InvalidNifti, ManifestError, SourceAccessError, SourceNotFound, StaleSource,
                      UnsupportedNifti, VirtniiError)
 from .reader import open, reference_options, to_nibabel
@@ -15,4 +17,3 @@ __all__ = [
     "VirtniiError", "SourceNotFound", "SourceAccessError", "InvalidNifti", "UnsupportedNifti", "InvalidGzip",
     "StaleSource", "ManifestError",
 ]
-__version__ = "0.1.0"

@@ -74,6 +74,15 @@ class Pyramid:
     def stored_bytes(self) -> int:
         return sum(level.stored_bytes for level in self.levels)
 
+    @property
+    def is_relative(self) -> bool:
+        """Whether the store is named relative to the manifest folder (and moves with it)."""
+        return not is_url(self.store)
+
+    def url(self, manifest: str) -> str:
+        """The store's URL, for a manifest at ``manifest``."""
+        return f"{manifest.rstrip('/')}/{self.store}" if self.is_relative else self.store
+
 
 @dataclass(frozen=True)
 class ImageEntry:
@@ -180,6 +189,12 @@ class ImageEntry:
         if len(entry.shape) != len(entry.axes) or len(entry.chunks) != len(entry.shape):
             raise ManifestError(manifest, f"index file entry {entry.name}: shape, axes and chunks disagree")
         return entry
+
+
+def is_url(name: str) -> bool:
+    """Whether ``name`` is an absolute location (a URL with a protocol, or an absolute path), not a path
+    relative to a manifest folder."""
+    return "://" in name or name.startswith("/")
 
 
 def _ints(values: Any) -> tuple[int, ...]:

@@ -16,8 +16,10 @@ carry only URLs.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
+import os
 import uuid
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
@@ -206,3 +208,85 @@ def read_index(manifest: str, storage_options: dict[str, Any] | None = None) -> 
         raise ManifestError(manifest, f"{INDEX_FILE} is damaged (no images, zarr_format or references)")
     return Index(index["zarr_format"], index["references"],
                  tuple(ImageEntry.from_json(doc, manifest) for doc in images))
+
+
+#: Store keys of zarr metadata documents (the rest of a reference set is chunks and inlined bytes).
+METADATA_KEYS = ("zarr.json", ".zarray", ".zattrs", ".zgroup")
+
+
+def load_refs(manifest: str, index: Index, options: dict[str, Any]) -> dict[str, Any]:
+    """Every reference of a manifest as one kerchunk v1 ``refs`` mapping (JSON text, ``base64:`` or lists).
+
+    Parquet references are read through fsspec's lazy mapper and brought to the JSON form, so code that
+    rewrites references (pyramid levels, combining) handles one shape.
+    """
+    fs, path = fsspec.core.url_to_fs(manifest, **options)
+    target = f"{path.rstrip('/')}/{index.references}"
+    try:
+        if index.ref_format == "json":
+            refs = json.loads(fs.cat_file(target))["refs"]
+        else:
+            from fsspec.implementations.reference import LazyReferenceMapper
+
+            mapper = LazyReferenceMapper(fs.unstrip_protocol(target), fs=fs)
+            refs = {key: _json_value(key, mapper[key]) for key in mapper if key != ".zmetadata"}
+    except (*storage_errors(), ValueError, KeyError, TypeError) as err:
+        raise ManifestError(manifest, f"cannot read references {index.references}: {err}; re-run `virtnii scan`"
+                            ) from err
+    return refs
+
+
+def _json_value(key: str, value: Any) -> Any:
+    """A Parquet reference value as kerchunk JSON has it: text documents, ``base64:`` bytes, plain-int lists."""
+    if isinstance(value, (bytes, bytearray)):
+        if key.rsplit("/", 1)[-1] in METADATA_KEYS:
+            return bytes(value).decode()
+        return "base64:" + base64.b64encode(bytes(value)).decode()
+    if isinstance(value, (list, tuple)):
+        return [value[0], *map(int, value[1:])]
+    return value
+
+
+def update_manifest(manifest: str, current: Index, images: Iterable[ImageEntry], refs: dict[str, Any],
+                    options: dict[str, Any]) -> Index:
+    """Update a manifest folder in place to ``images`` and ``refs``: the references under a new name, then the
+    index file, atomically; returns the new index.
+
+    Readers that opened the old index keep reading the references it names until they are removed, last; a
+    new reader sees the old manifest or the new one, never a mix: the index file is replaced by one rename
+    (local) or one PUT (object stores), and it is what names the references.
+    """
+    fs, path = fsspec.core.url_to_fs(manifest, **options)
+    path = path.rstrip("/")
+    suffix = "json" if current.ref_format == "json" else "parquet"
+    name = f"refs.{uuid.uuid4().hex[:8]}.{suffix}"
+    new = Index(current.zarr_format, name, tuple(images))
+    old_refs = f"{path}/{current.references}"
+    try:
+        if suffix == "json":
+            fs.pipe_file(f"{path}/{name}", json.dumps({"version": 1, "refs": refs}, separators=(",", ":")).encode())
+        else:
+            kerchunk.df.refs_to_dataframe({"version": 1, "refs": refs}, fs.unstrip_protocol(f"{path}/{name}"),
+                                          record_size=_record_size_of(refs), storage_options=fs.storage_options)
+        text = new.text().encode()
+        if getattr(fs, "local_file", False):
+            staged = f"{path}/{INDEX_FILE}.partial-{uuid.uuid4().hex[:8]}"
+            fs.pipe_file(staged, text)
+            os.replace(staged, f"{path}/{INDEX_FILE}")
+        else:
+            fs.pipe_file(f"{path}/{INDEX_FILE}", text)
+        if old_refs != f"{path}/{name}" and fs.exists(old_refs):
+            fs.rm(old_refs, recursive=True)
+    except storage_errors() as err:
+        raise ManifestError(manifest, f"cannot update the manifest here: {err}") from err
+    return new
+
+
+def _record_size_of(refs: dict[str, Any]) -> int:
+    """Parquet rows per file for a reference set: the most chunk keys any one array has (see _record_size)."""
+    counts: dict[str, int] = {}
+    for key in refs:
+        folder, _, leaf = key.rpartition("/")
+        if leaf not in METADATA_KEYS:
+            counts[folder.split("/c/")[0]] = counts.get(folder.split("/c/")[0], 0) + 1
+    return min(MAX_RECORD_SIZE, max(counts.values(), default=1))

@@ -44,7 +44,39 @@ def multiscales(name: str, names: Sequence[str], header: Mapping[str, Any],
 
     ``factors[k][i]`` is level ``k``'s downsampling factor along zarr axis ``i`` (level 0: all ones).
     """
-    base = voxel_size(names, header)
+    return _multiscales(name, axes(names, header), voxel_size(names, header), factors, zarr_format)
+
+
+#: What OME's ``type`` and ``metadata`` say of each pyramid method (see virtnii.pyramid.downsample).
+METHOD_DESCRIPTIONS = {
+    "mean": "mean of each 2x2x2 block (integers rounded half to even; NaN left out)",
+    "gaussian": "separable [1,3,3,1]/8 binomial (Gaussian, sigma ~0.87 voxel) at stride 2, edges repeated",
+    "mode": "most frequent value of each 2x2x2 block (ties: smallest), for label images",
+}
+
+
+def with_levels(attributes: Mapping[str, Any], factors: Sequence[Sequence[int]], method: str,
+                version: str) -> dict[str, Any]:
+    """Group attributes of an image, its multiscales rebuilt for levels downsampled by ``factors``.
+
+    The axes and level-0 scale are taken from the existing multiscales (level 0 is what the scan wrote);
+    ``type``/``metadata`` name the method, as OME asks of a pyramid.
+    """
+    v3 = "ome" in attributes
+    image = (attributes["ome"] if v3 else attributes)["multiscales"][0]
+    base = next(t["scale"] for t in image["datasets"][0]["coordinateTransformations"] if t["type"] == "scale")
+    built = _multiscales(image.get("name", ""), image["axes"], base, factors, 3 if v3 else 2)
+    target = built["ome"]["multiscales"][0] if v3 else built["multiscales"][0]
+    if len(factors) > 1:
+        target["type"] = method
+        target["metadata"] = {"description": METHOD_DESCRIPTIONS[method], "method": f"virtnii.pyramid.{method}",
+                              "version": version}
+    return {**{k: v for k, v in attributes.items() if k not in ("ome", "multiscales")}, **built}
+
+
+def _multiscales(name: str, axes_doc: list[dict[str, str]], base: Sequence[float],
+                 factors: Sequence[Sequence[int]], zarr_format: int) -> dict[str, Any]:
+    names = [a["name"] for a in axes_doc]
     datasets = []
     for level, level_factors in enumerate(factors):
         scale = [size * f for size, f in zip(base, level_factors)]
@@ -53,7 +85,7 @@ def multiscales(name: str, names: Sequence[str], header: Mapping[str, Any],
             shift = [(f - 1) / 2 * size if n in "zyx" else 0.0 for n, size, f in zip(names, base, level_factors)]
             transforms.append({"type": "translation", "translation": shift})
         datasets.append({"path": str(level), "coordinateTransformations": transforms})
-    image = {"name": name, "axes": axes(names, header), "datasets": datasets}
+    image = {"name": name, "axes": axes_doc, "datasets": datasets}
     if zarr_format == 2:
         return {"multiscales": [{"version": "0.4", **image}]}
     return {"ome": {"version": "0.5", "multiscales": [image]}}

@@ -44,18 +44,33 @@ def reference_options(manifest: str, manifest_options: dict[str, Any] | None = N
     manifest_options = manifest_options_for(manifest, manifest_options, storage_options)
     index = read_index(manifest, manifest_options)
     expected: dict[str, dict[str, dict[str, Any]]] = {}  # protocol -> {data url: fingerprint}
+    trusted: dict[str, list[str]] = {}  # protocol -> level stores given by URL
+    relative: list[str] = []  # level stores inside the manifest folder
     for image in index.images:
+        if image.pyramid:
+            if image.pyramid.is_relative:
+                relative.append(image.pyramid.store)
+            else:
+                trusted.setdefault(_protocol(image.pyramid.store), []).append(image.pyramid.store)
         if image.gzip_index:
             continue  # read through gzidx://, which checks its source itself
-        protocol = fsspec.core.split_protocol(image.data_url)[0] or "file"
-        expected.setdefault(protocol, {})[image.data_url] = image.data_fp
-    fss: dict[str, Any] = {protocol: VerifiedFileSystem(fsspec.filesystem(protocol, **storage_options), fps)
-                           for protocol, fps in expected.items()}
+        expected.setdefault(_protocol(image.data_url), {})[image.data_url] = image.data_fp
+    fss: dict[str | None, Any] = {
+        protocol: VerifiedFileSystem(fsspec.filesystem(protocol, **storage_options), expected.get(protocol, {}),
+                                     trusted.get(protocol, ()))
+        for protocol in {**expected, **trusted}}
+    # references without a protocol are files of the manifest folder (pyramid levels): only those it lists
+    manifest_fs, manifest_path = fsspec.core.url_to_fs(manifest, **manifest_options)
+    fss[None] = VerifiedFileSystem(manifest_fs, {}, relative, root=manifest_path)
     # always, even with no .nii.gz listed: references may outlive an interrupted replacement of the index file
     fss["gzidx"] = fsspec.filesystem("gzidx", root=manifest, root_options=manifest_options,
                                      target_options=storage_options, asynchronous=True, skip_instance_cache=True)
     refs = f"{manifest}/{index.references}"
     return {"fo": refs, "fs": fss, "target_options": manifest_options, "asynchronous": True}
+
+
+def _protocol(url: str) -> str:
+    return fsspec.core.split_protocol(url)[0] or "file"
 
 
 def open(manifest: str, manifest_options: dict[str, Any] | None = None, **storage_options: Any) -> zarr.Group:

@@ -11,8 +11,9 @@ bytes asked for.
 from __future__ import annotations
 
 import asyncio
+import posixpath
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Iterable
 
 import fsspec
 from fsspec.asyn import AsyncFileSystem
@@ -61,25 +62,45 @@ def exact_range(url: str, start: int, end: int, data: bytes) -> bytes:
 
 
 class VerifiedFileSystem(AsyncFileSystem):
-    """Reads through ``fs`` (any fsspec filesystem), checking ``expected[url]`` fingerprints before reads."""
+    """Reads through ``fs`` (any fsspec filesystem) only what a manifest's index file lists.
+
+    Sources (``expected``: URL → fingerprint) are checked against their fingerprints before reads; files inside
+    the ``trusted`` folders (pyramid level stores, which virtnii wrote) are read as they are.  With ``root``,
+    references are paths relative to that folder of ``fs`` (the manifest folder), and must stay inside it.
+    Anything else a reference names is refused: a manifest is data, never a key to other files.
+    """
 
     cachable = False
 
     def __init__(self, fs: fsspec.AbstractFileSystem, expected: dict[str, fingerprint.Fingerprint],
-                 **kwargs: Any) -> None:
+                 trusted: Iterable[str] = (), root: str | None = None, **kwargs: Any) -> None:
         super().__init__(asynchronous=True, **kwargs)
         self.fs = fs
         self.protocol = fs.protocol
+        self.root = None if root is None else root.rstrip("/")
         self.expected = {fs._strip_protocol(url): fp for url, fp in expected.items()}
+        self.trusted = tuple(self._path(folder).rstrip("/") + "/" for folder in trusted)
         self._checker = fingerprint.Checker()
 
+    def _path(self, url: str) -> str:
+        """The path on ``fs`` a reference names (joined to ``root`` for relative references)."""
+        if self.root is None:
+            return self.fs._strip_protocol(url)
+        if "://" in url or url.startswith("/") or posixpath.normpath(url) != url or url.startswith(".."):
+            raise ManifestError(f"{self.fs.unstrip_protocol(self.root)}/{url}", "a reference relative to the "
+                                "manifest folder must name a file inside it (no '..', no absolute path)")
+        return f"{self.root}/{url}"
+
     async def _verify(self, url: str) -> str:
-        path = self.fs._strip_protocol(url)
-        if path not in self.expected:  # nothing to check it against: the references are not the index's
-            raise ManifestError(self.fs.unstrip_protocol(path), "is referenced but not listed in the manifest's "
-                                "index file (was replacing the manifest interrupted?); re-run `virtnii scan`")
-        await self._checker.ensure(self.fs, path, self.fs.unstrip_protocol(path), self.expected[path])
-        return path
+        path = self._path(url)
+        if path in self.expected:
+            await self._checker.ensure(self.fs, path, self.fs.unstrip_protocol(path), self.expected[path])
+            return path
+        if path.startswith(self.trusted) and posixpath.normpath(path) == path:
+            return path
+        # nothing to check it against: the references are not the index's
+        raise ManifestError(self.fs.unstrip_protocol(path), "is referenced but not listed in the manifest's "
+                            "index file (was replacing the manifest interrupted?); re-run `virtnii scan`")
 
     async def _cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
         verified = await self._verify(path)

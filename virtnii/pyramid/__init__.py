@@ -1,0 +1,167 @@
+"""The pyramid builder: write the downsampled OME levels of a manifest's images and combine them into it.
+
+:func:`build_pyramids` streams each image's virtual level 0 once (:mod:`virtnii.pyramid.build`), writes levels
+1..N as real compressed zarr arrays (by default into the manifest folder, ``levels/``), and then updates the
+manifest in place so that each image group is one virtual NIfTI-Zarr dataset: level 0 by reference into the
+source, levels 1..N by reference to the written chunk objects (URLs relative to the manifest folder), OME
+multiscales naming how each level was made.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import fsspec
+from tqdm.auto import tqdm
+
+from .. import __version__, ome
+from ..entry import ImageEntry, is_url as _is_url
+from ..errors import ManifestError, VirtniiError, storage_errors
+from ..manifest import METADATA_KEYS, Index, load_refs, manifest_options_for, read_index, update_manifest
+from .build import CODECS, DEFAULT_CODEC, MARKER, Settings, build_image, method_for, plan_levels, tag
+from .downsample import METHODS
+
+__all__ = ["build_pyramids", "PyramidResult", "Settings", "METHODS", "CODECS", "DEFAULT_CODEC"]
+
+#: Folder of the level stores inside a manifest.
+LEVELS_FOLDER = "levels"
+
+
+@dataclass
+class PyramidResult:
+    """What a pyramid run did: the updated entries, which images were built or found complete, and failures."""
+
+    images: list[ImageEntry]
+    built: list[str]
+    reused: list[str]
+    failures: list[VirtniiError]
+
+
+def build_pyramids(manifest: str, images: Sequence[str] | None = None, *, method: str | None = None,
+                   levels: int | None = None, chunks: int = 64, shards: int | None = None,
+                   codec: str = DEFAULT_CODEC, out: str | None = None,
+                   manifest_options: dict[str, Any] | None = None, out_options: dict[str, Any] | None = None,
+                   progress: bool = False, **storage_options: Any) -> PyramidResult:
+    """Build (or reuse) the pyramid levels of ``images`` (default: all) of a manifest, and add them to it.
+
+    Parameters
+    ----------
+    method
+        ``"mean"``, ``"gaussian"`` or ``"mode"``; default ``mode`` for label images (NIfTI intent label or
+        neuronames), ``mean`` otherwise.  See :mod:`virtnii.pyramid.downsample` for the exact rules.
+    levels
+        Levels to write; default: until the coarsest level fits one chunk.
+    chunks, shards
+        Chunk edge (isotropic, clipped to the level) and, for Zarr v3 sharding, chunks per shard edge.
+    codec
+        One of :data:`CODECS` (default blosc-zstd, level 3, byte shuffle).
+    out
+        Where level stores go (any fsspec URL; ``out_options`` for it); default ``MANIFEST/levels``, referenced
+        by paths relative to the manifest so that it can be moved or uploaded whole.
+    storage_options
+        For reading the sources, as for :func:`virtnii.open`.
+
+    A level store that is complete and was made from the same inputs (source fingerprint, settings) is reused;
+    one left by an interrupted run is deleted and rebuilt.  The manifest is updated once, at the end, atomically.
+    """
+    try:
+        settings = Settings(method, levels, chunks, shards, codec)
+    except ValueError as err:
+        raise ManifestError(manifest, str(err)) from err
+    from ..reader import open as open_manifest
+
+    manifest = manifest.rstrip("/")
+    options = manifest_options_for(manifest, manifest_options, storage_options)
+    index = read_index(manifest, options)
+    if shards and index.zarr_format != 3:
+        raise ManifestError(manifest, "sharding (--shards) needs a Zarr v3 manifest (scan with --zarr-format 3)")
+    chosen = _choose(manifest, index, images)
+    group = open_manifest(manifest, manifest_options, **storage_options)
+    root = out.rstrip("/") if out else f"{manifest}/{LEVELS_FOLDER}"
+    store_options = dict(out_options or {}) if out else options
+    updated: dict[str, ImageEntry] = {}
+    built, reused, failures = [], [], []
+    total = sum(entry.nbytes for entry in chosen if plan_levels(entry.shape, entry.axes, settings))
+    with tqdm(total=total, unit="B", unit_scale=True, desc="pyramid", disable=not progress) as bar:
+        for entry in chosen:
+            if not plan_levels(entry.shape, entry.axes, settings):
+                continue  # fits one chunk already: level 0 is the whole pyramid
+            image = group[entry.name]
+            chosen_method = method_for(image["nifti"].attrs.get("Intent", ""), settings)
+            store_tag = tag(entry, chosen_method, settings, index.zarr_format)
+            relative = f"{LEVELS_FOLDER}/{entry.name}.{store_tag}"
+            store_url = f"{root}/{entry.name}.{store_tag}"
+            store_ref = relative if not out else store_url
+            bar.set_postfix_str(entry.name[-40:], refresh=False)
+            before = bar.n
+            try:
+                pyramid = build_image(entry, image["0"], store_url, store_ref, store_tag, chosen_method, settings,
+                                      index.zarr_format, store_options, storage_options, bar.update)
+            except VirtniiError as err:
+                failures.append(err)
+                bar.update(entry.nbytes - (bar.n - before))
+                continue
+            except storage_errors() as err:
+                raise ManifestError(store_url, f"cannot write pyramid levels here: {err}") from err
+            (reused if entry.pyramid and entry.pyramid.tag == pyramid.tag else built).append(entry.name)
+            updated[entry.name] = entry.with_pyramid(pyramid)
+    entries = [updated.get(entry.name, entry) for entry in index.images]
+    if updated:
+        refs = load_refs(manifest, index, options)
+        for name, entry in updated.items():
+            _replace_levels(refs, index.image(name), entry, entry.pyramid.url(manifest),
+                            options if entry.pyramid.is_relative else store_options, index.zarr_format)
+        update_manifest(manifest, index, entries, refs, options)
+        _remove_unreferenced_stores(manifest, options, entries, {e.pyramid.store for e in index.images if e.pyramid})
+    return PyramidResult(entries, built, reused, failures)
+
+
+def _choose(manifest: str, index: Index, names: Sequence[str] | None) -> list[ImageEntry]:
+    if not names:
+        return list(index.images)
+    known = {entry.name: entry for entry in index.images}
+    missing = [name for name in names if name not in known]
+    if missing:
+        raise ManifestError(manifest, f"no image named {', '.join(missing)} (see `virtnii info {manifest}`)")
+    return [known[name] for name in dict.fromkeys(names)]
+
+
+def _replace_levels(refs: dict[str, Any], old: ImageEntry, new: ImageEntry, store_url: str,
+                    store_options: dict[str, Any], zarr_format: int) -> None:
+    """Swap an image's level references (and its multiscales) for those of ``new.pyramid``."""
+    assert new.pyramid is not None
+    name = new.name
+    for level in old.levels:
+        prefix = f"{name}/{level.path}/"
+        for key in [k for k in refs if k.startswith(prefix)]:
+            del refs[key]
+    attrs_key = f"{name}/zarr.json" if zarr_format == 3 else f"{name}/.zattrs"
+    doc = json.loads(refs[attrs_key])
+    attributes = doc.get("attributes", {}) if zarr_format == 3 else doc
+    factors = [[1] * len(new.shape)] + [list(level.factors) for level in new.levels]
+    attributes = ome.with_levels(attributes, factors, new.pyramid.method, __version__)
+    refs[attrs_key] = json.dumps({**doc, "attributes": attributes} if zarr_format == 3 else attributes)
+    fs, path = fsspec.core.url_to_fs(store_url, **store_options)
+    for level in new.levels:
+        level_path = f"{path}/{level.path}"
+        for file in sorted(fs.find(level_path)):
+            relative = file[len(level_path) + 1:]
+            key = f"{name}/{level.path}/{relative}"
+            if relative.rsplit("/", 1)[-1] in METADATA_KEYS:
+                refs[key] = fs.cat_file(file).decode()
+            else:
+                refs[key] = [f"{new.pyramid.store}/{level.path}/{relative}"]
+
+
+def _remove_unreferenced_stores(manifest: str, options: dict[str, Any], entries: list[ImageEntry],
+                                before: set[str]) -> None:
+    """Delete level stores the manifest referenced before this run and no longer does (inside it only)."""
+    now = {entry.pyramid.store for entry in entries if entry.pyramid}
+    fs, path = fsspec.core.url_to_fs(manifest, **options)
+    for store in sorted(before - now):
+        if not _is_url(store) and store.startswith(f"{LEVELS_FOLDER}/"):
+            target = f"{path.rstrip('/')}/{store}"
+            if fs.exists(f"{target}/{MARKER}"):
+                fs.rm(target, recursive=True)
