@@ -79,8 +79,8 @@ def build_pyramids(manifest: str, images: Sequence[str] | None = None, *, method
         raise ManifestError(manifest, "sharding (--shards) needs a Zarr v3 manifest (scan with --zarr-format 3)")
     chosen = _choose(manifest, index, images)
     group = open_manifest(manifest, manifest_options, **storage_options)
-    root = out.rstrip("/") if out else f"{manifest}/{LEVELS_FOLDER}"
     store_options = dict(out_options or {}) if out else options
+    root = _absolute_url(out, store_options) if out else f"{manifest}/{LEVELS_FOLDER}"
     updated: dict[str, ImageEntry] = {}
     built, reused, failures = [], [], []
     total = sum(entry.nbytes for entry in chosen if plan_levels(entry.shape, entry.axes, settings))
@@ -116,6 +116,13 @@ def build_pyramids(manifest: str, images: Sequence[str] | None = None, *, method
         update_manifest(manifest, index, entries, refs, options)
         _remove_unreferenced_stores(manifest, options, entries, {e.pyramid.store for e in index.images if e.pyramid})
     return PyramidResult(entries, built, reused, failures)
+
+
+def _absolute_url(url: str, options: dict[str, Any]) -> str:
+    """``url`` with its protocol and an absolute path (``file:///…`` for a local folder): references to it must
+    not depend on the reader's working directory."""
+    fs, path = fsspec.core.url_to_fs(url, **options)
+    return fs.unstrip_protocol(path.rstrip("/"))
 
 
 def _choose(manifest: str, index: Index, names: Sequence[str] | None) -> list[ImageEntry]:

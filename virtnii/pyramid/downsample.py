@@ -9,7 +9,8 @@ Methods (the rules users can rely on; ``docs/pyramid.md`` repeats them):
 ``mean``
     The mean of each 2x2x2 block.  Integers round half to even (exactly, in integer arithmetic, for every
     width up to 64 bits: no overflow, no truncation); floats are averaged in float64 (complex128) and cast
-    back.  NaN voxels are left out of the mean; a block of NaN only gives NaN.
+    back (complex part by part, so that an infinite part stays infinite).  NaN voxels (a complex one with
+    a NaN part) are left out of the mean; a block of NaN only gives NaN.
 ``gaussian``
     A separable binomial filter ``[1, 3, 3, 1] / 8`` (a Gaussian of sigma ~0.87 input voxels) centred on each
     2x2x2 block, edges repeated: it suppresses the aliasing a plain mean leaves.  Same rounding and NaN rules
@@ -150,18 +151,20 @@ def _linear_int(planes: Sequence[np.ndarray], z_weights: Sequence[int], method: 
     if dtype.itemsize < 8:
         return _round_divide(_weighted_sum(planes, z_weights, method, np.dtype(np.int64)), weight, dtype)
     if method == "gaussian":
-        floats = _linear_float([p.astype(np.float64) for p in planes], z_weights, method, np.dtype(np.float64))
+        floats = _float_parts([p.astype(np.float64) for p in planes], [np.zeros(p.shape, bool) for p in planes],
+                              z_weights, method)
         info = np.iinfo(dtype)
         return np.clip(np.rint(floats), info.min, info.max).astype(dtype)
     acc = np.dtype(np.uint64 if dtype.kind == "u" else np.int64)
     quotients = _weighted_sum([p // weight for p in planes], z_weights, method, acc)
     remainders = _weighted_sum([p % weight for p in planes], z_weights, method, acc)
-    return (quotients + _round_divide(remainders, weight, acc)).astype(dtype)
+    return _round_divide(remainders, weight, dtype, quotients)
 
 
-def _round_divide(total: np.ndarray, weight: int, dtype: np.dtype) -> np.ndarray:
-    """``total / weight`` rounded half to even, in integers."""
+def _round_divide(total: np.ndarray, weight: int, dtype: np.dtype, base: np.ndarray | int = 0) -> np.ndarray:
+    """``base + total / weight`` rounded half to even, in integers (the parity is the whole quotient's)."""
     quotient, remainder = np.divmod(total, weight)
+    quotient = quotient + base
     twice = remainder * 2
     up = (twice > weight) | ((twice == weight) & (quotient % 2 == 1))
     return (quotient + up).astype(dtype)
@@ -169,19 +172,31 @@ def _round_divide(total: np.ndarray, weight: int, dtype: np.dtype) -> np.ndarray
 
 def _linear_float(planes: Sequence[np.ndarray], z_weights: Sequence[int], method: str,
                   dtype: np.dtype) -> np.ndarray:
-    """Weighted mean of floats (complex too) in double precision, NaN left out."""
-    acc = np.dtype(np.complex128 if dtype.kind == "c" else np.float64)
+    """Weighted mean of floats in double precision, NaN left out; complex part by part (a complex product with
+    a weight would turn an infinite part's partner into NaN), a voxel with a NaN part left out whole."""
     missing = [np.isnan(p) for p in planes]
+    if dtype.kind == "c":
+        real = _float_parts([p.real for p in planes], missing, z_weights, method)
+        imag = _float_parts([p.imag for p in planes], missing, z_weights, method)
+        out = np.empty(real.shape, dtype)
+        out.real, out.imag = real, imag
+        return out
+    return _float_parts(planes, missing, z_weights, method).astype(dtype)
+
+
+def _float_parts(planes: Sequence[np.ndarray], missing: Sequence[np.ndarray], z_weights: Sequence[int],
+                 method: str) -> np.ndarray:
+    acc = np.dtype(np.float64)
     if not any(m.any() for m in missing):
         weight = _total_weight(z_weights, method, planes[0].shape)
-        return (_weighted_sum(planes, z_weights, method, acc) / weight).astype(dtype)
+        return _weighted_sum(planes, z_weights, method, acc) / weight
     zeros = [np.where(m, 0, p) for m, p in zip(missing, planes)]
     total = _weighted_sum(zeros, z_weights, method, acc)
-    weights = _weighted_sum([~m for m in missing], z_weights, method, np.dtype(np.float64))
+    weights = _weighted_sum([~m for m in missing], z_weights, method, acc)
     with np.errstate(invalid="ignore", divide="ignore"):
         out = total / weights
     out[weights == 0] = np.nan
-    return out.astype(dtype)
+    return out
 
 
 def _mode(planes: Sequence[np.ndarray]) -> np.ndarray:
