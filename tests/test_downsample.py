@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import collections
 import fractions
+import functools
 import itertools
+import operator
+import warnings
 
 import numpy as np
 import pytest
@@ -35,22 +38,42 @@ def blocks(volume: np.ndarray):
         yield index, volume[parts].reshape(-1, *volume.shape[3:])
 
 
+def _block_view(volume: np.ndarray, fill: object) -> np.ndarray:
+    """The volume padded with ``fill`` (never an edge copy) to whole 2x2x2 blocks, as (z, y, x, 8, ...)."""
+    pad = [(0, n % 2 if n > 1 else 0) for n in volume.shape[:3]] + [(0, 0)] * (volume.ndim - 3)
+    padded = np.pad(volume, pad, constant_values=fill)
+    if padded.dtype == object:  # np.pad's fill is a numpy scalar, which overflows when added to big ints
+        padded = np.frompyfunc(int, 1, 1)(padded)
+    shape = []
+    for n in padded.shape[:3]:
+        shape += [n // 2, 2] if n > 1 else [1, 1]
+    blocked = padded.reshape(tuple(shape) + padded.shape[3:])
+    return np.moveaxis(blocked, (1, 3, 5), (3, 4, 5)).reshape(blocked.shape[0], blocked.shape[2], blocked.shape[4],
+                                                              -1, *padded.shape[3:])
+
+
 def reference_mean(volume: np.ndarray) -> np.ndarray:
-    out = np.zeros(halved(volume.shape[:3]) + volume.shape[3:], volume.dtype)
-    for index, values in blocks(volume):
-        if volume.dtype.kind in "iu":
-            out[index] = [round(fractions.Fraction(sum(int(v) for v in column), len(column)))
-                          for column in values.reshape(len(values), -1).T] if values.ndim > 1 else \
-                round(fractions.Fraction(sum(int(v) for v in values), len(values)))
-        else:
-            kept = values[~np.isnan(values)]
-            if not kept.size:
-                out[index] = complex(np.nan, np.nan) if volume.dtype.kind == "c" else np.nan
-            elif volume.dtype.kind == "c":  # part by part: complex arithmetic turns inf * 1 into NaN
-                out[index] = complex(kept.real.astype(np.float64).mean(), kept.imag.astype(np.float64).mean())
-            else:
-                out[index] = kept.astype(np.float64).mean()
-    return out
+    """Mean over the real voxels of each block: padding marks absent voxels, it is never averaged in."""
+    present = _block_view(np.ones(volume.shape, bool), False)
+    if volume.dtype.kind in "iu" and volume.dtype.itemsize == 8:  # exact: Python integers and fractions
+        values = _block_view(volume.astype(object), 0)
+        sums = functools.reduce(operator.add, [values[:, :, :, i] for i in range(values.shape[3])])  # Python ints
+        counts = present.sum(axis=3)
+        return np.vectorize(lambda s, n: round(fractions.Fraction(int(s), int(n))), otypes=[object])(
+            sums, counts).astype(volume.dtype)
+    if volume.dtype.kind in "iu":  # sums exact in int64; dividing by 1, 2, 4 or 8 is exact in float64
+        sums = _block_view(volume.astype(np.int64), 0).sum(axis=3)
+        return np.rint(sums / present.sum(axis=3)).astype(volume.dtype)
+    if volume.dtype.kind == "c":  # part by part: complex arithmetic turns inf * 1 into NaN
+        out = np.empty(halved(volume.shape), volume.dtype)
+        missing = np.isnan(volume)
+        out.real = reference_mean(np.where(missing, np.nan, volume.real))
+        out.imag = reference_mean(np.where(missing, np.nan, volume.imag))
+        return out
+    values = _block_view(volume.astype(np.float64), np.nan)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN blocks: NaN, as intended
+        return np.nanmean(values, axis=3).astype(volume.dtype)
 
 
 def reference_mode(volume: np.ndarray) -> np.ndarray:
