@@ -17,7 +17,10 @@ import numpy as np
 
 from . import __version__
 from .errors import VirtniiError
+from .combine import combine
+from .export import export
 from .manifest import read_index
+from .pyramid import CODECS, DEFAULT_CODEC, METHODS, build_pyramids
 from .scan import scan
 from .verified import verify
 
@@ -72,6 +75,55 @@ def build_parser() -> argparse.ArgumentParser:
     p_verify = commands.add_parser("verify", help="check that no source changed since it was indexed")
     p_verify.add_argument("manifest")
     _storage_arguments(p_verify)
+
+    p_pyramid = commands.add_parser(
+        "pyramid", help="write downsampled OME levels of a manifest's images and add them to it",
+        description="Stream each image's level 0 once and write levels 1..N (2x in x, y, z; t and c untouched) "
+                    "as compressed zarr arrays, then update the manifest so each image is one multiscale "
+                    "NIfTI-Zarr.  Complete levels made from the same inputs are reused.",
+        epilog="examples:\n  virtnii pyramid manifests/ds000001\n"
+               "  virtnii pyramid OUT sub-01/anat/sub-01_T1w --method gaussian --chunks 128 --shards 4\n"
+               "  virtnii pyramid OUT --out s3://bucket/levels -s anon=true\n\n"
+               "exit status: 0 all built, 1 some images failed (the others are in the manifest), 2 nothing done",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p_pyramid.add_argument("manifest")
+    p_pyramid.add_argument("images", nargs="*", metavar="IMAGE", help="image names (default: all)")
+    p_pyramid.add_argument("--levels", type=int, help="levels to write (default: until the coarsest fits a chunk)")
+    p_pyramid.add_argument("--method", choices=METHODS,
+                           help="downsampling (default: mode for label images, by NIfTI intent; mean otherwise)")
+    p_pyramid.add_argument("--chunks", type=int, default=64, help="chunk edge in voxels (default: %(default)s)")
+    p_pyramid.add_argument("--shards", type=int, help="Zarr v3 shards of K chunks per edge (default: none)")
+    p_pyramid.add_argument("--codec", choices=sorted(CODECS), default=DEFAULT_CODEC,
+                           help="compressor (default: %(default)s)")
+    p_pyramid.add_argument("--out", help="where to write level stores (default: MANIFEST/levels)")
+    p_pyramid.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _storage_arguments(p_pyramid)
+
+    p_combine = commands.add_parser(
+        "combine", help="merge manifests into one (images, whole datasets), nothing copied but gzip indexes",
+        epilog="examples:\n  virtnii combine manifests/sub-01 manifests/sub-02 -o manifests/all\n"
+               "  virtnii combine ds1 ds2 --prefix ds000001 --prefix ds000002 -o archive",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p_combine.add_argument("manifests", nargs="+", metavar="MANIFEST")
+    p_combine.add_argument("-o", "--out", required=True, help="manifest folder to write (replaced if it exists)")
+    p_combine.add_argument("--prefix", action="append", dest="prefixes",
+                           help="group for each manifest's images, once per MANIFEST, in order")
+    p_combine.add_argument("--format", dest="ref_format", choices=("json", "parquet"),
+                           help="reference file format (default: the first manifest's)")
+    p_combine.add_argument("-m", "--manifest-option", dest="manifest_options", metavar="KEY=VALUE", type=_option,
+                           action="append", default=[], help="fsspec option for remote manifest folders")
+
+    p_export = commands.add_parser(
+        "export", help="stream one level of an image out as .nii or .nii.gz",
+        epilog="examples:\n  virtnii export OUT sub-01/anat/sub-01_T1w -o t1.nii.gz\n"
+               "  virtnii export OUT sub-01/anat/sub-01_T1w --level 2 -o t1_level2.nii",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p_export.add_argument("manifest")
+    p_export.add_argument("image", nargs="?", help="image name (needed when the manifest holds several)")
+    p_export.add_argument("--level", type=int, default=0, help="pyramid level (default: 0, the source's voxels)")
+    p_export.add_argument("-o", "--out", required=True, help="file to write (.nii, or .nii.gz to compress)")
+    p_export.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _storage_arguments(p_export)
 
     p_example = commands.add_parser("example", help="index NIfTI files shipped with nibabel and read one back")
     p_example.add_argument("-o", "--out", default="manifests/example", help="manifest folder (default: %(default)s)")
@@ -145,6 +197,40 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def cmd_pyramid(args: argparse.Namespace) -> int:
+    storage, manifest_options = _options(args)
+    result = build_pyramids(args.manifest, args.images, method=args.method, levels=args.levels, chunks=args.chunks,
+                            shards=args.shards, codec=args.codec, out=args.out,
+                            manifest_options=manifest_options or None, progress=not args.quiet, **storage)
+    for failure in result.failures:
+        print(f"virtnii: error: {failure}", file=sys.stderr)
+    written = sum(e.pyramid.stored_bytes for e in result.images if e.pyramid and e.name in result.built)
+    print(f"pyramid: {len(result.built)} image(s) built ({_human(written)} written), {len(result.reused)} already "
+          f"complete, {len(result.failures)} failed -> {args.manifest}")
+    if result.failures:
+        return 2 if not (result.built or result.reused) else 1
+    return 0
+
+
+def cmd_combine(args: argparse.Namespace) -> int:
+    options = dict(args.manifest_options)
+    index = combine(args.manifests, args.out, prefixes=args.prefixes, ref_format=args.ref_format,
+                    manifest_options=options or None, out_options=options or None)
+    print(f"combined {len(args.manifests)} manifest(s): {len(index.images)} image(s) -> {args.out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    storage, manifest_options = _options(args)
+    with tqdm(unit="B", unit_scale=True, desc="export", disable=args.quiet) as bar:
+        export(args.manifest, args.out, args.image, level=args.level, manifest_options=manifest_options or None,
+               progress=bar.update, **storage)
+    print(f"exported {args.image or 'the image'} level {args.level} -> {args.out}")
+    return 0
+
+
 def cmd_example(args: argparse.Namespace) -> int:
     import nibabel as nib
 
@@ -174,7 +260,8 @@ def cmd_example(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"scan": cmd_scan, "info": cmd_info, "verify": cmd_verify, "example": cmd_example}[args.command]
+    handler = {"scan": cmd_scan, "info": cmd_info, "verify": cmd_verify, "pyramid": cmd_pyramid,
+               "combine": cmd_combine, "export": cmd_export, "example": cmd_example}[args.command]
     try:
         return handler(args)
     except VirtniiError as err:

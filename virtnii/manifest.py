@@ -17,6 +17,7 @@ carry only URLs.
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
 import json
 import os
@@ -38,6 +39,8 @@ MANIFEST_VERSION = 2
 #: Versions read.
 READABLE_VERSIONS = (1, 2)
 REF_FILES = {"json": "refs.json", "parquet": "refs.parquet"}
+#: Store keys of zarr metadata documents (the rest of a reference set is chunks and inlined bytes).
+METADATA_KEYS = ("zarr.json", ".zarray", ".zattrs", ".zgroup")
 
 
 @dataclass(frozen=True)
@@ -115,16 +118,9 @@ class ManifestWriter:
 
     def _commit(self, images: list[ImageRefs], entries: list[ImageEntry], zarr_format: int,
                 ref_format: str) -> None:
-        refs = build_refs(images, zarr_format)
         ref_file = REF_FILES[ref_format]
         target, index_file = f"{self.tmp}/{ref_file}", f"{self.tmp}/{INDEX_FILE}"
-        if ref_format == "json":
-            with self.fs.open(target, "w") as f:
-                # one dumps + write: json.dump streams through the pure-Python encoder, ~10x slower on big manifests
-                f.write(json.dumps(refs, separators=(",", ":")))
-        else:
-            kerchunk.df.refs_to_dataframe(refs, self.fs.unstrip_protocol(target), record_size=_record_size(images),
-                                          storage_options=self.fs.storage_options)
+        write_references(self.fs, target, build_refs(images, zarr_format), ref_format)
         with self.fs.open(index_file, "w") as f:
             f.write(Index(zarr_format, ref_file, tuple(entries)).text())
         if getattr(self.fs, "local_file", False):
@@ -157,13 +153,28 @@ class ManifestWriter:
 MAX_RECORD_SIZE = 100_000
 
 
-def _record_size(images: list[ImageRefs]) -> int:
+def _record_size(refs: dict[str, Any]) -> int:
     """Rows per Parquet reference file: enough for the array with the most chunks (one file per array), no more.
 
     fsspec writes every file padded to this many rows, so kerchunk's default of 100,000 made each 1-chunk array
     cost ~25 ms to write; sized to the data it is ~2-5 ms, fastparquet's per-file floor.
     """
-    return min(MAX_RECORD_SIZE, max((len(image.chunk_keys) for image in images), default=1))
+    counts: collections.Counter[str] = collections.Counter()
+    for key in refs:
+        folder, _, leaf = key.rpartition("/")
+        if leaf not in METADATA_KEYS:
+            counts[folder.split("/c/")[0]] += 1  # v3 chunk keys nest under <array>/c/
+    return min(MAX_RECORD_SIZE, max(counts.values(), default=1))
+
+
+def write_references(fs: fsspec.AbstractFileSystem, target: str, refs: dict[str, Any], ref_format: str) -> None:
+    """Write kerchunk v1 ``refs`` at ``target``: JSON text, or fsspec's Parquet reference folder."""
+    if ref_format == "json":
+        # one dumps + write: json.dump streams through the pure-Python encoder, ~10x slower on big manifests
+        fs.pipe_file(target, json.dumps(refs, separators=(",", ":")).encode())
+    else:
+        kerchunk.df.refs_to_dataframe(refs, fs.unstrip_protocol(target), record_size=_record_size(refs["refs"]),
+                                      storage_options=fs.storage_options)
 
 
 def build_refs(images: Iterable[ImageRefs], zarr_format: int) -> dict[str, Any]:
@@ -208,10 +219,6 @@ def read_index(manifest: str, storage_options: dict[str, Any] | None = None) -> 
         raise ManifestError(manifest, f"{INDEX_FILE} is damaged (no images, zarr_format or references)")
     return Index(index["zarr_format"], index["references"],
                  tuple(ImageEntry.from_json(doc, manifest) for doc in images))
-
-
-#: Store keys of zarr metadata documents (the rest of a reference set is chunks and inlined bytes).
-METADATA_KEYS = ("zarr.json", ".zarray", ".zattrs", ".zgroup")
 
 
 def load_refs(manifest: str, index: Index, options: dict[str, Any]) -> dict[str, Any]:
@@ -263,11 +270,7 @@ def update_manifest(manifest: str, current: Index, images: Iterable[ImageEntry],
     new = Index(current.zarr_format, name, tuple(images))
     old_refs = f"{path}/{current.references}"
     try:
-        if suffix == "json":
-            fs.pipe_file(f"{path}/{name}", json.dumps({"version": 1, "refs": refs}, separators=(",", ":")).encode())
-        else:
-            kerchunk.df.refs_to_dataframe({"version": 1, "refs": refs}, fs.unstrip_protocol(f"{path}/{name}"),
-                                          record_size=_record_size_of(refs), storage_options=fs.storage_options)
+        write_references(fs, f"{path}/{name}", {"version": 1, "refs": refs}, current.ref_format)
         text = new.text().encode()
         if getattr(fs, "local_file", False):
             staged = f"{path}/{INDEX_FILE}.partial-{uuid.uuid4().hex[:8]}"
@@ -282,11 +285,3 @@ def update_manifest(manifest: str, current: Index, images: Iterable[ImageEntry],
     return new
 
 
-def _record_size_of(refs: dict[str, Any]) -> int:
-    """Parquet rows per file for a reference set: the most chunk keys any one array has (see _record_size)."""
-    counts: dict[str, int] = {}
-    for key in refs:
-        folder, _, leaf = key.rpartition("/")
-        if leaf not in METADATA_KEYS:
-            counts[folder.split("/c/")[0]] = counts.get(folder.split("/c/")[0], 0) + 1
-    return min(MAX_RECORD_SIZE, max(counts.values(), default=1))

@@ -157,6 +157,12 @@ def _ascending(index: slice, length: int) -> slice:
     return slice(picked[-1], picked[0] + 1, -index.step) if picked else slice(0, 0)
 
 
+def header_classes(raw: bytes) -> tuple[type[nib.Nifti1Header], type[nib.Nifti1Image]]:
+    """nibabel's header and image classes for a raw header, by its magic (KeyError: not NIfTI)."""
+    magic = raw[344:347] if len(raw) >= 348 and raw[:4] in (b"\x5c\x01\x00\x00", b"\x00\x00\x01\x5c") else raw[4:7]
+    return _IMAGE_CLASSES[magic]
+
+
 def to_nibabel(group: zarr.Group) -> nib.Nifti1Image:
     """A nibabel image over a NIfTI-Zarr image group, reading voxels lazily through zarr.
 
@@ -166,10 +172,10 @@ def to_nibabel(group: zarr.Group) -> nib.Nifti1Image:
     if "nifti" not in group or "0" not in group:
         raise ManifestError(str(group.store_path), "not a NIfTI-Zarr image group (needs arrays 'nifti' and '0')")
     raw = np.asarray(group["nifti"][:]).tobytes()
-    magic = raw[344:347] if len(raw) >= 348 and raw[:4] in (b"\x5c\x01\x00\x00", b"\x00\x00\x01\x5c") else raw[4:7]
-    if magic not in _IMAGE_CLASSES:
-        raise InvalidNifti(str(group.store_path), f"the nifti array holds no NIfTI header (magic {magic!r})")
-    header_class, image_class = _IMAGE_CLASSES[magic]
+    try:
+        header_class, image_class = header_classes(raw)
+    except KeyError as err:
+        raise InvalidNifti(str(group.store_path), f"the nifti array holds no NIfTI header (magic {err})") from None
     header = header_class.from_fileobj(io.BytesIO(raw), check=True)
     proxy = ZarrArrayProxy(group["0"], header)
     return image_class(proxy, header.get_best_affine(), header)

@@ -79,26 +79,32 @@ def build_pyramids(manifest: str, images: Sequence[str] | None = None, *, method
         raise ManifestError(manifest, "sharding (--shards) needs a Zarr v3 manifest (scan with --zarr-format 3)")
     chosen = _choose(manifest, index, images)
     group = open_manifest(manifest, manifest_options, **storage_options)
-    store_options = dict(out_options or {}) if out else options
+    store_options = dict(out_options if out_options is not None else options) if out else options
     root = _absolute_url(out, store_options) if out else f"{manifest}/{LEVELS_FOLDER}"
     updated: dict[str, ImageEntry] = {}
     built, reused, failures = [], [], []
     total = sum(entry.nbytes for entry in chosen if plan_levels(entry.shape, entry.axes, settings))
-    with tqdm(total=total, unit="B", unit_scale=True, desc="pyramid", disable=not progress) as bar:
+    with tqdm(total=total, unit="B", unit_scale=True, desc="pyramid", disable=not progress) as bar, \
+            tqdm(unit="B", unit_scale=True, disable=not progress, position=1, leave=False) as image_bar:
+        def advance(n: int) -> None:
+            bar.update(n)
+            image_bar.update(n)
+
         for entry in chosen:
             if not plan_levels(entry.shape, entry.axes, settings):
                 continue  # fits one chunk already: level 0 is the whole pyramid
+            image_bar.reset(total=entry.nbytes)
+            image_bar.set_description_str(entry.name[-40:])
             image = group[entry.name]
             chosen_method = method_for(image["nifti"].attrs.get("Intent", ""), settings)
             store_tag = tag(entry, chosen_method, settings, index.zarr_format)
             relative = f"{LEVELS_FOLDER}/{entry.name}.{store_tag}"
             store_url = f"{root}/{entry.name}.{store_tag}"
             store_ref = relative if not out else store_url
-            bar.set_postfix_str(entry.name[-40:], refresh=False)
             before = bar.n
             try:
                 pyramid = build_image(entry, image["0"], store_url, store_ref, store_tag, chosen_method, settings,
-                                      index.zarr_format, store_options, storage_options, bar.update)
+                                      index.zarr_format, store_options, storage_options, advance)
             except VirtniiError as err:
                 failures.append(err)
                 bar.update(entry.nbytes - (bar.n - before))

@@ -19,9 +19,8 @@ import concurrent.futures
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import fsspec
 import numcodecs
@@ -29,17 +28,15 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from .. import fingerprint
+from .. import fingerprint, slabs
 from ..entry import ImageEntry, Level, Pyramid
-from ..errors import ManifestError, VirtniiError, storage_errors
+from ..errors import storage_errors
 from .downsample import LABEL_INTENTS, METHODS, factors, halved, plane_stream
 
 #: Marker written last into a finished level store.
 MARKER = "virtnii-pyramid.json"
 #: Bumped when the same inputs would produce other level bytes (a new rule, a fixed bug): old stores are rebuilt.
 BUILDER_VERSION = 1
-#: Level-0 bytes read at once (rounded to whole level-0 chunks).
-SLAB_BYTES = 64 * 2**20
 #: Writes waiting or running per image: bounds the planes held behind the writer.
 MAX_PENDING_WRITES = 4
 #: Compressors, by name; the default measured best for MRI volumes (scripts/bench_pyramid.py --codecs).
@@ -189,42 +186,13 @@ def _stored_bytes(fs: fsspec.AbstractFileSystem, path: str) -> int:
     return sum(info["size"] for info in fs.find(path, detail=True).values())
 
 
-def _volumes(entry: ImageEntry) -> list[tuple[int, ...]]:
-    """Index prefixes of the (t[, c]) volumes of an image: ``[()]`` for 3-D."""
-    lead = entry.shape[:len(entry.shape) - 3]
-    return [tuple(int(i) for i in index) for index in np.ndindex(*lead)] if lead else [()]
-
-
-def _slabs(entry: ImageEntry, dtype: np.dtype) -> Iterator[tuple[tuple[int, ...], int, Any]]:
-    """``(volume, z0, index)`` of every level-0 read, in order: whole level-0 chunks, about SLAB_BYTES each.
-
-    Where a level-0 chunk holds several whole volumes (small 4-D frames), a read takes that chunk's volumes at
-    once (``volume`` is then the first of them), so no chunk is read twice.
-    """
-    nz, ny, nx = entry.shape[-3:]
-    kz = entry.chunks[-3]
-    if len(entry.shape) > 3 and kz == nz and entry.chunks[0] > 1:
-        kt = entry.chunks[0]
-        for volume in _volumes(entry):
-            if volume[0] % kt == 0:
-                t_end = min(volume[0] + kt, entry.shape[0])
-                yield volume, 0, (slice(volume[0], t_end),) + volume[1:]
-        return
-    plane = ny * nx * dtype.itemsize
-    step = max(kz, SLAB_BYTES // max(plane * kz, 1) * kz)
-    for volume in _volumes(entry):
-        for z0 in range(0, nz, step):
-            yield volume, z0, volume + (slice(z0, min(z0 + step, nz)),)
-
-
 def _stream_levels(entry: ImageEntry, level0: zarr.Array, arrays: list[zarr.Array], method: str,
                    out_dtype: np.dtype, progress: Callable[[int], Any]) -> None:
     """The one pass: read slabs ahead, cascade planes through the levels, write chunk-high blocks behind."""
     native = np.dtype(entry.numpy_dtype)
     native = native if native.names else native.newbyteorder("=")
-    slabs = list(_slabs(entry, native))
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="virtnii-read") as reader, \
-            concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="virtnii-write") as writer:
+    reads = slabs.plan(entry.shape, entry.chunks, native.itemsize)
+    with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="virtnii-write") as writer:
         pending: list[concurrent.futures.Future[None]] = []
 
         def write(array: zarr.Array, index: tuple[Any, ...], block: np.ndarray) -> None:
@@ -232,36 +200,22 @@ def _stream_levels(entry: ImageEntry, level0: zarr.Array, arrays: list[zarr.Arra
                 pending.pop(0).result()
             pending.append(writer.submit(array.__setitem__, index, block))
 
-        cascade: Callable[[int, np.ndarray], None] | None = None
+        cascade: Callable[[int, np.ndarray], None] = lambda i, plane: None
         flush: list[Callable[[], None]] = []
         current: tuple[int, ...] | None = None
-        ahead = reader.submit(_read, level0, slabs[0][2], native)
-        for n, (volume, z0, _) in enumerate(slabs):
-            block = ahead.result()
-            if n + 1 < len(slabs):
-                ahead = reader.submit(_read, level0, slabs[n + 1][2], native)
-            volumes = [volume] if block.ndim == 3 else \
-                [(volume[0] + i,) + volume[1:] for i in range(block.shape[0])]
-            planes = [block] if block.ndim == 3 else list(block)
-            for vol, data in zip(volumes, planes):
-                if vol != current:
-                    for finish in flush:
-                        finish()
-                    cascade, flush = _cascade(vol, entry.shape[-3], arrays, method, out_dtype, write)
-                    current = vol
-                first = z0 if block.ndim == 3 else 0
-                for i, plane in enumerate(data):
-                    cascade(first + i, plane)
-            progress(block.nbytes)
+        for piece, planes in slabs.stream(level0, reads, native):
+            if piece.volume != current:
+                for finish in flush:
+                    finish()
+                cascade, flush = _cascade(piece.volume, entry.shape[-3], arrays, method, out_dtype, write)
+                current = piece.volume
+            for i, plane in enumerate(planes):
+                cascade(piece.z0 + i, plane)
+            progress(planes.nbytes)
         for finish in flush:
             finish()
         for future in pending:
             future.result()
-
-
-def _read(level0: zarr.Array, index: tuple[Any, ...], native: np.dtype) -> np.ndarray:
-    block = np.asarray(level0[index])
-    return block if block.dtype == native else block.astype(native)
 
 
 def _cascade(volume: tuple[int, ...], nz: int, arrays: list[zarr.Array], method: str, out_dtype: np.dtype,
