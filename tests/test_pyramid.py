@@ -333,3 +333,42 @@ def test_unknown_image_and_bad_settings_are_manifest_errors(tmp_path: Path) -> N
     virtnii.scan([str(REAL["anatomical"])], str(tmp_path / "v2"), zarr_format=2)
     with pytest.raises(virtnii.ManifestError, match="Zarr v3"):
         build_pyramids(str(tmp_path / "v2"), shards=2)
+
+
+MAKE_VOLUME = textwrap.dedent("""
+    import sys
+    import numpy as np, nibabel as nib
+    import virtnii
+    folder, nz = sys.argv[1], int(sys.argv[2])
+    data = (np.arange(256 * 256 * nz, dtype=np.int32).reshape(256, 256, nz) % 997).astype(np.int16)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), f"{folder}/v.nii")
+    virtnii.scan([f"{folder}/v.nii"], f"{folder}/m")
+""")
+#: Run in a fresh process of its own, so that its peak memory is the build's (ru_maxrss is a high-water mark).
+MEMORY_PROBE = textwrap.dedent("""
+    import resource, sys
+    import virtnii, virtnii.slabs
+    from virtnii.pyramid import build_pyramids
+    virtnii.slabs.SLAB_BYTES = 4 * 2**20
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result = build_pyramids(sys.argv[1] + "/m", chunks=32)
+    assert result.built == ["v"], result
+    print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+""")
+
+
+def test_peak_memory_does_not_grow_with_the_number_of_slices(tmp_path: Path) -> None:
+    """Measured, not assumed: building the pyramid of a volume 4x deeper (32 MB → 128 MB of voxels) costs
+    about the same peak memory above the process's own (a slab and a chunk height per level)."""
+    growth = {}
+    for nz in (256, 1024):
+        folder = tmp_path / str(nz)
+        folder.mkdir()
+        subprocess.run([sys.executable, "-c", MAKE_VOLUME, str(folder), str(nz)], timeout=300, check=True)
+        run = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(folder)], capture_output=True,
+                             text=True, timeout=300, check=True)
+        before, after = map(int, run.stdout.split())
+        growth[nz] = (after - before) * 1024  # ru_maxrss is in KiB on Linux
+    assert growth[256] > 0, growth  # the probe sees the build at all
+    assert growth[1024] < 1.5 * growth[256] + 8 * 2**20, growth
+    assert growth[1024] < 128 * 2**20 / 2, growth  # far below the volume it streamed

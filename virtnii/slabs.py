@@ -39,12 +39,14 @@ def file_order(lead: Sequence[int]) -> list[tuple[int, ...]]:
     return [tuple(reversed(index)) for index in np.ndindex(*reversed(tuple(lead)))] if lead else [()]
 
 
-def plan(shape: Sequence[int], chunks: Sequence[int], itemsize: int, target: int = SLAB_BYTES) -> list[Read]:
+def plan(shape: Sequence[int], chunks: Sequence[int], itemsize: int, target: int | None = None) -> list[Read]:
     """The reads covering an array of ``shape`` chunked by ``chunks``.
 
     Where chunks hold whole volumes and more than one (small 4-D frames), a read is one chunk of volumes;
-    otherwise a read is a run of whole chunks along z of one volume, about ``target`` bytes.
+    otherwise a read is a run of whole chunks along z of one volume, about ``target`` bytes (default
+    :data:`SLAB_BYTES`).
     """
+    target = SLAB_BYTES if target is None else target
     lead, lead_chunks = tuple(shape[:-3]), tuple(chunks[:-3])
     nz, ny, nx = shape[-3:]
     kz = chunks[-3]
