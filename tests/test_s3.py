@@ -296,3 +296,33 @@ def test_rescan_into_a_manifest_on_s3_replaces_it_index_last(s3: LocalS3, datase
     assert not [f for f in left if "/gzindex/" in f or ".partial-" in f], left  # the old sidecars are gone
     group = virtnii.open(out, **opts)
     _assert_same_image(group, "sub-01_T1w", DATA / PLAIN["sub-01/anat/sub-01_T1w"])
+
+
+def test_pyramid_of_a_manifest_on_s3_and_levels_written_to_s3(s3: LocalS3, dataset: dict[str, Any],
+                                                                tmp_path: Path) -> None:
+    """Levels inside a manifest on the bucket (references relative to it), and levels sent to the bucket from
+    a local manifest (--out, references by s3:// URL): both read back equal to a local build."""
+    from virtnii.pyramid import build_pyramids
+
+    bucket, opts = dataset["bucket"], s3.storage_options
+    name = "sub-01/anat/sub-01_T1w"
+    local = tmp_path / "local"
+    virtnii.scan([str(dataset[name])], str(local))
+    build_pyramids(str(local), chunks=8)
+    expected = virtnii.open(str(local))["anatomical"]  # the same file, named after its local copy
+
+    remote = f"s3://{bucket}/manifests/pyr"
+    virtnii.scan(f"s3://{bucket}/ds/sub-01/anat", remote, storage_options=opts, manifest_options=opts)
+    result = build_pyramids(remote, chunks=8, **opts)
+    assert result.built == ["sub-01_T1w"] and result.images[0].pyramid.store.startswith("levels/")
+    files = list(_manifest_files(s3.filesystem(), f"{bucket}/manifests/pyr"))
+    assert any("/levels/" in path and path.endswith("virtnii-pyramid.json") for path, _ in files)
+    _assert_no_secrets(s3, iter(files))
+
+    sent = tmp_path / "sent"
+    virtnii.scan(f"s3://{bucket}/ds/sub-01/anat", str(sent), storage_options=opts)
+    out = build_pyramids(str(sent), chunks=8, out=f"s3://{bucket}/levels", out_options=opts, **opts)
+    assert out.images[0].pyramid.store.startswith(f"s3://{bucket}/levels/")
+    for group in (virtnii.open(remote, **opts)["sub-01_T1w"], virtnii.open(str(sent), **opts)["sub-01_T1w"]):
+        for level in result.images[0].levels:
+            np.testing.assert_array_equal(group[level.path][...], expected[level.path][...])

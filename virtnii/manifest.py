@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import collections
 import contextlib
+import itertools
 import json
 import os
 import uuid
@@ -236,11 +237,30 @@ def load_refs(manifest: str, index: Index, options: dict[str, Any]) -> dict[str,
             from fsspec.implementations.reference import LazyReferenceMapper
 
             mapper = LazyReferenceMapper(fs.unstrip_protocol(target), fs=fs)
-            refs = {key: _json_value(key, mapper[key]) for key in mapper if key != ".zmetadata"}
+            refs = {key: _json_value(key, mapper[key]) for key in _parquet_keys(mapper)}
     except (*storage_errors(), ValueError, KeyError, TypeError) as err:
         raise ManifestError(manifest, f"cannot read references {index.references}: {err}; re-run `virtnii scan`"
                             ) from err
     return refs
+
+
+def _parquet_keys(mapper: Any) -> list[str]:
+    """Every key of a Parquet reference set: its metadata documents, and each array's referenced chunks.
+
+    (The mapper's own iteration takes every folder for an array, and fails on nested groups.)
+    """
+    metadata = [key for key in mapper.zmetadata]
+    keys = list(metadata)
+    for key in metadata:
+        if key.endswith("/.zarray"):
+            array = key[: -len("/.zarray")]
+            doc = json.loads(mapper[key])
+            grid = [-(-n // c) for n, c in zip(doc["shape"], doc["chunks"])]
+            for index in itertools.product(*map(range, grid)):
+                chunk = f"{array}/{'.'.join(map(str, index)) or '0'}"
+                if chunk in mapper:
+                    keys.append(chunk)
+    return keys
 
 
 def _json_value(key: str, value: Any) -> Any:
