@@ -344,19 +344,26 @@ MAKE_VOLUME = textwrap.dedent("""
     nib.save(nib.Nifti1Image(data, np.eye(4)), f"{folder}/v.nii")
     virtnii.scan([f"{folder}/v.nii"], f"{folder}/m")
 """)
-#: Run in a fresh process of its own, so that its peak memory is the build's (ru_maxrss is a high-water mark).
+#: Run in a fresh process of its own, so that its peak memory is the build's.  The peak is the kernel's VmHWM,
+#: which a new program starts afresh (getrusage's ru_maxrss carries the forking parent's peak across exec).
 MEMORY_PROBE = textwrap.dedent("""
-    import resource, sys
+    import re, sys
     import virtnii, virtnii.slabs
     from virtnii.pyramid import build_pyramids
+
+    def peak():
+        with open("/proc/self/status") as f:
+            return int(re.search(r"VmHWM:\\s+(\\d+) kB", f.read()).group(1))
+
     virtnii.slabs.SLAB_BYTES = 4 * 2**20
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = peak()
     result = build_pyramids(sys.argv[1] + "/m", chunks=32)
     assert result.built == ["v"], result
-    print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    print(before, peak())
 """)
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak memory is read from Linux's /proc")
 def test_peak_memory_does_not_grow_with_the_number_of_slices(tmp_path: Path) -> None:
     """Measured, not assumed: building the pyramid of a volume 4x deeper (32 MB → 128 MB of voxels) costs
     about the same peak memory above the process's own (a slab and a chunk height per level)."""
@@ -368,7 +375,8 @@ def test_peak_memory_does_not_grow_with_the_number_of_slices(tmp_path: Path) -> 
         run = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(folder)], capture_output=True,
                              text=True, timeout=300, check=True)
         before, after = map(int, run.stdout.split())
-        growth[nz] = (after - before) * 1024  # ru_maxrss is in KiB on Linux
+        growth[nz] = (after - before) * 1024
     assert growth[256] > 0, growth  # the probe sees the build at all
-    assert growth[1024] < 1.5 * growth[256] + 8 * 2**20, growth
-    assert growth[1024] < 128 * 2**20 / 2, growth  # far below the volume it streamed
+    assert growth[1024] < 1.5 * growth[256], growth
+    # 96 MB more voxels streamed cost less than a quarter of that (a whole-volume read costs all of it)
+    assert growth[1024] - growth[256] < 96 * 2**20 / 4, growth
