@@ -33,6 +33,9 @@ _FREESURFER_SHAPES = {(27307, 1, 6)}
 #: Where ``vox_offset`` sits in each header, as (struct format, byte offset): float32 at 108 in NIfTI-1, int64 at
 #: 168 in NIfTI-2.  Read for every file before parsing, to know how many bytes the header and extensions take.
 _VOX_OFFSET = {348: ("f", 108), 540: ("q", 168)}
+#: Most bytes deflate can inflate one compressed byte to (each 258-byte match costs at least two bits); any gzip
+#: stream stays below it, so ``size * MAX_INFLATE_RATIO`` bounds what a ``.nii.gz`` of ``size`` bytes can hold.
+MAX_INFLATE_RATIO = 1032
 #: numpy dtype per (header size, byte order, datatype code), filled as codes are met.
 _DTYPES: dict[tuple[int, str, int], np.dtype] = {}
 
@@ -178,6 +181,23 @@ def _from_fields(url: str, raw: bytes, is_pair: bool, size: int, order: str, fie
     elif not is_pair and data_offset < size + 4:
         raise InvalidNifti(url, f"vox offset {data_offset} points inside the header (a .nii needs at least {size + 4})")
     return NiftiHeader(version, raw, fields, shape[:5], dtype, data_offset, is_pair)
+
+
+def check_data_size(url: str, header: NiftiHeader, size: int, *, compressed: bool = False) -> None:
+    """Refuse a header promising more voxel bytes than the data file at ``url`` holds: ``size`` bytes, or for
+    gzip data (``compressed``) the most ``size`` compressed bytes can inflate to.
+
+    Called before anything is planned or allocated from the header's dims, so that a 63-byte ``.nii.gz`` claiming
+    32767³ int64 voxels is one clear error in microseconds, not a chunk table exhausting memory.
+    """
+    end = header.data_offset + header.nbytes
+    if not compressed and end > size:
+        raise InvalidNifti(url, f"data truncated: the header promises {header.nbytes} bytes of voxels at offset "
+                                f"{header.data_offset} (ending at {end}) but the data holds only {size} bytes")
+    if compressed and end > size * MAX_INFLATE_RATIO:
+        raise InvalidNifti(url, f"data truncated: the header promises {header.nbytes} bytes of voxels at offset "
+                                f"{header.data_offset} (ending at {end}) but {size} bytes of gzip data inflate to at "
+                                f"most {size * MAX_INFLATE_RATIO} (deflate's limit is {MAX_INFLATE_RATIO}:1)")
 
 
 def _zarr_dtype(url: str, size: int, order: str, code: int, raw: bytes) -> np.dtype:

@@ -115,7 +115,8 @@ def image_refs(name: str, header: NiftiHeader, url: str, zarr_format: int, data_
     ``url`` is the file holding the voxels: the ``.nii`` itself, the ``.img`` of a pair, or a ``gzidx://`` URL
     serving a gzip file's uncompressed bytes.
     """
-    layout = plan(header.shape, header.dtype.itemsize, header.data_offset if data_offset is None else data_offset)
+    layout = plan(header.shape, header.dtype.itemsize, header.data_offset if data_offset is None else data_offset,
+                  source=url)
     names = layout.axes
     fields = header.fields
     docs = group_docs(name, ome.multiscales(name.rsplit("/", 1)[-1], names, fields, [[1] * len(names)],

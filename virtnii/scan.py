@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import fingerprint, gzindex
 from .errors import InvalidGzip, InvalidNifti, ManifestError, VirtniiError, from_os_error, storage_errors
-from .header import HEAD_BYTES, NiftiHeader, header_extent, parse, parse_many
+from .header import HEAD_BYTES, NiftiHeader, check_data_size, header_extent, parse, parse_many
 from .manifest import REF_FILES, ManifestWriter
 from .references import ZARR_FORMATS, ImageRefs, image_refs
 from .sources import CONCURRENT_READS, Source, assign_names, expand, is_local
@@ -237,18 +237,11 @@ def _plain_images(sources: list[Source], heads: list[bytes | VirtniiError],
 def _plain_image(source: Source, header: NiftiHeader,
                  zarr_format: int) -> tuple[ImageRefs, dict[str, Any]] | VirtniiError:
     try:
-        _check_data_size(source.data_url, header, int(source.data_info["size"]))
+        check_data_size(source.data_url, header, int(source.data_info["size"]))
         refs = image_refs(source.name, header, source.data_url, zarr_format)
     except VirtniiError as err:
         return err
     return refs, _entry(source, header, refs)
-
-
-def _check_data_size(url: str, header: NiftiHeader, size: int) -> None:
-    end = header.data_offset + header.nbytes
-    if end > size:
-        raise InvalidNifti(url, f"data truncated: the header promises {header.nbytes} bytes of voxels at offset "
-                                f"{header.data_offset} (ending at {end}) but the data holds only {size} bytes")
 
 
 # ------------------------------------------------------------------------------------------------------- gzip
@@ -325,7 +318,9 @@ def index_gzip_source(source: Source, writer: ManifestWriter, zarr_format: int,
         prefix, raw = gunzip_head(fs, source.path, url, source.info["size"],
                                   lambda head: header_extent(url, head, False, 2**62))
     header = parse(url, raw, source.is_pair)
-    layout_refs = image_refs(source.name, header, "", zarr_format)
+    check_data_size(source.data_url, header, int(source.data_info["size"]), compressed=True)
+    # planned against the source URL (errors name it); the gzidx:// URL replaces it once the index is written
+    layout_refs = image_refs(source.name, header, source.data_url, zarr_format)
     offsets = layout_refs.offsets.tolist()
     done = [0]
 
@@ -335,7 +330,7 @@ def index_gzip_source(source: Source, writer: ManifestWriter, zarr_format: int,
 
     index = gzindex.build_index(source.data_url, offsets, fs=source.fs, prefix=prefix,
                                 known=fingerprint.from_info(source.data_info), progress=progress)
-    _check_data_size(source.data_url, header, index.uncompressed_size)
+    check_data_size(source.data_url, header, index.uncompressed_size)
     folder, _, base = source.name.rpartition("/")
     relative = f"{GZIP_INDEX_FOLDER}/{folder}".rstrip("/")
     with writer.writing():
