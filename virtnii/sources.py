@@ -12,6 +12,7 @@ import functools
 import os
 import posixpath
 import re
+import stat
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -24,6 +25,10 @@ from .errors import InvalidNifti, SourceAccessError, SourceNotFound, VirtniiErro
 #: File names the scanner picks up in folders; ``.img``/``.img.gz`` are found through their ``.hdr``.
 NIFTI_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".hdr.gz")
 _GLOB = re.compile(r"[*?\[]")
+#: What local paths that are not regular files are, for the error that reports them: opening a FIFO for reading
+#: blocks until something writes to it (a scan hung forever), and devices and sockets hold no NIfTI file.
+_SPECIAL_FILES = {stat.S_IFIFO: "a named pipe (FIFO)", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+                  stat.S_IFBLK: "a block device"}
 
 
 @dataclass
@@ -160,6 +165,11 @@ def _list(fs: fsspec.AbstractFileSystem, path: str, src: str,
         raise from_os_error(src, err, "list") from err
     if not path.lower().endswith(NIFTI_SUFFIXES):
         raise InvalidNifti(src, f"not a NIfTI file name (expected one of {', '.join(NIFTI_SUFFIXES)})")
+    if is_local(fs):
+        local = _stat_local(path, fs, failures)
+        return ({path: local} if local is not None else {}), posixpath.dirname(path)
+    if info.get("type", "file") != "file":
+        raise SourceAccessError(src, f"is not a regular file (the storage says {info['type']!r})")
     return {path: info}, posixpath.dirname(path)
 
 
@@ -207,11 +217,11 @@ def _walk_local(folder: str, fs: LocalFileSystem, failures: list[VirtniiError]) 
 
 
 def _stat_local(path: str, fs: LocalFileSystem, failures: list[VirtniiError]) -> dict[str, Any] | None:
-    """Listing info of a local file, or None with the reason added to ``failures``.
+    """Listing info of a local regular file (or link to one), or None with the reason added to ``failures``.
 
     ``stat`` follows links, so sizes and mtimes are the target's, as ``fs.info`` gives them when a reader checks
     the fingerprint (fsspec's own ``find`` and ``glob`` give a link's own mtime: every linked source looked
-    changed).
+    changed).  FIFOs, sockets and devices are reported, never opened.
     """
     try:
         st = os.stat(path)
@@ -225,6 +235,11 @@ def _stat_local(path: str, fs: LocalFileSystem, failures: list[VirtniiError]) ->
         return None
     except OSError as err:  # a link to itself (ELOOP), a folder that cannot be entered (EACCES), ...
         failures.append(from_os_error(fs.unstrip_protocol(path), err, "stat"))
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        kind = _SPECIAL_FILES.get(stat.S_IFMT(st.st_mode), "a special file")
+        failures.append(SourceAccessError(fs.unstrip_protocol(path), f"is {kind}, not a regular file: only regular "
+                                                                     "files (and links to them) are indexed"))
         return None
     return {"name": path, "size": st.st_size, "type": "file", "mtime": st.st_mtime}
 
