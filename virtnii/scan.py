@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import fingerprint, gzindex
 from .errors import InvalidGzip, InvalidNifti, ManifestError, VirtniiError, from_os_error, storage_errors
-from .header import HEAD_BYTES, NiftiHeader, check_data_size, header_extent, parse, parse_many
+from .header import HEAD_BYTES, MAX_HEADER_BYTES, NiftiHeader, check_data_size, header_extent, parse, parse_many
 from .manifest import REF_FILES, ManifestWriter
 from .references import ZARR_FORMATS, ImageRefs, image_refs
 from .sources import CONCURRENT_READS, Source, assign_names, expand, is_local
@@ -34,9 +34,6 @@ HEADER_BATCH = 512
 #: Compressed bytes read first from a ``.nii.gz``: its header, and the start of the index pass (which reuses
 #: them), so a file this small costs one request in all.
 GZIP_FIRST_READ = 2**20
-#: Most bytes inflated for a gzipped header with its extensions: a corrupt vox_offset must not inflate gigabytes
-#: (in each of the workers below).
-GZIP_MAX_HEADER = 64 * 2**20
 #: ``.nii.gz`` files indexed at once from remote storage: each pass is mostly waiting (a request per piece), and
 #: inflating runs outside the GIL.  Locally, one per core.
 GZIP_REMOTE_WORKERS = 16
@@ -189,15 +186,15 @@ def _read_local(path: str, end: int) -> bytes | OSError:
 
 
 def read_plain_headers(sources: list[Source]) -> list[bytes | VirtniiError]:
-    """Raw headers of uncompressed sources, one concurrent ranged read per file (a second for big extensions)."""
+    """Raw headers of uncompressed sources, one concurrent ranged read per file (a second for big extensions or a
+    ``.hdr`` over :data:`~virtnii.header.HEAD_BYTES`)."""
     outcomes: list[Any] = [None] * len(sources)
     by_fs: dict[int, list[int]] = {}
     for i, s in enumerate(sources):
         by_fs.setdefault(id(s.fs), []).append(i)
     for members in by_fs.values():
         fs = sources[members[0]].fs
-        wants = [sources[i].info["size"] if sources[i].is_pair else min(sources[i].info["size"], HEAD_BYTES)
-                 for i in members]
+        wants = [min(sources[i].info["size"], HEAD_BYTES) for i in members]
         heads = _fetch_ranges(fs, [sources[i].path for i in members], wants)
         retry = []
         for i, want, head in zip(members, wants, heads):
@@ -265,10 +262,7 @@ def gunzip_head(fs: fsspec.AbstractFileSystem, path: str, url: str, size: int,
             head = _gunzip_members(compressed, limit)
         except zlib.error as err:
             raise InvalidGzip(url, f"corrupt gzip data at the start of the file: {err}") from err
-        wanted = need(head)
-        if wanted > GZIP_MAX_HEADER:
-            raise InvalidNifti(url, f"header and extensions of {wanted} bytes (vox_offset): more than the "
-                                    f"{GZIP_MAX_HEADER >> 20} MiB virtnii reads for a header; is vox_offset corrupt?")
+        wanted = need(head)  # at most MAX_HEADER_BYTES (header_extent refuses more)
         if len(head) >= wanted:
             return compressed, head[:wanted]
         if len(head) >= limit:  # more of these bytes to inflate
@@ -312,7 +306,7 @@ def index_gzip_source(source: Source, writer: ManifestWriter, zarr_format: int,
     """
     fs, url = source.fs, source.url
     if source.is_pair:
-        _, raw = gunzip_head(fs, source.path, url, source.info["size"], lambda head: GZIP_MAX_HEADER)
+        _, raw = gunzip_head(fs, source.path, url, source.info["size"], lambda head: MAX_HEADER_BYTES)
         prefix = b""  # the voxels are in the .img.gz
     else:
         prefix, raw = gunzip_head(fs, source.path, url, source.info["size"],
