@@ -72,6 +72,8 @@ def scan(sources: Iterable[str] | str, out: str, *, zarr_format: int = 3, ref_fo
     progress
         Show a progress bar on stderr.
     """
+    if not str(out).strip():
+        raise ManifestError(repr(out), "is not a manifest folder name (give the folder to write, e.g. -o OUT)")
     if zarr_format not in ZARR_FORMATS:
         raise ManifestError(out, f"zarr_format must be 2 or 3, not {zarr_format!r}")
     if ref_format not in REF_FILES:
@@ -115,8 +117,8 @@ def scan(sources: Iterable[str] | str, out: str, *, zarr_format: int = 3, ref_fo
             gz_bar.update(consumed)
 
         with ThreadPoolExecutor(max_workers=_gzip_workers(gzipped)) as pool:
-            jobs = {pool.submit(index_gzip_source, s, writer, zarr_format, advance): s for s in gzipped}
-            try:
+            try:  # from the first submission: an interrupt while submitting must stop the passes already running
+                jobs = {pool.submit(index_gzip_source, s, writer, zarr_format, advance): s for s in gzipped}
                 for job in as_completed(jobs):
                     try:
                         outcome = job.result()
@@ -259,9 +261,12 @@ def gunzip_head(fs: fsspec.AbstractFileSystem, path: str, url: str, size: int,
         if len(compressed) < step:
             compressed = _read_gzip_start(fs, path, url, step)
         try:
-            head = _gunzip_members(compressed, limit)
+            head, cut = _gunzip_members(compressed, limit)
         except zlib.error as err:
             raise InvalidGzip(url, f"corrupt gzip data at the start of the file: {err}") from err
+        if cut and step == size:  # said before the header is judged: its bytes are missing, not wrong
+            raise InvalidGzip(url, f"truncated: the gzip stream stops at byte {size} before its end (after "
+                                   f"{len(head)} decompressed bytes); the file is incomplete")
         wanted = need(head)  # at most MAX_HEADER_BYTES (header_extent refuses more)
         if len(head) >= wanted:
             return compressed, head[:wanted]
@@ -286,16 +291,17 @@ def _read_gzip_start(fs: fsspec.AbstractFileSystem, path: str, url: str, end: in
     return compressed
 
 
-def _gunzip_members(data: bytes, limit: int) -> bytes:
-    """Up to ``limit`` bytes inflated from ``data``, across gzip members (a header may span several)."""
+def _gunzip_members(data: bytes, limit: int) -> tuple[bytes, bool]:
+    """Up to ``limit`` bytes inflated from ``data``, across gzip members (a header may span several), and whether
+    ``data`` ended inside a member before ``limit`` was reached."""
     out = bytearray()
     while data and len(out) < limit:
         member = zlib.decompressobj(wbits=31)
         out += member.decompress(data, limit - len(out))
         if not member.eof:
-            break
+            return bytes(out), len(out) < limit
         data = member.unused_data
-    return bytes(out)
+    return bytes(out), False
 
 
 def index_gzip_source(source: Source, writer: ManifestWriter, zarr_format: int,
