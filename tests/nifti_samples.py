@@ -169,10 +169,11 @@ def nibabel_image(path: Path) -> nib.spatialimages.SpatialImage:
     """
     image = nib.load(path)
     minimum = image.header.sizeof_hdr + 4
-    if path.suffix == ".nii" and image.dataobj.offset < minimum:
-        header = image.header.copy()
-        header.set_data_offset(minimum)
-        image = type(image)(ArrayProxy(str(path), header), image.affine, image.header)
+    proxy = image.dataobj
+    if path.name.lower().endswith((".nii", ".nii.gz")) and proxy.offset < minimum:
+        # from the proxy's own spec: a loaded image's header has scl_slope/inter reset, the proxy keeps them
+        spec = (proxy.shape, proxy.dtype, minimum, proxy.slope, proxy.inter)
+        image = type(image)(ArrayProxy(str(path), spec), image.affine, image.header)
     return image
 
 

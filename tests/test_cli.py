@@ -107,3 +107,105 @@ def test_info_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
     process.stdout.close()
     assert process.wait(timeout=60) == 0
     assert process.stderr.read() == b""
+
+
+def test_scan_help_has_exit_codes_and_examples(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["scan", "--help"])
+    text = capsys.readouterr().out
+    assert "exit status:" in text and "examples:" in text and "virtnii scan /data/ds000001" in text
+    for code in ("0 ", "1 ", "2 ", "3 ", "130"):
+        assert f"  {code}" in text, code
+    assert "143 terminated (SIGTERM" in text
+
+
+@pytest.mark.parametrize("debug", ["", "--debug", "env"])
+def test_an_internal_error_exits_3_never_1(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch,
+                                           debug: str) -> None:
+    """A bug must not look like "some sources failed" (1): exit 3, one line, traceback only when asked for."""
+    import virtnii.cli
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("something virtnii did not expect")
+
+    monkeypatch.setattr(virtnii.cli, "scan", broken)
+    if debug == "env":
+        monkeypatch.setenv("VIRTNII_DEBUG", "1")
+    assert main(["scan", str(DATA / "anatomical.nii"), "-o", str(tmp_path / "out")] + ([debug] if debug == "--debug"
+                                                                                         else [])) == 3
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("virtnii: internal error: RuntimeError: something virtnii did "
+                                                  "not expect -- a bug in virtnii, please report it")
+    assert ("Traceback" in err) == bool(debug)
+
+
+def test_interrupt_says_nothing_was_written(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Manifests are all-or-nothing: Ctrl-C never leaves an incomplete one, and the message must not say it may."""
+    import virtnii.cli
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(virtnii.cli, "scan", interrupted)
+    assert main(["scan", str(DATA / "anatomical.nii"), "-o", str(tmp_path / "out")]) == 130
+    err = capsys.readouterr().err
+    assert err == f"virtnii: interrupted: {tmp_path / 'out'} was left as it was (a manifest is put in place only " \
+                  "once complete)\n"
+
+
+def test_an_empty_out_is_one_clear_line(capsys) -> None:
+    assert main(["scan", str(DATA / "anatomical.nii"), "-o", ""]) == 2
+    assert capsys.readouterr().err == ("virtnii: error: '': is not a manifest folder name (give the folder to write, "
+                                       "e.g. -o OUT)\n")
+
+
+def test_info_reads_a_remote_manifest_with_the_storage_options(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """`info s3://…/manifest --anon` once ignored --anon (and -s): they apply to a remote manifest, as in
+    virtnii.open, unless -m gives the manifest its own."""
+    import virtnii.cli
+    import virtnii.manifest
+
+    seen: list[dict[str, object]] = []
+
+    def read_index(manifest: str, options: dict[str, object]) -> virtnii.manifest.Index:
+        seen.append(options)
+        return virtnii.manifest.Index(3, "refs.json", ())
+
+    monkeypatch.setattr(virtnii.cli, "read_index", read_index)
+    assert main(["info", "s3://bucket/manifest", "--anon", "-s", "endpoint_url=http://x"]) == 0
+    assert main(["info", "s3://bucket/manifest", "--anon", "-m", "profile=lab"]) == 0
+    assert seen == [{"anon": True, "endpoint_url": "http://x"}, {"profile": "lab"}]
+
+
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path: Path) -> None:
+    """`timeout` and schedulers send SIGTERM: the scan stops, nothing is left behind (no OUT.partial-*), exit 143.
+
+    The child scans .nii.gz files whose index pass is replaced by one that waits (checking, as real passes do,
+    whether the scan is being abandoned), so the signal always arrives while the partial folder exists."""
+    import gzip
+    import signal
+
+    for i in range(3):
+        (tmp_path / f"s{i}.nii.gz").write_bytes(gzip.compress((DATA / "anatomical.nii").read_bytes()))
+    child = f"""
+import importlib, sys, time
+import virtnii.cli
+def waiting(source, writer, zarr_format, advance):
+    print("indexing", flush=True)
+    while True:
+        advance(0)
+        time.sleep(0.01)
+importlib.import_module("virtnii.scan").index_gzip_source = waiting
+sys.exit(virtnii.cli.main(["scan", {str(tmp_path)!r}, "-o", {str(tmp_path / 'out')!r}, "-q"]))
+"""
+    process = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    assert process.stdout is not None and process.stdout.readline() == "indexing\n"
+    assert list(tmp_path.glob("out.partial-*"))
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143, err
+    assert err.endswith("virtnii: terminated: " + str(tmp_path / "out") + " was left as it was (a manifest is put "
+                        "in place only once complete)\n"), err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s0.nii.gz", "s1.nii.gz", "s2.nii.gz"]

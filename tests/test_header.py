@@ -111,6 +111,19 @@ def _patched(name: str, **fields: object) -> BadMaker:
     return make
 
 
+def _extended(name: str, esize: int | None = None, **fields: object) -> BadMaker:
+    """A good file with one 32-byte extension (vox_offset 384), its esize then overwritten, and header ``fields``:
+    the extension chains nibabel's reader refuses."""
+    def make(folder: Path, good: Path) -> Path:
+        path = _good(folder, name, extensions=(("comment", b"x" * 20),))
+        if esize is not None:
+            blob = bytearray(path.read_bytes())
+            blob[352:356] = esize.to_bytes(4, "little", signed=True)
+            path.write_bytes(bytes(blob))
+        return patch_header(path, **fields) if fields else path
+    return make
+
+
 def _lone_hdr(folder: Path, good: Path) -> Path:
     return Path(shutil.copy(NIBABEL_DATA / "nifti1.hdr", folder / "lone.hdr"))
 
@@ -135,8 +148,8 @@ BAD_CASES: dict[str, tuple[BadMaker, type[virtnii.VirtniiError], str]] = {
                           "wrong magic"),
     "no_magic": (_bytes("nomagic.nii", lambda b: b[:344] + b"\0\0\0\0" + b[348:]), virtnii.InvalidNifti,
                  "wrong magic"),
-    "bad_sizeof_hdr": (_bytes("sizeof.nii", lambda b: (349).to_bytes(4, "little") + b[4:]), virtnii.InvalidNifti,
-                       "sizeof_hdr"),
+    "bad_sizeof_hdr": (_bytes("sizeof.nii", lambda b: (349).to_bytes(4, "little") + b[4:344] + b"\0" * 4 + b[348:]),
+                       virtnii.InvalidNifti, "sizeof_hdr"),
     "zero_dim": (_patched("zero_dim.nii", dim=[3, 4, 0, 2, 1, 1, 1, 1]), virtnii.InvalidNifti, "dimensions"),
     "negative_dim": (_patched("neg_dim.nii", dim=[3, 4, -3, 2, 1, 1, 1, 1]), virtnii.InvalidNifti, "dimensions"),
     "no_dims": (_patched("no_dims.nii", dim=[0, 4, 3, 2, 1, 1, 1, 1]), virtnii.InvalidNifti, "dimensions"),
@@ -157,6 +170,23 @@ BAD_CASES: dict[str, tuple[BadMaker, type[virtnii.VirtniiError], str]] = {
                         virtnii.InvalidNifti, "not a NIfTI"),
     "gzip_named_nii": (_bytes("gz.nii", gzip.compress), virtnii.InvalidNifti, "gzip"),
     "hdr_without_img": (_lone_hdr, virtnii.SourceNotFound, "lone.img"),
+    # what nibabel refuses to load: scanning them once made manifests that to_nibabel could not open
+    "magic_n+1A": (_bytes("n1a.nii", lambda b: b[:344] + b"n+1A" + b[348:]), virtnii.InvalidNifti, "wrong magic"),
+    "nifti2_magic_in_nifti1": (_bytes("n2in1.nii", lambda b: b[:344] + b"n+2\0" + b[348:]), virtnii.InvalidNifti,
+                               "wrong magic"),
+    "denormal_vox_offset": (_patched("denormal.nii", vox_offset=1e-45), virtnii.InvalidNifti, "inside the header"),
+    "nan_intercept": (_patched("nan_inter.nii", scl_slope=2.0, scl_inter=float("nan")), virtnii.InvalidNifti,
+                      "cannot be scaled"),
+    "inf_intercept": (_patched("inf_inter.nii", scl_slope=2.0, scl_inter=float("inf")), virtnii.InvalidNifti,
+                      "cannot be scaled"),
+    "qform_not_a_rotation": (_patched("quatern.nii", qform_code=1, sform_code=0, quatern_b=0.9, quatern_c=0.9),
+                             virtnii.InvalidNifti, "not a rotation"),
+    "extension_esize_0": (_extended("esize0.nii", 0), virtnii.InvalidNifti, "has size 0"),
+    "extension_esize_negative": (_extended("esize_neg.nii", -16), virtnii.InvalidNifti, "has size -16"),
+    "extension_esize_7": (_extended("esize7.nii", 7), virtnii.InvalidNifti, "has size 7"),
+    "extension_past_vox_offset": (_extended("esize_far.nii", 4096), virtnii.InvalidNifti, "past vox_offset"),
+    "extension_with_unset_vox_offset": (_extended("ext_vox0.nii", vox_offset=0), virtnii.InvalidNifti,
+                                        "vox_offset is 0"),
     "pair_with_single_file_magic": (_hdr_with_nii_magic, virtnii.InvalidNifti, "wrong magic"),
 }
 
@@ -183,6 +213,28 @@ def test_bad_input_fails_with_its_error_naming_the_file(bad_batch: tuple, case: 
     assert type(error) is error_class, str(error)
     assert words.lower() in str(error).lower()
     assert str(error).startswith(error.source) and files[case].name in str(error)
+
+
+def test_nifti2_eol_check_altered_is_invalid(tmp_path: Path) -> None:
+    """A NIfTI-2 header through a text-mode transfer (\r\n -> \n): nibabel refuses it, so must the scan."""
+    path = _good(tmp_path, version=2)
+    blob = bytearray(path.read_bytes())
+    blob[8:12] = b"\n\r\x1a\n"
+    path.write_bytes(bytes(blob))
+    with pytest.raises(virtnii.InvalidNifti, match="eol_check"):
+        parse(str(path), _read_head(path), is_pair=False)
+
+
+def test_corrupt_sizeof_hdr_with_intact_magic_is_read_like_nibabel(tmp_path: Path) -> None:
+    """nibabel recognises a NIfTI-1 by its magic and fixes sizeof_hdr; so does the scan."""
+    path = _good(tmp_path, endian=">")
+    blob = path.read_bytes()
+    path.write_bytes((349).to_bytes(4, "big") + blob[4:])
+    result = virtnii.scan([str(path)], str(tmp_path / "out"))
+    assert not result.failures, result.failures
+    image = virtnii.to_nibabel(virtnii.open(str(tmp_path / "out"))["good"])
+    np.testing.assert_array_equal(image.dataobj.get_unscaled(), np.asanyarray(nib.load(path).dataobj))
+    assert image.header["sizeof_hdr"] == 348
 
 
 def test_missing_file_is_source_not_found(bad_batch: tuple) -> None:

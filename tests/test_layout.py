@@ -8,12 +8,17 @@ chunk reads a run of consecutive positions starting where ``chunk_table`` says.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
+from typing import Iterator
 
 import numpy as np
 import pytest
 
-from virtnii.layout import FILE_AXES, MAX_CHUNK_BYTES, TARGET_CHUNK_BYTES, best_divisor, plan, zarr_ndim
+from virtnii.errors import UnsupportedNifti
+from virtnii.layout import (FILE_AXES, MAX_CHUNK_BYTES, MAX_CHUNKS, TARGET_CHUNK_BYTES, best_divisor, plan,
+                            zarr_ndim)
 
 #: (NIfTI shape, itemsize, target, limit): ranks 1–5, t and c both > 1, primes, rows bigger than the limit.
 CASES = [
@@ -139,3 +144,44 @@ def test_best_divisor_falls_back_to_one_when_a_unit_is_over_the_limit() -> None:
 def test_best_divisor_prime_is_all_or_one() -> None:
     assert best_divisor(127, unit_bytes=1, target=100, limit=1000) == 127
     assert best_divisor(127, unit_bytes=1, target=10, limit=1000) == 1
+
+
+class _Hung(Exception):
+    """Raised by :func:`_hang_guard` when the guarded code is still running."""
+
+
+@contextlib.contextmanager
+def _hang_guard(seconds: int = 20) -> Iterator[None]:
+    """Fail, instead of hanging the suite, if the block runs far longer than it ever should (not a timing test:
+    the bound is orders of magnitude above the expected milliseconds)."""
+    def expire(signum: int, frame: object) -> None:
+        raise _Hung(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("n", [2**62, 2**61 - 1, 2**40 * 3])  # a power of two, a Mersenne prime, a mix
+def test_best_divisor_search_is_bounded_for_huge_dims(n: int) -> None:
+    """A NIfTI-2 dim of 2**62 once meant 2**31 trial divisions: only divisors that can fit the limit are tried."""
+    with _hang_guard():
+        for unit in (1, 2, 1000, 2**30):
+            k = best_divisor(n, unit, TARGET_CHUNK_BYTES, MAX_CHUNK_BYTES)
+            assert n % k == 0 and (k == 1 or k * unit <= MAX_CHUNK_BYTES)
+
+
+def test_plan_refuses_more_than_max_chunks_before_building_a_chunk_table() -> None:
+    """3 x 5,000,011 float32 (y prime): 12-byte rows no divisor can group, so 5 million chunks; refused."""
+    with pytest.raises(UnsupportedNifti, match=f"s3://b/x.nii: .*5000011 chunks.*at most {MAX_CHUNKS}"):
+        plan((3, 5_000_011), 4, 352, source="s3://b/x.nii")
+    assert math.prod(plan((3, 2**20), 4, 352).chunk_grid()) <= MAX_CHUNKS  # a divisible one of that size is fine
+
+
+def test_plan_refuses_data_past_64_bit_offsets() -> None:
+    with pytest.raises(UnsupportedNifti, match="64-bit"):
+        plan((2**40, 2**20, 8), 1, 544, source="x.nii")

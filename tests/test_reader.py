@@ -21,7 +21,7 @@ import zarr
 import virtnii
 import virtnii.layout
 import virtnii.references
-from nifti_samples import assert_same_voxels, nibabel_image, voxels, write_nifti, write_samples
+from nifti_samples import assert_same_voxels, nibabel_image, patch_header, voxels, write_nifti, write_samples
 
 #: Samples covering rank 2–5, scaling, byte order, structured and complex types, and a pair.
 READER_SAMPLES = ("2d", "int16_be", "4d", "5d_t_and_c", "5d_c_only", "slope_inter", "rgb24", "complex64",
@@ -129,6 +129,34 @@ def test_to_nibabel_image_class_follows_the_file(opened: tuple[zarr.Group, dict[
 def test_to_nibabel_refuses_a_group_that_is_not_an_image(opened: tuple[zarr.Group, dict[str, Path]]) -> None:
     with pytest.raises(virtnii.ManifestError, match="not a NIfTI-Zarr image group"):
         virtnii.to_nibabel(opened[0])
+
+
+def test_to_nibabel_affine_is_the_header_s_even_when_nibabel_could_not_write_it(tmp_path: Path) -> None:
+    """A NaN in the sform: nib.load reads the file, and to_nibabel once raised "Could not decompose affine"
+    (it passed the affine in, which nibabel then tried to write back as a qform)."""
+    path = write_nifti(tmp_path / "nan_sform.nii", voxels((5, 4, 3), "i2"))
+    patch_header(path, srow_x=[np.nan, 0.0, 0.0, 1.0], sform_code=1)
+    virtnii.scan([str(path)], str(tmp_path / "out"))
+    image = virtnii.to_nibabel(virtnii.open(str(tmp_path / "out"))["nan_sform"])
+    np.testing.assert_array_equal(image.affine, nibabel_image(path).affine)
+    assert_same_voxels(image.dataobj.get_unscaled(), np.asanyarray(nibabel_image(path).dataobj))
+
+
+def test_to_nibabel_refusal_is_a_virtnii_error(tmp_path: Path) -> None:
+    """A header nibabel refuses, in a manifest not written by this scan (an older virtnii, another tool): an
+    InvalidNifti naming the group, not nibabel's HeaderDataError."""
+    import base64
+    import json
+
+    path = write_nifti(tmp_path / "a.nii", voxels((5, 4, 3), "i2"))
+    virtnii.scan([str(path)], str(tmp_path / "out"))
+    refs_path = tmp_path / "out" / "refs.json"
+    refs = json.loads(refs_path.read_text())
+    bad = patch_header(tmp_path / "a.nii", scl_slope=2.0, scl_inter=np.inf).read_bytes()[:352]
+    refs["refs"]["a/nifti/c/0"] = "base64:" + base64.b64encode(bad).decode()
+    refs_path.write_text(json.dumps(refs))
+    with pytest.raises(virtnii.InvalidNifti, match="nibabel refuses the header: Valid slope but invalid intercept"):
+        virtnii.to_nibabel(virtnii.open(str(tmp_path / "out"))["a"])
 
 
 # ---------------------------------------------------------------------------------------------- staleness

@@ -65,6 +65,20 @@ def test_rgb_is_a_structured_dtype_with_lower_case_fields() -> None:
     assert v2["dtype"] == [["r", "|u1"], ["g", "|u1"], ["b", "|u1"]]  # as the NIfTI-Zarr spec spells it
 
 
+def test_rgb_metadata_raises_no_zarr_warning() -> None:
+    """zarr warns that Zarr v3 has no spec for structured dtypes: a scan of RGB files printed it to every user."""
+    import warnings
+
+    import virtnii.references
+
+    rgb = np.dtype([("r", "u1"), ("g", "u1"), ("b", "u1"), ("a", "u1")])
+    virtnii.references._array_template.cache_clear()  # the documents are cached: make them again
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        array_docs("g/0", (2,), (2,), rgb, "x", {}, 3)
+    assert not caught, [str(w.message) for w in caught]
+
+
 @pytest.mark.parametrize("zarr_format, expected", [(3, "img/0/c/1/0/2"), (2, "img/0/1.0.2")])
 def test_chunk_keys_use_zarr_default_encoding(zarr_format: int, expected: str) -> None:
     assert chunk_key("img/0", (1, 0, 2), zarr_format) == expected

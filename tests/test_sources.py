@@ -135,3 +135,67 @@ def test_expand_reports_progress_after_each_source(tmp_path: Path) -> None:
     counts: list[int] = []
     expand([str(tmp_path / "ds" / "sub-01"), str(tmp_path / "missing"), str(tmp_path / "ds")], {}, counts.append)
     assert counts == [2, 2, len(files)]
+
+
+@pytest.mark.parametrize("how", ["folder", "glob", "file", "link"])
+def test_fifos_and_sockets_are_reported_never_opened(tmp_path: Path, how: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opening a FIFO for reading blocks until something writes to it: `scan d` with a FIFO in it hung forever.
+    Only regular files (and links to them) are sources; the rest are reported by name, without being opened."""
+    import socket
+
+    files = bids_tree(tmp_path / "ds")
+    anat = tmp_path / "ds" / "sub-01" / "anat"
+    os.mkfifo(anat / "sub-01_T2w.nii")
+    monkeypatch.chdir(anat)  # a socket's path must fit in 108 bytes: bind it by a relative name
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind("sub-01_PD.nii")
+        (tmp_path / "link.nii").symlink_to(anat / "sub-01_T2w.nii")
+        given = {"folder": [tmp_path / "ds"], "glob": [anat / "*.nii"], "link": [tmp_path / "link.nii"],
+                 "file": [anat / "sub-01_T2w.nii", anat / "sub-01_PD.nii", anat / "sub-01_T1w.nii"]}[how]
+        found, failures = expand([str(p) for p in given], {})
+    kept = {Path(s.path).name for s in found}
+    assert kept == ({f.name for f in files.values()} if how == "folder" else set() if how == "link"
+                    else {"sub-01_T1w.nii"})
+    errors = {Path(e.source).name: str(e) for e in failures}
+    assert all(isinstance(e, virtnii.SourceAccessError) for e in failures)
+    if how == "link":
+        assert list(errors) == ["link.nii"] and "named pipe (FIFO)" in errors["link.nii"]
+        return
+    assert sorted(errors) == ["sub-01_PD.nii", "sub-01_T2w.nii"]
+    assert "named pipe (FIFO), not a regular file" in errors["sub-01_T2w.nii"]
+    assert "a socket, not a regular file" in errors["sub-01_PD.nii"]
+
+
+def test_an_existing_path_with_glob_characters_is_literal(tmp_path: Path) -> None:
+    """`br[ack]et.nii` exists: it is the file, not a pattern matching `brat.nii` (which once indexed nothing)."""
+    shutil.copy(DATA / "anatomical.nii", tmp_path / "br[ack]et.nii")
+    shutil.copy(DATA / "functional.nii", tmp_path / "brat.nii")
+    found, failures = expand([str(tmp_path / "br[ack]et.nii")], {})
+    assert [Path(s.path).name for s in found] == ["br[ack]et.nii"] and not failures
+    found, failures = expand([str(tmp_path / "br[ack]t.nii")], {})  # not a file: still a pattern
+    assert [Path(s.path).name for s in found] == ["brat.nii"] and not failures
+
+
+@pytest.mark.parametrize("kind", ["empty_folder", "folder_without_nifti", "glob_matching_nothing",
+                                  "glob_matching_other_files"])
+def test_a_source_that_yields_nothing_says_why(tmp_path: Path, kind: str) -> None:
+    (tmp_path / "d").mkdir()
+    if kind in ("folder_without_nifti", "glob_matching_other_files"):
+        (tmp_path / "d" / "notes.txt").write_text("no images here")
+    given = str(tmp_path / "d") if "folder" in kind else str(tmp_path / "d" / ("*.nii" if kind ==
+                                                                                  "glob_matching_nothing" else "*"))
+    found, failures = expand([given], {})
+    assert not found
+    [error] = failures
+    assert isinstance(error, virtnii.SourceNotFound) and error.source == given
+    assert ("pattern matches no NIfTI files" if "glob" in kind else "folder holds no NIfTI files") in str(error)
+
+
+@pytest.mark.parametrize("url", ["s3://", "s3:///", "s3a://"])
+def test_a_url_naming_no_bucket_is_refused_clearly(url: str) -> None:
+    """`virtnii scan s3:// --anon` was a ValueError traceback from s3fs ("Cannot traverse all of S3")."""
+    found, failures = expand([url], {"anon": True})
+    assert not found
+    [error] = failures
+    assert isinstance(error, virtnii.SourceAccessError) and error.source == url and "names no bucket" in str(error)

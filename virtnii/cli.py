@@ -1,7 +1,8 @@
 """Command line: a thin shell over the Python API (``virtnii.scan``, ``virtnii.open``, the manifest index).
 
-Exit status: 0 when everything was indexed, 1 when some sources failed (the manifest still holds the good
-ones; one line per failure on stderr), 2 when nothing could be done (bad arguments, no source indexed).
+Exit status (see :data:`EXIT_STATUS`): 0 when everything was indexed, 1 when some sources failed (the manifest
+still holds the good ones; one line per failure on stderr), 2 when nothing could be done (bad arguments, no
+source indexed), 3 for an internal error (a bug: never mistaken for failed sources), 130/143 when interrupted.
 """
 
 from __future__ import annotations
@@ -9,7 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
+import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,10 +23,52 @@ from . import __version__
 from .errors import VirtniiError
 from .combine import combine
 from .export import export
-from .manifest import read_index
+from .manifest import manifest_options_for, read_index
 from .pyramid import CODECS, DEFAULT_CODEC, METHODS, build_pyramids
 from .scan import scan
 from .verified import verify
+
+#: Exit codes: distinct for each outcome a script or scheduler may act on.
+EXIT_OK, EXIT_SOURCES_FAILED, EXIT_NOTHING_DONE, EXIT_INTERNAL_ERROR = 0, 1, 2, 3
+EXIT_INTERRUPTED, EXIT_TERMINATED = 128 + signal.SIGINT, 128 + signal.SIGTERM
+#: Environment variable that makes an internal error print its traceback (as --debug does).
+DEBUG_VARIABLE = "VIRTNII_DEBUG"
+
+
+
+def exit_status(ok: str, some_failed: str) -> str:
+    """The exit-status table of a command's ``--help``: what 0 and 1 mean for it, the rest shared."""
+    return f"""\
+exit status:
+  {EXIT_OK}    {ok}
+  {EXIT_SOURCES_FAILED}    {some_failed}
+  {EXIT_NOTHING_DONE}    nothing done: bad arguments, no source indexed, or the manifest could not be written
+  {EXIT_INTERNAL_ERROR}    internal error, a bug in virtnii: please report it (--debug or {DEBUG_VARIABLE}=1 prints the traceback)
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C); {EXIT_TERMINATED} terminated (SIGTERM: timeout, schedulers): nothing written
+"""
+
+
+EXIT_STATUS = exit_status("every source was indexed (verify: is unchanged)",
+                          "some sources failed, one line each on stderr (scan: the manifest holds the others;\n"
+                          "       verify: changed or missing sources)")
+
+SCAN_EPILOG = EXIT_STATUS + """
+A manifest appears at OUT only once complete (an existing OUT is replaced only on success).
+
+examples:
+  virtnii scan /data/ds000001 -o manifests/ds000001            # a whole BIDS folder (recursive)
+  virtnii scan 's3://openneuro.org/ds000001/sub-*/anat/*.nii.gz' --anon -o manifests/ds1-anat
+  virtnii scan a.nii b.nii.gz c.hdr -o out --zarr-format 2 --format parquet
+  virtnii scan 's3://lab/raw/' -s endpoint_url=http://minio:9000 -s profile=lab -o s3://lab/manifests/raw
+"""
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C so that the same clean-up runs (no ``OUT.partial-*``)."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise _Terminated()
 
 
 def _option(text: str) -> tuple[str, Any]:
@@ -36,10 +82,10 @@ def _option(text: str) -> tuple[str, Any]:
         return key, value
 
 
-def _storage_arguments(parser: argparse.ArgumentParser) -> None:
+def _storage_arguments(parser: argparse.ArgumentParser, sources: str = "sources") -> None:
     parser.add_argument("-s", "--storage-option", dest="storage_options", metavar="KEY=VALUE", type=_option,
                         action="append", default=[],
-                        help="fsspec option for reading sources, e.g. -s anon=true or -s endpoint_url=http://… "
+                        help=f"fsspec option for reading {sources}, e.g. -s anon=true or -s endpoint_url=http://… "
                              "(never written into the manifest)")
     parser.add_argument("--anon", action="store_true", help="anonymous access to public buckets (= -s anon=true)")
     parser.add_argument("-m", "--manifest-option", dest="manifest_options", metavar="KEY=VALUE", type=_option,
@@ -54,11 +100,18 @@ def _options(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="virtnii", description="Index NIfTI files in place as virtual NIfTI-Zarr.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true",
+                        help=f"print the traceback of an internal error (or set {DEBUG_VARIABLE}=1)")
+    parser = argparse.ArgumentParser(prog="virtnii", description="Index NIfTI files in place as virtual NIfTI-Zarr.",
+                                     epilog=EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"virtnii {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    p_scan = commands.add_parser("scan", help="index NIfTI files/folders/globs into one manifest folder")
+    p_scan = commands.add_parser("scan", help="index NIfTI files/folders/globs into one manifest folder",
+                                 description="Index NIfTI files, folders (recursively) and globs, in place, into "
+                                             "one manifest folder.", parents=[common], epilog=SCAN_EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p_scan.add_argument("sources", nargs="+", metavar="SRC", help="file, folder or glob; local path or fsspec URL")
     p_scan.add_argument("-o", "--out", required=True, help="manifest folder to write (replaced if it exists)")
     p_scan.add_argument("--zarr-format", type=int, choices=(2, 3), default=3,
@@ -68,11 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     p_scan.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _storage_arguments(p_scan)
 
-    p_info = commands.add_parser("info", help="summarise a manifest: images, shapes, dtypes, bytes referenced")
+    p_info = commands.add_parser("info", help="summarise a manifest: images, shapes, dtypes, bytes referenced",
+                                 parents=[common])
     p_info.add_argument("manifest")
-    _storage_arguments(p_info)
+    _storage_arguments(p_info, sources="a remote manifest (unless -m is given)")
 
-    p_verify = commands.add_parser("verify", help="check that no source changed since it was indexed")
+    p_verify = commands.add_parser("verify", help="check that no source changed since it was indexed",
+                                   parents=[common], epilog=EXIT_STATUS,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p_verify.add_argument("manifest")
     _storage_arguments(p_verify)
 
@@ -84,8 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  virtnii pyramid manifests/ds000001\n"
                "  virtnii pyramid OUT sub-01/anat/sub-01_T1w --method gaussian --chunks 128 --shards 4\n"
                "  virtnii pyramid OUT --out s3://bucket/levels -s anon=true\n\n"
-               "exit status: 0 all built, 1 some images failed (the others are in the manifest), 2 nothing done",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+               "\n" + exit_status("every image was built (or already complete)",
+                                  "some images failed, one line each on stderr (the manifest holds the others)"),
+        parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter)
     p_pyramid.add_argument("manifest")
     p_pyramid.add_argument("images", nargs="*", metavar="IMAGE", help="image names (default: all)")
     p_pyramid.add_argument("--levels", type=int, help="levels to write (default: until the coarsest fits a chunk)")
@@ -103,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         "combine", help="merge manifests into one (images, whole datasets), nothing copied but gzip indexes",
         epilog="examples:\n  virtnii combine manifests/sub-01 manifests/sub-02 -o manifests/all\n"
                "  virtnii combine ds1 ds2 --prefix ds000001 --prefix ds000002 -o archive",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter)
     p_combine.add_argument("manifests", nargs="+", metavar="MANIFEST")
     p_combine.add_argument("-o", "--out", required=True, help="manifest folder to write (replaced if it exists)")
     p_combine.add_argument("--prefix", action="append", dest="prefixes",
@@ -117,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
         "export", help="stream one level of an image out as .nii or .nii.gz",
         epilog="examples:\n  virtnii export OUT sub-01/anat/sub-01_T1w -o t1.nii.gz\n"
                "  virtnii export OUT sub-01/anat/sub-01_T1w --level 2 -o t1_level2.nii",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter)
     p_export.add_argument("manifest")
     p_export.add_argument("image", nargs="?", help="image name (needed when the manifest holds several)")
     p_export.add_argument("--level", type=int, default=0, help="pyramid level (default: 0, the source's voxels)")
@@ -125,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_export.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _storage_arguments(p_export)
 
-    p_example = commands.add_parser("example", help="index NIfTI files shipped with nibabel and read one back")
+    p_example = commands.add_parser("example", help="index NIfTI files shipped with nibabel and read one back",
+                                    parents=[common])
     p_example.add_argument("-o", "--out", default="manifests/example", help="manifest folder (default: %(default)s)")
     return parser
 
@@ -147,11 +205,11 @@ def cmd_scan(args: argparse.Namespace) -> int:
         print(f"virtnii: error: {failure}", file=sys.stderr)
     if result.manifest is None:
         print("virtnii: nothing indexed, no manifest written", file=sys.stderr)
-        return 2
+        return EXIT_NOTHING_DONE
     total = sum(image.nbytes for image in result.images)
     print(f"indexed {len(result.images)} image(s), {_human(total)} of voxels referenced in place -> {result.manifest}"
           + (f"; {len(result.failures)} source(s) failed" if result.failures else ""))
-    return 1 if result.failures else 0
+    return EXIT_SOURCES_FAILED if result.failures else EXIT_OK
 
 
 def print_info(manifest: str, manifest_options: dict[str, Any]) -> None:
@@ -183,9 +241,10 @@ def _dims(values: tuple[int, ...]) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    _, manifest_options = _options(args)
-    print_info(args.manifest, manifest_options)
-    return 0
+    storage, manifest_options = _options(args)
+    # as virtnii.open reads it: a remote manifest with the storage options unless -m says otherwise
+    print_info(args.manifest, manifest_options_for(args.manifest, manifest_options or None, storage))
+    return EXIT_OK
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -194,7 +253,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for problem in problems:
         print(f"virtnii: error: {problem}", file=sys.stderr)
     print(f"{checked - len(problems)} of {checked} source file(s) unchanged since indexing")
-    return 1 if problems else 0
+    return EXIT_SOURCES_FAILED if problems else EXIT_OK
 
 
 def cmd_pyramid(args: argparse.Namespace) -> int:
@@ -208,8 +267,8 @@ def cmd_pyramid(args: argparse.Namespace) -> int:
     print(f"pyramid: {len(result.built)} image(s) built ({_human(written)} written), {len(result.reused)} already "
           f"complete, {len(result.failures)} failed -> {args.manifest}")
     if result.failures:
-        return 2 if not (result.built or result.reused) else 1
-    return 0
+        return EXIT_NOTHING_DONE if not (result.built or result.reused) else EXIT_SOURCES_FAILED
+    return EXIT_OK
 
 
 def cmd_combine(args: argparse.Namespace) -> int:
@@ -217,7 +276,7 @@ def cmd_combine(args: argparse.Namespace) -> int:
     index = combine(args.manifests, args.out, prefixes=args.prefixes, ref_format=args.ref_format,
                     manifest_options=options or None, out_options=options or None)
     print(f"combined {len(args.manifests)} manifest(s): {len(index.images)} image(s) -> {args.out}")
-    return 0
+    return EXIT_OK
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -228,7 +287,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         export(args.manifest, args.out, args.image, level=args.level, manifest_options=manifest_options or None,
                progress=bar.update, **storage)
     print(f"exported {args.image or 'the image'} level {args.level} -> {args.out}")
-    return 0
+    return EXIT_OK
 
 
 def cmd_example(args: argparse.Namespace) -> int:
@@ -244,7 +303,7 @@ def cmd_example(args: argparse.Namespace) -> int:
     for failure in result.failures:
         print(f"virtnii: error: {failure}", file=sys.stderr)
     if result.manifest is None:
-        return 2
+        return EXIT_NOTHING_DONE
     print_info(args.out, {})
     group = open_manifest(args.out)
     for image in result.images:
@@ -254,27 +313,44 @@ def cmd_example(args: argparse.Namespace) -> int:
         print(f"read back {image.name}: {ours.shape} {ours.get_data_dtype()} voxels equal nibabel's: {same}; "
               f"affine equal: {np.allclose(ours.affine, theirs.affine)}")
         if not same:
-            return 1
-    return 1 if result.failures else 0
+            return EXIT_SOURCES_FAILED
+    return EXIT_SOURCES_FAILED if result.failures else EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; every outcome is an exit code and at most a few lines on stderr, never a traceback
+    (unless --debug or VIRTNII_DEBUG asks for one of an internal error)."""
     args = build_parser().parse_args(argv)
     handler = {"scan": cmd_scan, "info": cmd_info, "verify": cmd_verify, "pyramid": cmd_pyramid,
                "combine": cmd_combine, "export": cmd_export, "example": cmd_example}[args.command]
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    written = f": {args.out} was left as it was (a manifest is put in place only once complete)" \
+        if args.command in ("scan", "example") else ""
     try:
         return handler(args)
     except VirtniiError as err:
         print(f"virtnii: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_NOTHING_DONE
+    except _Terminated:
+        print(f"virtnii: terminated{written}", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
-        print("virtnii: interrupted" + ("; the manifest may be incomplete: run the scan again"
-                                        if args.command == "scan" else ""), file=sys.stderr)
-        return 130
+        print(f"virtnii: interrupted{written}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # `virtnii info OUT | head`: the reader has what it wanted
         # Python flushes stdout again at exit, into the closed pipe: point it at /dev/null first
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+        return EXIT_OK
+    except Exception as err:  # a bug: exit 3, so that it is never taken for "some sources failed" (1)
+        if args.debug or os.environ.get(DEBUG_VARIABLE):
+            traceback.print_exc()
+        print(f"virtnii: internal error: {type(err).__name__}: {err} -- a bug in virtnii, please report it "
+              f"(run with --debug or {DEBUG_VARIABLE}=1 for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -94,5 +94,13 @@ def from_os_error(source: str, err: Exception, doing: str) -> VirtniiError:
             return SourceAccessError(source, f"permission denied (HTTP {status})")
         return SourceAccessError(source, f"cannot {doing}: {err.__cause__}")
     if isinstance(err, PermissionError):
-        return SourceAccessError(source, f"permission denied ({err})")
-    return SourceAccessError(source, f"cannot {doing}: {err}")
+        return SourceAccessError(source, f"permission denied ({_without_path(err)})")
+    return SourceAccessError(source, f"cannot {doing}: {_without_path(err)}")
+
+
+def _without_path(err: Exception) -> str:
+    """An OS error's text without the path it names: the message already starts with the source, and a long path
+    printed twice made a line no one reads (``[Errno 36] File name too long: '/…'`` → ``File name too long``)."""
+    if isinstance(err, OSError) and err.strerror and err.filename is not None:
+        return err.strerror
+    return str(err)

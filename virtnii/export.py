@@ -20,6 +20,7 @@ import numpy as np
 from isal import igzip
 
 from . import slabs
+from .entry import ImageEntry
 from .errors import ManifestError, storage_errors
 from .manifest import manifest_options_for, read_index
 from .reader import header_classes, open as open_manifest
@@ -58,7 +59,7 @@ def export(manifest: str, out: str, image: str | None = None, *, level: int = 0,
     group = open_manifest(manifest, manifest_options, **storage_options)[image]
     array = group[str(level)]
     raw = np.asarray(group["nifti"][:]).tobytes()
-    header_bytes, dtype = _header(raw, entry.nifti_version, level, array.shape, entry, entry.data is not None)
+    header_bytes, dtype = _header(f"{manifest}/{image}", raw, entry.nifti_version, level, array.shape, entry)
     fs, path = fsspec.core.url_to_fs(out, **(out_options or {}))
     staged = f"{path}.partial-{uuid.uuid4().hex[:8]}" if getattr(fs, "local_file", False) else path
     try:
@@ -85,13 +86,13 @@ def export(manifest: str, out: str, image: str | None = None, *, level: int = 0,
     return out
 
 
-def _header(raw: bytes, version: int, level: int, zarr_shape: tuple[int, ...], entry: Any,
-            is_pair: bool) -> tuple[bytes, np.dtype]:
+def _header(manifest_image: str, raw: bytes, version: int, level: int, zarr_shape: tuple[int, ...],
+            entry: ImageEntry) -> tuple[bytes, np.dtype]:
     """The bytes before the voxels, and the voxels' dtype in the file (the header's byte order)."""
-    header_class, _ = header_classes(raw)
+    header_class, _ = header_classes(manifest_image, raw)
     stored = header_class.from_fileobj(io.BytesIO(raw), check=False)
     dtype = stored.get_data_dtype()
-    if level == 0 and not is_pair:
+    if level == 0 and entry.data is None:
         return raw, dtype  # the source's own header and extensions, byte for byte
     single = (nib.Nifti2Header if version == 2 else nib.Nifti1Header).from_header(stored)
     single.extensions[:] = stored.extensions[:]

@@ -24,8 +24,13 @@ from .errors import InvalidNifti, UnsupportedNifti, VirtniiError
 HEAD_BYTES = 16 * 1024
 
 _SIZES = {348: (1, nib.Nifti1Header), 540: (2, nib.Nifti2Header)}
-_SINGLE_MAGICS = {b"n+1", b"n+2"}
-_PAIR_MAGICS = {b"ni1", b"ni2"}
+#: The 4-byte magic field per (header size, is pair): nibabel refuses any other (``n+1A``, ``n+2`` in a 348-byte
+#: header); where it sits: 344 in NIfTI-1, 4 in NIfTI-2.
+MAGICS = {(348, False): b"n+1\0", (348, True): b"ni1\0", (540, False): b"n+2\0", (540, True): b"ni2\0"}
+_MAGIC_AT = {348: 344, 540: 4}
+#: NIfTI-2's eol_check bytes (after the magic): as written, or all zero (unset); nibabel refuses anything else,
+#: the sign of a file that went through a text-mode transfer.
+_EOL_CHECKS = (b"\r\n\x1a\n", b"\0\0\0\0")
 _ZARR_KINDS = "biufc"  # numpy kinds zarr can hold as plain arrays (plus the RGB structured types below)
 #: First three dims that nibabel's ``get_data_shape`` reinterprets (FreeSurfer's ico7 surface); its other hack,
 #: ``-1`` in dim[1] for long vectors, is rejected here with every non-positive dim.
@@ -33,6 +38,12 @@ _FREESURFER_SHAPES = {(27307, 1, 6)}
 #: Where ``vox_offset`` sits in each header, as (struct format, byte offset): float32 at 108 in NIfTI-1, int64 at
 #: 168 in NIfTI-2.  Read for every file before parsing, to know how many bytes the header and extensions take.
 _VOX_OFFSET = {348: ("f", 108), 540: ("q", 168)}
+#: Most bytes deflate can inflate one compressed byte to (each 258-byte match costs at least two bits); any gzip
+#: stream stays below it, so ``size * MAX_INFLATE_RATIO`` bounds what a ``.nii.gz`` of ``size`` bytes can hold.
+MAX_INFLATE_RATIO = 1032
+#: Most bytes a header with its extensions may take: a corrupt vox_offset or extension size must not make the scan
+#: read (or inflate) gigabytes.
+MAX_HEADER_BYTES = 64 * 2**20
 #: numpy dtype per (header size, byte order, datatype code), filled as codes are met.
 _DTYPES: dict[tuple[int, str, int], np.dtype] = {}
 
@@ -67,8 +78,12 @@ class NiftiHeader:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
-def _sizeof_hdr(url: str, head: bytes) -> tuple[int, str]:
-    """Header size and byte order, from the first four bytes; clear errors for the common non-NIfTI cases."""
+def header_size(url: str, head: bytes) -> tuple[int, str]:
+    """Header size and byte order, from the first four bytes; clear errors for the common non-NIfTI cases.
+
+    A NIfTI-1 header whose ``sizeof_hdr`` is corrupt but whose magic is intact is still one, as for nibabel
+    (which fixes the field): its byte order is then the one that makes ``dim[0]`` 1 to 7.
+    """
     if len(head) == 0:
         raise InvalidNifti(url, "empty file")
     if len(head) < 4:
@@ -77,6 +92,8 @@ def _sizeof_hdr(url: str, head: bytes) -> tuple[int, str]:
         (size,) = struct.unpack(order + "i", head[:4])
         if size in _SIZES:
             return size, order
+    if head[344:348] in (MAGICS[348, False], MAGICS[348, True]):
+        return 348, "<" if 1 <= struct.unpack_from("<h", head, 40)[0] <= 7 else ">"
     start = head[:256].lstrip().lower()
     if start.startswith((b"<!doctype", b"<html", b"<?xml", b"<")):
         raise InvalidNifti(url, "is an HTML/XML document, not NIfTI (wrong URL, or an error/login page?)")
@@ -88,16 +105,54 @@ def _sizeof_hdr(url: str, head: bytes) -> tuple[int, str]:
 def header_extent(url: str, head: bytes, is_pair: bool, file_size: int) -> int:
     """How many leading bytes hold the header and its extensions (what :func:`parse` needs).
 
-    Single files: up to ``vox_offset`` (or 352 when it is unset); ``.hdr`` files: the whole file.
+    Single files: up to ``vox_offset`` (or 352 when it is unset); ``.hdr`` files: the whole file; at most
+    :data:`MAX_HEADER_BYTES` either way.
     """
-    size, order = _sizeof_hdr(url, head)
+    size, order = header_size(url, head)
     if is_pair:
+        if file_size > MAX_HEADER_BYTES:
+            raise InvalidNifti(url, f"a .hdr of {file_size} bytes: more than the {MAX_HEADER_BYTES >> 20} MiB virtnii "
+                                    "reads for a header and its extensions")
         return file_size
     if len(head) < size:
         raise InvalidNifti(url, f"truncated header: {len(head)} bytes, NIfTI-{_SIZES[size][0]} needs {size}")
     kind, offset = _VOX_OFFSET[size]
     (vox_offset,) = struct.unpack_from(order + kind, head, offset)
-    return max(_vox_offset(url, vox_offset), size + 4)
+    extent = max(_vox_offset(url, vox_offset), size + 4)
+    if MAX_HEADER_BYTES < extent <= file_size:  # past the file's end, the data size check says it better
+        raise InvalidNifti(url, f"header and extensions of {extent} bytes (vox_offset): more than the "
+                                f"{MAX_HEADER_BYTES >> 20} MiB virtnii reads for a header; is vox_offset corrupt?")
+    return extent
+
+
+def _extension_problem(raw: bytes, size: int, order: str, vox_offset: float, is_pair: bool) -> str | None:
+    """Why nibabel's reader would refuse the extensions after a header, or None.
+
+    nibabel reads extensions (when the first flag byte is set) while at least 16 bytes remain before
+    ``vox_offset``, each ``esize`` bytes long: at least 8 (its esize and ecode), or the read fails.  One that runs
+    past ``vox_offset`` (or a ``vox_offset`` of 0) makes it read on into the voxels as if they were extensions, to
+    the end of the file, which fails unless they happen to chain to it exactly: refused here in any case.  A
+    ``.hdr`` holds extensions up to its end, exactly.
+    """
+    flag = raw[size:size + 4]
+    position = size + 4
+    if len(flag) < 4 or flag[0] == 0:
+        return None
+    remaining = math.inf if is_pair else vox_offset - position
+    if remaining < 0:  # vox_offset unset (0): nibabel would read "extensions" to the end of the file
+        return "the extension flag is set but vox_offset is 0: where the extensions end is unknown"
+    while remaining >= 16 and not (is_pair and position == len(raw)):
+        if position + 8 > len(raw):
+            return f"truncated extension at byte {position}: the header ends at {len(raw)}"
+        (esize,) = struct.unpack_from(order + "i", raw, position)
+        if esize < 8:
+            return f"extension at byte {position} has size {esize} (an extension takes at least 8 bytes)"
+        if position + esize > len(raw) or esize > remaining:
+            where = "the end of the .hdr" if is_pair else f"vox_offset {vox_offset:g}, into the voxel data"
+            return f"extension at byte {position} of {esize} bytes runs past {where}"
+        position += esize
+        remaining -= esize
+    return None
 
 
 def _vox_offset(url: str, value: float) -> int:
@@ -130,7 +185,7 @@ def parse_many(urls: Sequence[str], raws: Sequence[bytes],
     groups: dict[tuple[int, str], list[int]] = {}
     for i, (url, raw, _) in enumerate(zip(urls, raws, is_pair, strict=True)):
         try:
-            size, order = _sizeof_hdr(url, raw)
+            size, order = header_size(url, raw)
             if len(raw) < size:
                 raise InvalidNifti(url, f"truncated header: {len(raw)} bytes, NIfTI-{_SIZES[size][0]} needs {size}")
         except VirtniiError as err:
@@ -152,18 +207,27 @@ def parse_many(urls: Sequence[str], raws: Sequence[bytes],
 
 
 def _from_fields(url: str, raw: bytes, is_pair: bool, size: int, order: str, fields: dict[str, Any]) -> NiftiHeader:
-    """Check one decoded header and build its :class:`NiftiHeader`."""
+    """Check one decoded header and build its :class:`NiftiHeader`.
+
+    Besides what the references need, everything nibabel refuses when it loads a file is refused here, so that
+    a scanned image always opens with :func:`virtnii.to_nibabel` (which builds nibabel's header from the same
+    bytes): magic, NIfTI-2's eol_check, a vox_offset inside the header, the extension chain, an intercept that
+    cannot scale, a qform that is no rotation.
+    """
     version = _SIZES[size][0]
+    fields["sizeof_hdr"] = size  # nibabel fixes a corrupt one (see header_size)
     dim = fields["dim"]
     # nibabel guesses byte order from dim[0] (1..7), so an out-of-range dim[0] would read as a byte-swapped header
     ndim = dim[0]
     if not 1 <= ndim <= 7:
         raise InvalidNifti(url, f"invalid dimensions: dim[0] is {ndim}, a NIfTI image has 1 to 7")
-    magic = raw[344:347] if version == 1 else raw[4:7]
-    expected = _PAIR_MAGICS if is_pair else _SINGLE_MAGICS
-    if magic not in expected:
+    magic, expected = raw[_MAGIC_AT[size]:_MAGIC_AT[size] + 4], MAGICS[size, is_pair]
+    if magic != expected:
         kind = "a .hdr/.img pair" if is_pair else "a single-file .nii"
-        raise InvalidNifti(url, f"wrong magic {magic!r} for {kind} (expected {' or '.join(map(repr, sorted(expected)))})")
+        raise InvalidNifti(url, f"wrong magic {magic!r} for {kind} of NIfTI-{version} (expected {expected!r})")
+    if version == 2 and raw[8:12] not in _EOL_CHECKS:
+        raise InvalidNifti(url, f"eol_check bytes {raw[8:12]!r} are neither {_EOL_CHECKS[0]!r} nor unset: the file "
+                                "was altered (a text-mode transfer?)")
     shape = tuple(dim[1:1 + ndim])
     if any(d <= 0 for d in shape):
         raise InvalidNifti(url, f"invalid dimensions {list(shape)}: every dim must be a positive integer")
@@ -173,11 +237,62 @@ def _from_fields(url: str, raw: bytes, is_pair: bool, size: int, order: str, fie
         raise UnsupportedNifti(url, f"{len(shape)}-D data {shape}: NIfTI-Zarr holds at most 5 axes (t, c, z, y, x)")
     dtype = _zarr_dtype(url, size, order, fields["datatype"], raw)
     data_offset = _vox_offset(url, fields["vox_offset"])
-    if not is_pair and data_offset == 0:  # unset: the voxels follow the header (nibabel 5.4 reads from byte 0)
+    if not is_pair and fields["vox_offset"] == 0:  # unset: the voxels follow the header (nibabel 5.4 reads from 0)
         data_offset = size + 4
-    elif not is_pair and data_offset < size + 4:
-        raise InvalidNifti(url, f"vox offset {data_offset} points inside the header (a .nii needs at least {size + 4})")
+    elif not is_pair and data_offset < size + 4:  # a denormal is not 0: nibabel refuses it too
+        raise InvalidNifti(url, f"vox offset {fields['vox_offset']!r} points inside the header (a .nii needs at "
+                                f"least {size + 4})")
+    problem = _extension_problem(raw, size, order, fields["vox_offset"], is_pair)
+    if problem:
+        raise InvalidNifti(url, problem)
+    _check_scaling(url, fields)
+    _check_qform(url, fields, version)
     return NiftiHeader(version, raw, fields, shape[:5], dtype, data_offset, is_pair)
+
+
+def _check_scaling(url: str, fields: dict[str, Any]) -> None:
+    """A slope that scales (finite, not 0) with an intercept that cannot (NaN, inf): nibabel refuses to load it."""
+    slope, inter = fields["scl_slope"], fields["scl_inter"]
+    if slope != 0 and math.isfinite(slope) and not math.isfinite(inter):
+        raise InvalidNifti(url, f"scl_slope {slope} with scl_inter {inter}: the voxels cannot be scaled")
+
+
+#: qform/sform codes nibabel accepts; it sets any other to 0 ("unknown") when it loads a header.
+_XFORM_CODES = frozenset(nib.nifti1.xform_codes.value_set())
+
+
+def _check_qform(url: str, fields: dict[str, Any], version: int) -> None:
+    """A qform that is the image's affine (no valid sform) but whose quaternion has no real part: b² + c² + d²
+    over 1 beyond rounding.  nibabel cannot build the affine, so it cannot load the image either."""
+    if fields["sform_code"] in _XFORM_CODES and fields["sform_code"] != 0:
+        return
+    if fields["qform_code"] not in _XFORM_CODES or fields["qform_code"] == 0:
+        return
+    bcd = [fields["quatern_b"], fields["quatern_c"], fields["quatern_d"]]
+    if sum(q * q for q in bcd) <= 1:
+        return
+    try:
+        nib.quaternions.fillpositive(np.array(bcd, dtype=np.float64 if version == 2 else np.float32),
+                                     _SIZES[540 if version == 2 else 348][1].quaternion_threshold)
+    except ValueError as err:
+        raise InvalidNifti(url, f"qform quaternion {bcd} is not a rotation ({err})") from err
+
+
+def check_data_size(url: str, header: NiftiHeader, size: int, *, compressed: bool = False) -> None:
+    """Refuse a header promising more voxel bytes than the data file at ``url`` holds: ``size`` bytes, or for
+    gzip data (``compressed``) the most ``size`` compressed bytes can inflate to.
+
+    Called before anything is planned or allocated from the header's dims, so that a 63-byte ``.nii.gz`` claiming
+    32767³ int64 voxels is one clear error in microseconds, not a chunk table exhausting memory.
+    """
+    end = header.data_offset + header.nbytes
+    if not compressed and end > size:
+        raise InvalidNifti(url, f"data truncated: the header promises {header.nbytes} bytes of voxels at offset "
+                                f"{header.data_offset} (ending at {end}) but the data holds only {size} bytes")
+    if compressed and end > size * MAX_INFLATE_RATIO:
+        raise InvalidNifti(url, f"data truncated: the header promises {header.nbytes} bytes of voxels at offset "
+                                f"{header.data_offset} (ending at {end}) but {size} bytes of gzip data inflate to at "
+                                f"most {size * MAX_INFLATE_RATIO} (deflate's limit is {MAX_INFLATE_RATIO}:1)")
 
 
 def _zarr_dtype(url: str, size: int, order: str, code: int, raw: bytes) -> np.dtype:

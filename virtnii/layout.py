@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import UnsupportedNifti
+
 #: Axis names in NIfTI file order (fastest first).
 FILE_AXES = ("x", "y", "z", "t", "c")
 #: For each axis of a NIfTI-Zarr array of rank 3, 4 or 5 (``[[t,] [c,] z, y, x]``), its position in FILE_AXES.
@@ -22,6 +24,15 @@ ZARR_TO_FILE = {3: (2, 1, 0), 4: (3, 2, 1, 0), 5: (3, 4, 2, 1, 0)}
 
 TARGET_CHUNK_BYTES = 4 * 2**20
 MAX_CHUNK_BYTES = 16 * 2**20
+#: Most chunks one image may have: 2**20 (1,048,576), i.e. 4 TiB at the 4 MiB target, far past the largest NIfTI
+#: files known (DANDI's ex vivo MRIs, ~5 GB: ~1,200 chunks), with references of ~100 MB of JSON.  Without it, dims
+#: with no divisor near the target (a large prime) or a header claiming absurd dims would make a chunk table of
+#: millions to trillions of entries, exhausting memory before any other check could speak.
+MAX_CHUNKS = 2**20
+#: Byte offsets are int64 everywhere (numpy, kerchunk, zarr): a data block must end before this.
+MAX_OFFSET = 2**63 - 1
+#: Trial divisors tested per numpy call in :func:`best_divisor` (bounds its memory, not its result).
+_DIVISOR_BLOCK = 2**16
 
 
 @dataclass(frozen=True)
@@ -108,20 +119,42 @@ def best_divisor(n: int, unit_bytes: int, target: int, limit: int) -> int:
     """Divisor ``k`` of ``n`` whose slab ``k * unit_bytes`` is closest to ``target`` (log scale), within ``limit``.
 
     Divisors only, because uncompressed chunks must be full-sized: a partial edge chunk would reference bytes
-    beyond the data block.  Falls back to 1 when even one unit exceeds ``limit``.
+    beyond the data block.  Falls back to 1 when even one unit exceeds ``limit``.  Only divisors up to ``limit //
+    unit_bytes`` can fit, so at most that many (and at most √n) are tried, a numpy block at a time: bounded time and
+    memory whatever a header claims (a NIfTI-2 dim of 2**62 meant 2**31 trial divisions in a Python loop).
     """
-    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
-    candidates = sorted(set(small + [n // d for d in small]))
-    fitting = [k for k in candidates if k * unit_bytes <= limit] or [1]
+    most = limit // unit_bytes
+    if most < 2 or n == 1:
+        return 1
+    top = min(math.isqrt(n), most)
+    small: list[int] = []
+    for start in range(1, top + 1, _DIVISOR_BLOCK):
+        trial = np.arange(start, min(start + _DIVISOR_BLOCK, top + 1), dtype=np.int64)
+        small.extend(trial[np.int64(n) % trial == 0].tolist())
+    fitting = sorted({k for d in small for k in (d, n // d) if k <= most})
     return min(fitting, key=lambda k: abs(math.log2(k * unit_bytes / target)))
 
 
 def plan(nifti_shape: tuple[int, ...], itemsize: int, data_offset: int,
-         target: int = TARGET_CHUNK_BYTES, limit: int = MAX_CHUNK_BYTES) -> Layout:
-    """Layout of a NIfTI data block at ``data_offset``: see :func:`_chunking` for how chunks are chosen."""
+         target: int = TARGET_CHUNK_BYTES, limit: int = MAX_CHUNK_BYTES, *, source: str = "<NIfTI data>") -> Layout:
+    """Layout of a NIfTI data block at ``data_offset``: see :func:`_chunking` for how chunks are chosen.
+
+    Raises :class:`~virtnii.errors.UnsupportedNifti` naming ``source`` when the block cannot be addressed with
+    int64 offsets or would need more than :data:`MAX_CHUNKS` chunks, before any chunk table is built.
+    """
     file_shape = tuple(int(n) for n in nifti_shape[:5]) + (1,) * (5 - min(len(nifti_shape), 5))
-    return Layout(file_shape, _chunking(file_shape, itemsize, target, limit), itemsize, int(data_offset),
-                  zarr_ndim(nifti_shape))
+    end = int(data_offset) + math.prod(file_shape) * itemsize
+    if end > MAX_OFFSET:
+        raise UnsupportedNifti(source, f"{math.prod(file_shape) * itemsize} bytes of voxels at offset {data_offset} "
+                                       "cannot be addressed (byte offsets are 64-bit)")
+    layout = Layout(file_shape, _chunking(file_shape, itemsize, target, limit), itemsize, int(data_offset),
+                    zarr_ndim(nifti_shape))
+    count = math.prod(layout.chunk_grid())
+    if count > MAX_CHUNKS:
+        raise UnsupportedNifti(source, f"dims {list(nifti_shape)} would need {count} chunks of {layout.chunk_nbytes} "
+                                       f"bytes (no dim has a divisor giving chunks near {target} bytes); virtnii "
+                                       f"indexes at most {MAX_CHUNKS} chunks per image")
+    return layout
 
 
 @functools.lru_cache(maxsize=1024)

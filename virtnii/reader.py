@@ -17,17 +17,23 @@ import zarr
 from nibabel.arrayproxy import ArrayProxy
 from fsspec.implementations.reference import ReferenceFileSystem, ReferenceNotReachable
 from nibabel.fileslice import canonical_slicers
+from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError, HeaderTypeError
 from zarr.storage import FsspecStore
 
 from .errors import InvalidNifti, ManifestError, VirtniiError, is_missing, storage_errors
+from .header import MAGICS, header_size
 from .layout import ZARR_TO_FILE
 from .manifest import manifest_options_for, read_index
 from .verified import VerifiedFileSystem
 
+#: nibabel's header and image classes by 4-byte magic, as :data:`virtnii.header.MAGICS` names them.
 _IMAGE_CLASSES = {
-    b"n+1": (nib.Nifti1Header, nib.Nifti1Image), b"ni1": (nib.nifti1.Nifti1PairHeader, nib.Nifti1Pair),
-    b"n+2": (nib.Nifti2Header, nib.Nifti2Image), b"ni2": (nib.nifti2.Nifti2PairHeader, nib.Nifti2Pair),
+    MAGICS[348, False]: (nib.Nifti1Header, nib.Nifti1Image), MAGICS[348, True]: (nib.nifti1.Nifti1PairHeader, nib.Nifti1Pair),
+    MAGICS[540, False]: (nib.Nifti2Header, nib.Nifti2Image), MAGICS[540, True]: (nib.nifti2.Nifti2PairHeader, nib.Nifti2Pair),
 }
+#: What nibabel raises for a header it will not load (ValueError: e.g. a quaternion that is no rotation).
+_NIBABEL_REFUSALS = (HeaderDataError, HeaderTypeError, ImageFileError, ValueError)
 
 
 def reference_options(manifest: str, manifest_options: dict[str, Any] | None = None,
@@ -157,25 +163,38 @@ def _ascending(index: slice, length: int) -> slice:
     return slice(picked[-1], picked[0] + 1, -index.step) if picked else slice(0, 0)
 
 
-def header_classes(raw: bytes) -> tuple[type[nib.Nifti1Header], type[nib.Nifti1Image]]:
-    """nibabel's header and image classes for a raw header, by its magic (KeyError: not NIfTI)."""
-    magic = raw[344:347] if len(raw) >= 348 and raw[:4] in (b"\x5c\x01\x00\x00", b"\x00\x00\x01\x5c") else raw[4:7]
+def header_classes(source: str, raw: bytes) -> tuple[type[nib.Nifti1Header], type[nib.Nifti1Image]]:
+    """nibabel's header and image classes for the raw header a ``nifti`` array holds, by its size and magic."""
+    try:
+        size, _ = header_size(source, raw)
+    except InvalidNifti as err:
+        raise InvalidNifti(source, f"the nifti array holds no NIfTI header ({err.problem})") from err
+    magic = raw[344:348] if size == 348 else raw[4:8]
+    if magic not in _IMAGE_CLASSES:
+        raise InvalidNifti(source, f"the nifti array holds no NIfTI header (magic {magic!r})")
     return _IMAGE_CLASSES[magic]
 
 
 def to_nibabel(group: zarr.Group) -> nib.Nifti1Image:
     """A nibabel image over a NIfTI-Zarr image group, reading voxels lazily through zarr.
 
-    The header (so the affine and scl_slope/inter) is the group's binary ``nifti`` array; ``img.dataobj`` is a
-    proxy: ``np.asarray(img.dataobj)`` is scaled like nibabel's, ``img.dataobj.get_unscaled()`` raw.
+    The header (so the affine and scl_slope/inter) is the group's binary ``nifti`` array, read by nibabel as
+    ``nib.load`` reads a file's (same checks and fixes, affine from the header); ``img.dataobj`` is a proxy:
+    ``np.asarray(img.dataobj)`` is scaled like nibabel's, ``img.dataobj.get_unscaled()`` raw.  A header nibabel
+    refuses is an :class:`~virtnii.errors.InvalidNifti` (a scan refuses those; a manifest written otherwise may
+    hold one).
     """
+    source = str(group.store_path)
     if "nifti" not in group or "0" not in group:
-        raise ManifestError(str(group.store_path), "not a NIfTI-Zarr image group (needs arrays 'nifti' and '0')")
+        raise ManifestError(source, "not a NIfTI-Zarr image group (needs arrays 'nifti' and '0')")
     raw = np.asarray(group["nifti"][:]).tobytes()
+    header_class, image_class = header_classes(source, raw)
     try:
-        header_class, image_class = header_classes(raw)
-    except KeyError as err:
-        raise InvalidNifti(str(group.store_path), f"the nifti array holds no NIfTI header (magic {err})") from None
-    header = header_class.from_fileobj(io.BytesIO(raw), check=True)
-    proxy = ZarrArrayProxy(group["0"], header)
-    return image_class(proxy, header.get_best_affine(), header)
+        header = header_class.from_fileobj(io.BytesIO(raw), check=True)
+        # as nibabel's own from_file_map: no affine given (one given is written back into the header's qform,
+        # which fails for affines a header can hold, e.g. with NaN), then the header's best affine set
+        image = image_class(ZarrArrayProxy(group["0"], header.copy()), None, header)
+        image._affine = header.get_best_affine()
+    except _NIBABEL_REFUSALS as err:
+        raise InvalidNifti(source, f"nibabel refuses the header: {err}") from err
+    return image

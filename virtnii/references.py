@@ -12,12 +12,14 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 import numpy as np
 import zarr
 from zarr.codecs import BytesCodec
+from zarr.errors import UnstableSpecificationWarning
 from zarr.storage import MemoryStore
 
 from . import jnifti, ome
@@ -61,8 +63,12 @@ def _array_template(dtype: np.dtype, zarr_format: int) -> tuple[tuple[str, str],
     if zarr_format == 3 and not dtype.fields:
         kwargs["serializer"] = BytesCodec(endian="big" if dtype.byteorder == ">" else "little")
     fill = np.zeros((), dtype=dtype)[()]
-    zarr.create_array(store=store, shape=(1,), chunks=(1,), dtype=dtype, compressors=None, fill_value=fill,
-                      zarr_format=zarr_format, **kwargs)
+    with warnings.catch_warnings():
+        # RGB voxels are structured dtypes, as NIfTI-Zarr specifies; zarr warns (once per process, on every scan
+        # of an RGB file) that Zarr v3 itself has no spec for those yet, which no user of a scan can act on
+        warnings.simplefilter("ignore", UnstableSpecificationWarning)
+        zarr.create_array(store=store, shape=(1,), chunks=(1,), dtype=dtype, compressors=None, fill_value=fill,
+                          zarr_format=zarr_format, **kwargs)
     return tuple((key, store._store_dict[key].to_bytes().decode()) for key in store._store_dict)
 
 
@@ -115,7 +121,8 @@ def image_refs(name: str, header: NiftiHeader, url: str, zarr_format: int, data_
     ``url`` is the file holding the voxels: the ``.nii`` itself, the ``.img`` of a pair, or a ``gzidx://`` URL
     serving a gzip file's uncompressed bytes.
     """
-    layout = plan(header.shape, header.dtype.itemsize, header.data_offset if data_offset is None else data_offset)
+    layout = plan(header.shape, header.dtype.itemsize, header.data_offset if data_offset is None else data_offset,
+                  source=url)
     names = layout.axes
     fields = header.fields
     docs = group_docs(name, ome.multiscales(name.rsplit("/", 1)[-1], names, fields, [[1] * len(names)],

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from . import fingerprint, gzindex
 from .entry import ImageEntry
 from .errors import InvalidGzip, InvalidNifti, ManifestError, VirtniiError, from_os_error, storage_errors
-from .header import HEAD_BYTES, NiftiHeader, header_extent, parse, parse_many
+from .header import HEAD_BYTES, MAX_HEADER_BYTES, NiftiHeader, check_data_size, header_extent, parse, parse_many
 from .manifest import REF_FILES, ManifestWriter
 from .references import ZARR_FORMATS, ImageRefs, image_refs
 from .sources import CONCURRENT_READS, Source, assign_names, expand, is_local
@@ -35,9 +35,6 @@ HEADER_BATCH = 512
 #: Compressed bytes read first from a ``.nii.gz``: its header, and the start of the index pass (which reuses
 #: them), so a file this small costs one request in all.
 GZIP_FIRST_READ = 2**20
-#: Most bytes inflated for a gzipped header with its extensions: a corrupt vox_offset must not inflate gigabytes
-#: (in each of the workers below).
-GZIP_MAX_HEADER = 64 * 2**20
 #: ``.nii.gz`` files indexed at once from remote storage: each pass is mostly waiting (a request per piece), and
 #: inflating runs outside the GIL.  Locally, one per core.
 GZIP_REMOTE_WORKERS = 16
@@ -76,6 +73,8 @@ def scan(sources: Iterable[str] | str, out: str, *, zarr_format: int = 3, ref_fo
     progress
         Show a progress bar on stderr.
     """
+    if not str(out).strip():
+        raise ManifestError(repr(out), "is not a manifest folder name (give the folder to write, e.g. -o OUT)")
     if zarr_format not in ZARR_FORMATS:
         raise ManifestError(out, f"zarr_format must be 2 or 3, not {zarr_format!r}")
     if ref_format not in REF_FILES:
@@ -119,8 +118,8 @@ def scan(sources: Iterable[str] | str, out: str, *, zarr_format: int = 3, ref_fo
             gz_bar.update(consumed)
 
         with ThreadPoolExecutor(max_workers=_gzip_workers(gzipped)) as pool:
-            jobs = {pool.submit(index_gzip_source, s, writer, zarr_format, advance): s for s in gzipped}
-            try:
+            try:  # from the first submission: an interrupt while submitting must stop the passes already running
+                jobs = {pool.submit(index_gzip_source, s, writer, zarr_format, advance): s for s in gzipped}
                 for job in as_completed(jobs):
                     try:
                         outcome = job.result()
@@ -190,15 +189,15 @@ def _read_local(path: str, end: int) -> bytes | OSError:
 
 
 def read_plain_headers(sources: list[Source]) -> list[bytes | VirtniiError]:
-    """Raw headers of uncompressed sources, one concurrent ranged read per file (a second for big extensions)."""
+    """Raw headers of uncompressed sources, one concurrent ranged read per file (a second for big extensions or a
+    ``.hdr`` over :data:`~virtnii.header.HEAD_BYTES`)."""
     outcomes: list[Any] = [None] * len(sources)
     by_fs: dict[int, list[int]] = {}
     for i, s in enumerate(sources):
         by_fs.setdefault(id(s.fs), []).append(i)
     for members in by_fs.values():
         fs = sources[members[0]].fs
-        wants = [sources[i].info["size"] if sources[i].is_pair else min(sources[i].info["size"], HEAD_BYTES)
-                 for i in members]
+        wants = [min(sources[i].info["size"], HEAD_BYTES) for i in members]
         heads = _fetch_ranges(fs, [sources[i].path for i in members], wants)
         retry = []
         for i, want, head in zip(members, wants, heads):
@@ -238,18 +237,11 @@ def _plain_images(sources: list[Source], heads: list[bytes | VirtniiError],
 def _plain_image(source: Source, header: NiftiHeader,
                  zarr_format: int) -> tuple[ImageRefs, ImageEntry] | VirtniiError:
     try:
-        _check_data_size(source.data_url, header, int(source.data_info["size"]))
+        check_data_size(source.data_url, header, int(source.data_info["size"]))
         refs = image_refs(source.name, header, source.data_url, zarr_format)
     except VirtniiError as err:
         return err
     return refs, _entry(source, header, refs)
-
-
-def _check_data_size(url: str, header: NiftiHeader, size: int) -> None:
-    end = header.data_offset + header.nbytes
-    if end > size:
-        raise InvalidNifti(url, f"data truncated: the header promises {header.nbytes} bytes of voxels at offset "
-                                f"{header.data_offset} (ending at {end}) but the data holds only {size} bytes")
 
 
 # ------------------------------------------------------------------------------------------------------- gzip
@@ -270,13 +262,13 @@ def gunzip_head(fs: fsspec.AbstractFileSystem, path: str, url: str, size: int,
         if len(compressed) < step:
             compressed = _read_gzip_start(fs, path, url, step)
         try:
-            head = _gunzip_members(compressed, limit)
+            head, cut = _gunzip_members(compressed, limit)
         except zlib.error as err:
             raise InvalidGzip(url, f"corrupt gzip data at the start of the file: {err}") from err
-        wanted = need(head)
-        if wanted > GZIP_MAX_HEADER:
-            raise InvalidNifti(url, f"header and extensions of {wanted} bytes (vox_offset): more than the "
-                                    f"{GZIP_MAX_HEADER >> 20} MiB virtnii reads for a header; is vox_offset corrupt?")
+        if cut and step == size:  # said before the header is judged: its bytes are missing, not wrong
+            raise InvalidGzip(url, f"truncated: the gzip stream stops at byte {size} before its end (after "
+                                   f"{len(head)} decompressed bytes); the file is incomplete")
+        wanted = need(head)  # at most MAX_HEADER_BYTES (header_extent refuses more)
         if len(head) >= wanted:
             return compressed, head[:wanted]
         if len(head) >= limit:  # more of these bytes to inflate
@@ -300,16 +292,17 @@ def _read_gzip_start(fs: fsspec.AbstractFileSystem, path: str, url: str, end: in
     return compressed
 
 
-def _gunzip_members(data: bytes, limit: int) -> bytes:
-    """Up to ``limit`` bytes inflated from ``data``, across gzip members (a header may span several)."""
+def _gunzip_members(data: bytes, limit: int) -> tuple[bytes, bool]:
+    """Up to ``limit`` bytes inflated from ``data``, across gzip members (a header may span several), and whether
+    ``data`` ended inside a member before ``limit`` was reached."""
     out = bytearray()
     while data and len(out) < limit:
         member = zlib.decompressobj(wbits=31)
         out += member.decompress(data, limit - len(out))
         if not member.eof:
-            break
+            return bytes(out), len(out) < limit
         data = member.unused_data
-    return bytes(out)
+    return bytes(out), False
 
 
 def index_gzip_source(source: Source, writer: ManifestWriter, zarr_format: int,
@@ -320,13 +313,15 @@ def index_gzip_source(source: Source, writer: ManifestWriter, zarr_format: int,
     """
     fs, url = source.fs, source.url
     if source.is_pair:
-        _, raw = gunzip_head(fs, source.path, url, source.info["size"], lambda head: GZIP_MAX_HEADER)
+        _, raw = gunzip_head(fs, source.path, url, source.info["size"], lambda head: MAX_HEADER_BYTES)
         prefix = b""  # the voxels are in the .img.gz
     else:
         prefix, raw = gunzip_head(fs, source.path, url, source.info["size"],
                                   lambda head: header_extent(url, head, False, 2**62))
     header = parse(url, raw, source.is_pair)
-    layout_refs = image_refs(source.name, header, "", zarr_format)
+    check_data_size(source.data_url, header, int(source.data_info["size"]), compressed=True)
+    # planned against the source URL (errors name it); the gzidx:// URL replaces it once the index is written
+    layout_refs = image_refs(source.name, header, source.data_url, zarr_format)
     offsets = layout_refs.offsets.tolist()
     done = [0]
 
@@ -336,7 +331,7 @@ def index_gzip_source(source: Source, writer: ManifestWriter, zarr_format: int,
 
     index = gzindex.build_index(source.data_url, offsets, fs=source.fs, prefix=prefix,
                                 known=fingerprint.from_info(source.data_info), progress=progress)
-    _check_data_size(source.data_url, header, index.uncompressed_size)
+    check_data_size(source.data_url, header, index.uncompressed_size)
     folder, _, base = source.name.rpartition("/")
     relative = f"{GZIP_INDEX_FOLDER}/{folder}".rstrip("/")
     with writer.writing():

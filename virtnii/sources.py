@@ -12,6 +12,7 @@ import functools
 import os
 import posixpath
 import re
+import stat
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -24,6 +25,10 @@ from .errors import InvalidNifti, SourceAccessError, SourceNotFound, VirtniiErro
 #: File names the scanner picks up in folders; ``.img``/``.img.gz`` are found through their ``.hdr``.
 NIFTI_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".hdr.gz")
 _GLOB = re.compile(r"[*?\[]")
+#: What local paths that are not regular files are, for the error that reports them: opening a FIFO for reading
+#: blocks until something writes to it (a scan hung forever), and devices and sockets hold no NIfTI file.
+_SPECIAL_FILES = {stat.S_IFIFO: "a named pipe (FIFO)", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+                  stat.S_IFBLK: "a block device"}
 
 
 @dataclass
@@ -98,15 +103,23 @@ def _expand_one(src: str, options: dict[str, Any], found: dict[str, Source], fai
         return
     if getattr(fs, "local_file", False):
         path = posixpath.normpath(path)  # d/../d/a.nii and d/a.nii are one source
+    elif not path.strip("/"):
+        failures.append(SourceAccessError(src, "names no bucket or folder: a whole storage service cannot be "
+                                               "listed (give e.g. s3://BUCKET/PREFIX)"))
+        return
+    reported = len(failures)
     try:
-        listing, base = _list(fs, path, src, failures)
+        listing, base, pattern = _list(fs, path, src, failures)
     except VirtniiError as err:
         failures.append(err)
         return
-    for p in sorted(listing):
-        if p.lower().endswith(NIFTI_SUFFIXES):
-            source = Source(fs, p, listing[p], base=base)
-            found.setdefault(source.url, source)
+    names = [p for p in sorted(listing) if p.lower().endswith(NIFTI_SUFFIXES)]
+    for p in names:
+        source = Source(fs, p, listing[p], base=base)
+        found.setdefault(source.url, source)
+    if not names and len(failures) == reported:  # "nothing indexed" must always say why
+        where = "the pattern matches" if pattern else "the folder holds"
+        failures.append(SourceNotFound(src, f"{where} no NIfTI files ({', '.join(NIFTI_SUFFIXES)})"))
 
 
 def _no_size(url: str) -> SourceAccessError:
@@ -138,29 +151,37 @@ def with_s3_pool(url: str, options: dict[str, Any]) -> dict[str, Any]:
 
 
 def _list(fs: fsspec.AbstractFileSystem, path: str, src: str,
-          failures: list[VirtniiError]) -> tuple[dict[str, dict[str, Any]], str]:
-    """``({path: info}, base folder)`` for a file, a folder (recursive) or a glob.
+          failures: list[VirtniiError]) -> tuple[dict[str, dict[str, Any]], str, bool]:
+    """``({path: info}, base folder, whether src was a pattern)`` for a file, a folder (recursive) or a glob.
 
     The base folder is what group names are made relative to: the folder itself, the glob's fixed leading
-    folder, or a file's parent.  Local files and sub-folders that cannot be listed are added to ``failures``.
+    folder, or a file's parent.  A path that exists is taken literally even if it holds glob characters
+    (``br[ack]et.nii``).  Local files and sub-folders that cannot be listed are added to ``failures``.
     """
     try:
-        if _GLOB.search(path) and not _is_http(fs):  # a URL's "?" starts a query; web servers cannot be listed
+        if _GLOB.search(path) and not _is_http(fs) and not fs.exists(path):  # a URL's "?" starts a query
             base = posixpath.dirname(_GLOB.split(path, 1)[0])
             matches = {p: i for p, i in fs.glob(path, detail=True).items() if i.get("type") != "directory"}
             if is_local(fs):  # fingerprints as fs.info() gives them (see _stat_local)
                 infos = {p: _stat_local(p, fs, failures) for p in matches if p.lower().endswith(NIFTI_SUFFIXES)}
                 matches = {p: info for p, info in infos.items() if info is not None}
-            return matches, base
+            return matches, base, True
         info = fs.info(path)
         if info.get("type") == "directory":
             listing = _walk_local(path, fs, failures) if is_local(fs) else fs.find(path, detail=True)
-            return listing, path.rstrip("/")
+            return listing, path.rstrip("/"), False
     except storage_errors() as err:
         raise from_os_error(src, err, "list") from err
+    except ValueError as err:  # what fsspec backends raise for paths they cannot list (s3fs: "all of S3")
+        raise SourceAccessError(src, f"cannot list: {err}") from err
     if not path.lower().endswith(NIFTI_SUFFIXES):
         raise InvalidNifti(src, f"not a NIfTI file name (expected one of {', '.join(NIFTI_SUFFIXES)})")
-    return {path: info}, posixpath.dirname(path)
+    if is_local(fs):
+        local = _stat_local(path, fs, failures)
+        return ({path: local} if local is not None else {}), posixpath.dirname(path), False
+    if info.get("type", "file") != "file":
+        raise SourceAccessError(src, f"is not a regular file (the storage says {info['type']!r})")
+    return {path: info}, posixpath.dirname(path), False
 
 
 def _is_http(fs: fsspec.AbstractFileSystem) -> bool:
@@ -207,11 +228,11 @@ def _walk_local(folder: str, fs: LocalFileSystem, failures: list[VirtniiError]) 
 
 
 def _stat_local(path: str, fs: LocalFileSystem, failures: list[VirtniiError]) -> dict[str, Any] | None:
-    """Listing info of a local file, or None with the reason added to ``failures``.
+    """Listing info of a local regular file (or link to one), or None with the reason added to ``failures``.
 
     ``stat`` follows links, so sizes and mtimes are the target's, as ``fs.info`` gives them when a reader checks
     the fingerprint (fsspec's own ``find`` and ``glob`` give a link's own mtime: every linked source looked
-    changed).
+    changed).  FIFOs, sockets and devices are reported, never opened.
     """
     try:
         st = os.stat(path)
@@ -225,6 +246,11 @@ def _stat_local(path: str, fs: LocalFileSystem, failures: list[VirtniiError]) ->
         return None
     except OSError as err:  # a link to itself (ELOOP), a folder that cannot be entered (EACCES), ...
         failures.append(from_os_error(fs.unstrip_protocol(path), err, "stat"))
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        kind = _SPECIAL_FILES.get(stat.S_IFMT(st.st_mode), "a special file")
+        failures.append(SourceAccessError(fs.unstrip_protocol(path), f"is {kind}, not a regular file: only regular "
+                                                                     "files (and links to them) are indexed"))
         return None
     return {"name": path, "size": st.st_size, "type": "file", "mtime": st.st_mtime}
 
