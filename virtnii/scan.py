@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import fingerprint, gzindex
 from .errors import InvalidGzip, InvalidNifti, ManifestError, VirtniiError, from_os_error, storage_errors
-from .header import HEAD_BYTES, NiftiHeader, header_extent, parse, parse_many
+from .header import HEAD_BYTES, NiftiHeader, header_extent, parse, parse_many, without_extensions
 from .manifest import REF_FILES, ManifestWriter
 from .references import ZARR_FORMATS, ImageRefs, image_refs
 from .sources import CONCURRENT_READS, Source, assign_names, expand, is_local
@@ -53,7 +53,8 @@ class ScanResult:
 
 def scan(sources: Iterable[str] | str, out: str, *, zarr_format: int = 3, ref_format: str = "json",
          storage_options: dict[str, Any] | None = None, manifest_options: dict[str, Any] | None = None,
-         progress: bool = False) -> ScanResult:
+         progress: bool = False, content_hash: bool = False, extensions: bool = True,
+         write_url_secrets: bool = False) -> ScanResult:
     """Index NIfTI ``sources`` in place and write one manifest folder at ``out``.
 
     Parameters
@@ -74,6 +75,15 @@ def scan(sources: Iterable[str] | str, out: str, *, zarr_format: int = 3, ref_fo
         Options for writing ``out`` when it is remote (default: none).
     progress
         Show a progress bar on stderr.
+    content_hash
+        Record each source's SHA-256 in its fingerprint, for ``virtnii verify --content``: costs reading every
+        ``.nii``/``.img`` whole (``.nii.gz`` files are read whole anyway, to index them).
+    extensions
+        Keep header extensions in the ``nifti`` arrays (default); ``False`` drops them (they may carry
+        identifying text) and clears the extension flag.
+    write_url_secrets
+        Index URLs whose query holds credentials (presigned URLs), which then appear in the manifest; refused
+        by default.
     """
     if zarr_format not in ZARR_FORMATS:
         raise ManifestError(out, f"zarr_format must be 2 or 3, not {zarr_format!r}")
@@ -89,7 +99,7 @@ def scan(sources: Iterable[str] | str, out: str, *, zarr_format: int = 3, ref_fo
             listing.set_postfix_str(f"{count} NIfTI files", refresh=False)
             listing.update(1)
 
-        found, failures = expand(sources, options, listed)
+        found, failures = expand(sources, options, listed, write_url_secrets=write_url_secrets)
     assign_names(found)
     images: list[ImageRefs] = []
     entries: list[dict[str, Any]] = []
@@ -107,7 +117,10 @@ def scan(sources: Iterable[str] | str, out: str, *, zarr_format: int = 3, ref_fo
                 heads = pending.pop().result()
                 if k + 1 < len(batches):
                     pending.append(prefetch.submit(read_plain_headers, batches[k + 1]))
-                for source, outcome in zip(batch, _plain_images(batch, heads, zarr_format)):
+                outcomes = _plain_images(batch, heads, zarr_format, extensions)
+                if content_hash:
+                    _record_hashes(batch, outcomes, _gzip_workers(batch))
+                for source, outcome in zip(batch, outcomes):
                     _collect(source, outcome, images, entries, failures, bar)
         stop = threading.Event()
 
@@ -118,7 +131,8 @@ def scan(sources: Iterable[str] | str, out: str, *, zarr_format: int = 3, ref_fo
             gz_bar.update(consumed)
 
         with ThreadPoolExecutor(max_workers=_gzip_workers(gzipped)) as pool:
-            jobs = {pool.submit(index_gzip_source, s, writer, zarr_format, advance): s for s in gzipped}
+            jobs = {pool.submit(index_gzip_source, s, writer, zarr_format, advance, extensions=extensions,
+                                content_hash=content_hash): s for s in gzipped}
             try:
                 for job in as_completed(jobs):
                     try:
@@ -223,25 +237,48 @@ def read_plain_headers(sources: list[Source]) -> list[bytes | VirtniiError]:
     return outcomes
 
 
-def _plain_images(sources: list[Source], heads: list[bytes | VirtniiError],
-                  zarr_format: int) -> list[tuple[ImageRefs, dict[str, Any]] | VirtniiError]:
+def _plain_images(sources: list[Source], heads: list[bytes | VirtniiError], zarr_format: int,
+                  extensions: bool = True) -> list[tuple[ImageRefs, dict[str, Any]] | VirtniiError]:
     """Headers (parsed together), references and index entries of a batch of uncompressed sources."""
     outcomes: list[Any] = list(heads)
     read = [i for i, head in enumerate(heads) if not isinstance(head, VirtniiError)]
     headers = parse_many([sources[i].url for i in read], [heads[i] for i in read], [sources[i].is_pair for i in read])
     for i, header in zip(read, headers):
-        outcomes[i] = header if isinstance(header, VirtniiError) else _plain_image(sources[i], header, zarr_format)
+        outcomes[i] = (header if isinstance(header, VirtniiError)
+                       else _plain_image(sources[i], header, zarr_format, extensions))
     return outcomes
 
 
-def _plain_image(source: Source, header: NiftiHeader,
-                 zarr_format: int) -> tuple[ImageRefs, dict[str, Any]] | VirtniiError:
+def _plain_image(source: Source, header: NiftiHeader, zarr_format: int,
+                 extensions: bool = True) -> tuple[ImageRefs, dict[str, Any]] | VirtniiError:
     try:
         _check_data_size(source.data_url, header, int(source.data_info["size"]))
-        refs = image_refs(source.name, header, source.data_url, zarr_format)
+        refs = image_refs(source.name, header if extensions else without_extensions(header), source.data_url,
+                          zarr_format)
     except VirtniiError as err:
         return err
     return refs, _entry(source, header, refs)
+
+
+def _record_hashes(sources: list[Source], outcomes: list[Any], workers: int) -> None:
+    """Add the content hash of each indexed source (and of a pair's data file) to its entry's fingerprints, in
+    place; a source that cannot be hashed becomes its error.  Files are hashed concurrently, streamed."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        jobs = {}
+        for i, (source, outcome) in enumerate(zip(sources, outcomes)):
+            if isinstance(outcome, VirtniiError):
+                continue
+            files = [(source.path, source.url, source.info), (source.data_path, source.data_url, source.data_info)]
+            jobs[i] = [pool.submit(fingerprint.content_hash, source.fs, path, url, int(info["size"]))
+                       for path, url, info in files[:2 if source.is_pair else 1]]
+        for i, futures in jobs.items():
+            try:
+                digests = [future.result() for future in futures]
+            except VirtniiError as err:
+                outcomes[i] = err
+                continue
+            for key, digest in zip(("fingerprint", "data_fingerprint"), digests):
+                outcomes[i][1][key][fingerprint.CONTENT_HASH] = digest
 
 
 def _check_data_size(url: str, header: NiftiHeader, size: int) -> None:
@@ -312,10 +349,12 @@ def _gunzip_members(data: bytes, limit: int) -> bytes:
 
 
 def index_gzip_source(source: Source, writer: ManifestWriter, zarr_format: int,
-                      advance: Callable[[int], Any] = lambda n: None) -> tuple[ImageRefs, dict[str, Any]]:
+                      advance: Callable[[int], Any] = lambda n: None, *, extensions: bool = True,
+                      content_hash: bool = False) -> tuple[ImageRefs, dict[str, Any]]:
     """Header, seek-point index and references of a ``.nii.gz`` (or gzipped pair), indexed in place.
 
-    ``advance(n)`` is told of every ``n`` more compressed bytes indexed (a progress bar's ``update``).
+    ``advance(n)`` is told of every ``n`` more compressed bytes indexed (a progress bar's ``update``).  The data
+    file's fingerprint is the index's: with the gzip trailer, and the content hash if asked for.
     """
     fs, url = source.fs, source.url
     if source.is_pair:
@@ -325,7 +364,7 @@ def index_gzip_source(source: Source, writer: ManifestWriter, zarr_format: int,
         prefix, raw = gunzip_head(fs, source.path, url, source.info["size"],
                                   lambda head: header_extent(url, head, False, 2**62))
     header = parse(url, raw, source.is_pair)
-    layout_refs = image_refs(source.name, header, "", zarr_format)
+    layout_refs = image_refs(source.name, header if extensions else without_extensions(header), "", zarr_format)
     offsets = layout_refs.offsets.tolist()
     done = [0]
 
@@ -334,7 +373,8 @@ def index_gzip_source(source: Source, writer: ManifestWriter, zarr_format: int,
         done[0] = consumed
 
     index = gzindex.build_index(source.data_url, offsets, fs=source.fs, prefix=prefix,
-                                known=fingerprint.from_info(source.data_info), progress=progress)
+                                known=fingerprint.from_info(source.data_info), progress=progress,
+                                content_hash=content_hash)
     _check_data_size(source.data_url, header, index.uncompressed_size)
     folder, _, base = source.name.rpartition("/")
     relative = f"{GZIP_INDEX_FOLDER}/{folder}".rstrip("/")
@@ -343,6 +383,10 @@ def index_gzip_source(source: Source, writer: ManifestWriter, zarr_format: int,
     descriptor = f"{relative}/{written}"
     layout_refs.url = f"gzidx://{descriptor}"
     entry = _entry(source, header, layout_refs)
+    entry["data_fingerprint" if source.is_pair else "fingerprint"] = index.fingerprint
+    if content_hash and source.is_pair:
+        entry["fingerprint"][fingerprint.CONTENT_HASH] = fingerprint.content_hash(fs, source.path, url,
+                                                                                int(source.info["size"]))
     entry["gzip_index"] = descriptor
     entry["uncompressed_size"] = index.uncompressed_size
     return layout_refs, entry

@@ -11,13 +11,14 @@ bytes asked for.
 from __future__ import annotations
 
 import asyncio
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import fsspec
 from fsspec.asyn import AsyncFileSystem
 
-from . import fingerprint
+from . import fingerprint, integrity
 from .errors import ManifestError, SourceAccessError, StaleSource, VirtniiError, from_os_error, storage_errors
 from .manifest import manifest_options_for, read_index
 
@@ -107,15 +108,21 @@ class VerifiedFileSystem(AsyncFileSystem):
         return await call(self.fs, "info", path, **kwargs)
 
 
-def verify(manifest: str, manifest_options: dict[str, Any] | None = None,
+def verify(manifest: str, manifest_options: dict[str, Any] | None = None, *, content: bool = False,
            **storage_options: Any) -> tuple[int, list[VirtniiError]]:
-    """Check every source of a manifest against its scan-time fingerprint now, not at first read.
+    """Check a manifest's own files and every source against its scan-time fingerprint now, not at first read.
 
-    Returns ``(number of files checked, problems)``: one :class:`~virtnii.errors.StaleSource`,
-    ``SourceNotFound`` or ``SourceAccessError`` per source that would fail to read.  Stats run concurrently
-    (object stores answer each in one round trip).
+    Returns ``(number of source files checked, problems)``: a :class:`~virtnii.errors.ManifestError` per
+    damaged or missing references file, image or gzip sidecar (:func:`virtnii.integrity.check_manifest`), then
+    one :class:`~virtnii.errors.StaleSource`, ``SourceNotFound`` or ``SourceAccessError`` per source that would
+    fail to read.  Gzip trailers are compared for remote sources too (one 8-byte read each).  ``content``:
+    also compare each source's bytes (:func:`virtnii.integrity.check_content`: reads every file whole).
+    Stats run concurrently (object stores answer each in one round trip); content checks one per core
+    locally, 16 at a time remotely, each streamed.
     """
-    index = read_index(manifest, manifest_options_for(manifest, manifest_options, storage_options))
+    options = manifest_options_for(manifest, manifest_options, storage_options)
+    index = read_index(manifest, options)
+    problems = integrity.check_manifest(manifest, index, options)
     checks = [(image[url_key], image[fp_key]) for image in index["images"]
               for url_key, fp_key in (("source", "fingerprint"), ("data", "data_fingerprint")) if url_key in image]
 
@@ -123,11 +130,15 @@ def verify(manifest: str, manifest_options: dict[str, Any] | None = None,
         url, recorded = item
         try:
             fs, path = fsspec.core.url_to_fs(url, **storage_options)
-            fingerprint.check(fs, path, url, recorded)
+            fingerprint.check(fs, path, url, recorded, trailer=True)
+            if content:
+                integrity.check_content(fs, path, url, recorded)
         except VirtniiError as err:
             return err
         return None
 
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        problems = [problem for problem in pool.map(check, checks) if problem is not None]
+    local = all((fsspec.core.split_protocol(url)[0] or "file") in ("file", "local") for url, _ in checks)
+    workers = (os.cpu_count() or 2) if content and local else 16
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        problems += [problem for problem in pool.map(check, checks) if problem is not None]
     return len(checks), problems
