@@ -91,7 +91,7 @@ def stat(fs: fsspec.AbstractFileSystem, path: str, url: str) -> Fingerprint:
 
 def ensure_unchanged(url: str, recorded: Fingerprint, current: Fingerprint) -> None:
     """Raise :class:`StaleSource` when ``current`` differs from what was ``recorded`` at indexing time."""
-    for key in ("size", "etag", "mtime"):
+    for key in ("size", "etag", "mtime", GZIP_TRAILER):
         if key in recorded and key in current and recorded[key] != current[key]:
             raise StaleSource(
                 url,
