@@ -18,7 +18,6 @@ import zarr
 import virtnii
 from conftest import LocalHTTP
 from virtnii.cli import main
-from virtnii.errors import redact
 
 DATA = Path(nib.__file__).parent / "tests" / "data"
 
@@ -181,6 +180,8 @@ PRESIGNED = ("?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIAVIRTNIITEST
 
 
 def test_redact_hides_secret_query_values_and_passwords() -> None:
+    from virtnii.errors import redact
+
     text = redact(f"https://h/x.nii{PRESIGNED} and https://u:hunter2@h/y.nii and ?sig=abc&se=2026&token=t")
     assert "f00dface" not in text and "AKIAVIRTNIITEST" not in text and "hunter2" not in text
     assert "sig=REDACTED&se=2026&token=REDACTED" in text and "X-Amz-Expires=3600" in text
