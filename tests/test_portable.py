@@ -29,6 +29,7 @@ def test_portable_when_no_zlib_loads_through_ctypes(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(gzindex, "_zlib_ng", lambda: None)
     monkeypatch.setattr(gzindex, "_system_zlib", lambda: None)
     monkeypatch.setattr(gzindex, "_CTYPES_TRIED", False)
+    monkeypatch.setattr(gzindex, "_CTYPES_ZLIB", None)  # restored afterwards, with what was loaded
     assert gzindex.inflater().startswith("portable")
     index = gzindex.build_index(str(DATA / "example4d.nii.gz"), [1000, 200_000])
     plain = gzip.decompress((DATA / "example4d.nii.gz").read_bytes())
