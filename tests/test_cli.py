@@ -190,7 +190,7 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path: Path) -> None:
     child = f"""
 import importlib, sys, time
 import virtnii.cli
-def waiting(source, writer, zarr_format, advance):
+def waiting(source, writer, zarr_format, advance, **options):
     print("indexing", flush=True)
     while True:
         advance(0)

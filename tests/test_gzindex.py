@@ -1,4 +1,8 @@
-"""Seek-point indexes: built in one pass, exact on real files, every bit offset, multi-member, GZIDX compatible."""
+"""Seek-point indexes: built in one pass, exact on real files, every bit offset, multi-member, GZIDX compatible.
+
+Every test runs twice: with zlib's inflate through ctypes, and with the portable path forced (indexed_gzip's seek
+points, Python's zlib for the checks, ISA-L for decoding), which is what runs where no zlib loads through ctypes.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +28,12 @@ REAL_FILES = sorted(
      *(SITE / "nilearn" / "datasets" / "data").glob("mni_icbm152_*.nii.gz"),
      *(p for p in (SITE / "dipy" / "data" / "files").glob("*.nii.gz") if p.stat().st_size < 500_000)],
     key=lambda p: p.name)
+
+
+@pytest.fixture(autouse=True, params=["auto", "portable"])
+def inflater(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv(gzindex.INFLATER_VARIABLE, request.param)
+    return request.param
 
 
 def _mri_like(n: int, seed: int = 0) -> bytes:
@@ -106,7 +116,7 @@ def test_stored_blocks_at_unaligned_points(tmp_path: Path) -> None:
     _check_reads(index, raw, plain, [0, *offsets, len(plain)])
 
 
-def test_stops_fetch_only_the_span_needed(tmp_path: Path) -> None:
+def test_stops_fetch_only_the_span_needed(tmp_path: Path, inflater: str) -> None:
     plain = _mri_like(4 << 20)
     path = tmp_path / "span.gz"
     path.write_bytes(gzip.compress(plain))
@@ -114,7 +124,8 @@ def test_stops_fetch_only_the_span_needed(tmp_path: Path) -> None:
     offsets = list(range(0, len(plain), 1 << 20))
     index = gzindex.build_index(str(path), offsets)
     spans = [index.span(a, b) for a, b in zip(offsets, [*offsets[1:], len(plain)])]
-    assert sum(s.cmp_end - s.cmp_start for s in spans) < len(raw) * 1.1
+    # exact stops from our own pass; indexed_gzip's points lie up to its spacing (a quarter chunk) either side
+    assert sum(s.cmp_end - s.cmp_start for s in spans) < len(raw) * (1.1 if inflater == "auto" else 1.6)
     for s, (a, b) in zip(spans, zip(offsets, [*offsets[1:], len(plain)])):
         assert index.decode(s, raw[s.cmp_start:s.cmp_end], a, b) == plain[a:b]
 

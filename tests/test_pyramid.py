@@ -380,3 +380,14 @@ def test_peak_memory_does_not_grow_with_the_number_of_slices(tmp_path: Path) -> 
     assert growth[1024] < 1.5 * growth[256], growth
     # 96 MB more voxels streamed cost less than a quarter of that (a whole-volume read costs all of it)
     assert growth[1024] - growth[256] < 96 * 2**20 / 4, growth
+
+
+def test_verify_checks_pyramid_levels(tmp_path: Path) -> None:
+    virtnii.scan([str(REAL["anatomical"])], str(tmp_path / "m"))
+    entry = build_pyramids(str(tmp_path / "m"), chunks=8).images[0]
+    assert virtnii.verify(str(tmp_path / "m")) == (1, [])
+    store = tmp_path / "m" / entry.pyramid.store
+    victim = next(p for p in (store / "2").rglob("*") if p.is_file() and p.name != "zarr.json")
+    victim.unlink()
+    [problem] = virtnii.verify(str(tmp_path / "m"))[1]
+    assert isinstance(problem, virtnii.ManifestError) and f"holds no 2/{victim.relative_to(store / '2')}" in str(problem)

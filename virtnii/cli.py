@@ -19,9 +19,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import __version__
-from .errors import VirtniiError
+from . import __version__, gzindex
 from .combine import combine
+from .errors import ManifestError, VirtniiError, redact
 from .export import export
 from .manifest import manifest_options_for, read_index
 from .pyramid import CODECS, DEFAULT_CODEC, METHODS, build_pyramids
@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"print the traceback of an internal error (or set {DEBUG_VARIABLE}=1)")
     parser = argparse.ArgumentParser(prog="virtnii", description="Index NIfTI files in place as virtual NIfTI-Zarr.",
                                      epilog=EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"virtnii {__version__}")
+    parser.add_argument("--version", action="version",
+                        version=f"virtnii {__version__} (gzip inflater: {gzindex.inflater()})")
     commands = parser.add_subparsers(dest="command", required=True)
 
     p_scan = commands.add_parser("scan", help="index NIfTI files/folders/globs into one manifest folder",
@@ -119,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_scan.add_argument("--format", dest="ref_format", choices=("json", "parquet"), default="json",
                         help="reference file format (parquet needs --zarr-format 2)")
     p_scan.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p_scan.add_argument("--content-hash", action="store_true",
+                        help="record each source's SHA-256, for `virtnii verify --content` (reads every .nii whole)")
+    p_scan.add_argument("--no-extensions", dest="extensions", action="store_false",
+                        help="leave header extensions (which may carry identifying text) out of the manifest")
+    p_scan.add_argument("--write-url-secrets", action="store_true",
+                        help="index URLs whose query holds credentials (presigned URLs), writing them into the "
+                             "manifest; refused otherwise")
     _storage_arguments(p_scan)
 
     p_info = commands.add_parser("info", help="summarise a manifest: images, shapes, dtypes, bytes referenced",
@@ -126,10 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_info.add_argument("manifest")
     _storage_arguments(p_info, sources="a remote manifest (unless -m is given)")
 
-    p_verify = commands.add_parser("verify", help="check that no source changed since it was indexed",
-                                   parents=[common], epilog=EXIT_STATUS,
+    p_verify = commands.add_parser("verify", help="check the manifest's files, and that no source changed since "
+                                                  "it was indexed", parents=[common], epilog=EXIT_STATUS,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     p_verify.add_argument("manifest")
+    p_verify.add_argument("--content", action="store_true",
+                          help="also compare every source's bytes (reads them whole): SHA-256 where the scan "
+                               "recorded one, a full inflate of .nii.gz otherwise")
     _storage_arguments(p_verify)
 
     p_pyramid = commands.add_parser(
@@ -200,7 +211,9 @@ def _human(nbytes: float) -> str:
 def cmd_scan(args: argparse.Namespace) -> int:
     storage, manifest_options = _options(args)
     result = scan(args.sources, args.out, zarr_format=args.zarr_format, ref_format=args.ref_format,
-                  storage_options=storage, manifest_options=manifest_options, progress=not args.quiet)
+                  storage_options=storage, manifest_options=manifest_options, progress=not args.quiet,
+                  content_hash=args.content_hash, extensions=args.extensions,
+                  write_url_secrets=args.write_url_secrets)
     for failure in result.failures:
         print(f"virtnii: error: {failure}", file=sys.stderr)
     if result.manifest is None:
@@ -222,7 +235,7 @@ def print_info(manifest: str, manifest_options: dict[str, Any]) -> None:
         dtype = image.dtype if isinstance(image.dtype, str) else "rgb" + str(8 * len(image.dtype))
         gz = " (gzip index)" if image.gzip_index else ""
         print(f"  {image.name:<{width}}  {image.axes:<5} {_dims(image.shape):<22} {dtype:<10} "
-              f"{_dims(image.chunks):<22} {_human(image.nbytes):>10}  {image.source}{gz}")
+              f"{_dims(image.chunks):<22} {_human(image.nbytes):>10}  {redact(image.source)}{gz}")
         if image.pyramid:
             pyramid = image.pyramid
             for level in pyramid.levels:
@@ -249,10 +262,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     storage, manifest_options = _options(args)
-    checked, problems = verify(args.manifest, manifest_options or None, **storage)
+    checked, problems = verify(args.manifest, manifest_options or None, content=args.content, **storage)
     for problem in problems:
         print(f"virtnii: error: {problem}", file=sys.stderr)
-    print(f"{checked - len(problems)} of {checked} source file(s) unchanged since indexing")
+    damaged = sum(isinstance(problem, ManifestError) for problem in problems)
+    print(f"{checked - len(problems) + damaged} of {checked} source file(s) unchanged since indexing"
+          + (" (content compared)" if args.content else "")
+          + (f"; {damaged} problem(s) with the manifest itself" if damaged else ""))
     return EXIT_SOURCES_FAILED if problems else EXIT_OK
 
 

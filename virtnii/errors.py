@@ -8,15 +8,44 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
+import urllib.parse
+
+#: Words that mark a URL query parameter as a secret when they make up its name or a ``-``/``_``/``.``-separated
+#: part of it: presigned S3 (``X-Amz-Signature``, ``X-Amz-Credential``, ``X-Amz-Security-Token``) and GCS
+#: (``X-Goog-Signature``) URLs, Azure SAS (``sig``), CloudFront (``Signature``), and API tokens and keys.
+SECRET_WORDS = frozenset({"sig", "signature", "token", "secret", "password", "passwd", "pwd", "credential",
+                          "credentials", "key", "apikey", "auth", "authorization"})
+_QUERY_ITEM = re.compile(r"(?P<lead>[?&;])(?P<name>[^=&;#?\s'\"<>]+)=(?P<value>[^&;#\s'\"<>]*)")
+_USERINFO = re.compile(r"(?P<lead>[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@'\"<>]*):[^/\s@'\"<>]*@")
+REDACTED = "REDACTED"
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether a URL query parameter named ``name`` carries a secret (see :data:`SECRET_WORDS`)."""
+    lowered = urllib.parse.unquote(name).lower()
+    return lowered in SECRET_WORDS or any(part in SECRET_WORDS for part in re.split(r"[-_.]", lowered))
+
+
+def redact(text: str) -> str:
+    """``text`` with every URL secret replaced by ``REDACTED``: values of secret query parameters and the password
+    of ``user:password@``.
+
+    Applied to every :class:`VirtniiError`, whose messages quote URLs, sometimes inside a storage library's own
+    error text: a presigned URL's signature is as good as the credentials that made it until it expires.
+    """
+    text = _USERINFO.sub(rf"\g<lead>:{REDACTED}@", text)
+    return _QUERY_ITEM.sub(lambda m: f"{m['lead']}{m['name']}={REDACTED}" if is_secret_name(m["name"]) else m[0],
+                           text)
 
 
 class VirtniiError(Exception):
-    """Base of all virtnii errors: ``str(err)`` is ``"<source>: <problem>"``."""
+    """Base of all virtnii errors: ``str(err)`` is ``"<source>: <problem>"``, with URL secrets redacted."""
 
     def __init__(self, source: str, problem: str) -> None:
-        self.source = source
-        self.problem = problem
-        super().__init__(f"{source}: {problem}")
+        self.source = redact(str(source))
+        self.problem = redact(str(problem))
+        super().__init__(f"{self.source}: {self.problem}")
 
     def __reduce__(self):  # keep pickling (Dask, multiprocessing) working with two arguments
         return (type(self), (self.source, self.problem))

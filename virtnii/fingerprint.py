@@ -3,6 +3,12 @@
 References are byte offsets into a file that virtnii does not own: if the file is replaced, the offsets point at
 other bytes and a reader would get wrong voxels silently. Every manifest therefore records each source's size
 plus its ETag (object stores, HTTP) or mtime (POSIX-like filesystems), and readers compare before trusting it.
+
+Size and mtime miss a file rewritten in place with its mtime restored (``cp -p``, ``rsync -t``, ``os.utime``).
+Where it is cheap the fingerprint says more: a gzip file's last 8 bytes (its last member's CRC-32 and length,
+:data:`GZIP_TRAILER`) change with its content and cost one 8-byte read to compare.  Content hashes
+(:data:`CONTENT_HASH`, recorded by ``virtnii scan --content-hash``) are compared only by ``virtnii verify
+--content``: they cost reading the whole file.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import datetime as _dt
+import hashlib
 import json
 import threading
 import time
@@ -20,6 +27,12 @@ import fsspec
 from .errors import SourceNotFound, StaleSource, from_os_error, storage_errors
 
 Fingerprint = dict[str, Any]
+
+#: Fingerprint key of a gzip file's last 8 bytes, as 16 hex digits: the CRC-32 and length (mod 2**32) of its last
+#: member's content, which zlib checked when the file was indexed.
+GZIP_TRAILER = "gzip_trailer"
+#: Fingerprint key of the SHA-256 of the file's bytes (hex), when the scan was asked for content hashes.
+CONTENT_HASH = "sha256"
 
 
 def _mtime(info: dict[str, Any]) -> float | None:
@@ -78,7 +91,7 @@ def stat(fs: fsspec.AbstractFileSystem, path: str, url: str) -> Fingerprint:
 
 def ensure_unchanged(url: str, recorded: Fingerprint, current: Fingerprint) -> None:
     """Raise :class:`StaleSource` when ``current`` differs from what was ``recorded`` at indexing time."""
-    for key in ("size", "etag", "mtime"):
+    for key in ("size", "etag", "mtime", GZIP_TRAILER):
         if key in recorded and key in current and recorded[key] != current[key]:
             raise StaleSource(
                 url,
@@ -147,12 +160,52 @@ def _checks() -> concurrent.futures.ThreadPoolExecutor:
         return _CHECKS
 
 
-def check(fs: fsspec.AbstractFileSystem, path: str, url: str, recorded: Fingerprint) -> None:
+def check(fs: fsspec.AbstractFileSystem, path: str, url: str, recorded: Fingerprint, *,
+          trailer: bool | None = None) -> None:
     """Stat ``path`` now and raise unless it still matches what was ``recorded`` at indexing time.
 
+    A recorded gzip trailer is compared too when ``trailer`` is true, or (``None``) when the file is local,
+    where reading it costs microseconds; remote ones are compared by ``virtnii verify``, not before every
+    read, which would double the requests of each re-check (and S3's ETag already changes with the content).
     A source that is gone is :class:`SourceNotFound`, one that changed :class:`StaleSource`, one that cannot be
     stat'ed :class:`SourceAccessError`; errors name ``url``.  Safe from any thread (fsspec runs async
     filesystems on their own loop).
     """
     info = _info(fs, path, url, fresh=True, missing="was indexed but no longer exists; re-run `virtnii scan`")
-    ensure_unchanged(url, recorded, from_info(info))
+    current = from_info(info)
+    ensure_unchanged(url, recorded, current)
+    if GZIP_TRAILER in recorded and (trailer if trailer is not None else getattr(fs, "local_file", False)):
+        ensure_unchanged(url, recorded, {GZIP_TRAILER: read_trailer(fs, path, url, current["size"])})
+
+
+#: Bytes hashed per read: a few pieces in flight per worker bound the memory of hashing many files at once.
+_HASH_PIECE = 4 << 20
+
+
+def content_hash(fs: fsspec.AbstractFileSystem, path: str, url: str, size: int) -> str:
+    """The :data:`CONTENT_HASH` of a file of ``size`` bytes, streamed in pieces; errors name ``url``.
+
+    SHA-256, because OpenSSL's measured 1.8 GB/s here against blake2b's 0.9 (CPU SHA extensions), and it is
+    the digest DataLad/git-annex (SHA256E keys) and DANDI (``dandi:sha2-256``) already record.
+    """
+    hasher = hashlib.sha256()
+    read = 0
+    try:
+        with fs.open(path, "rb", cache_type="none", size=size) as f:
+            while piece := f.read(_HASH_PIECE):
+                hasher.update(piece)
+                read += len(piece)
+    except storage_errors() as err:
+        raise from_os_error(url, err, "read") from err
+    if read != size:
+        raise StaleSource(url, f"changed while being hashed (size was {size}, {read} bytes read)")
+    return hasher.hexdigest()
+
+
+def read_trailer(fs: fsspec.AbstractFileSystem, path: str, url: str, size: int) -> str:
+    """The last 8 bytes of a file of ``size`` bytes, as :data:`GZIP_TRAILER` records them."""
+    try:
+        tail = fs.cat_file(path, start=max(size - 8, 0), end=size)
+    except storage_errors() as err:
+        raise from_os_error(url, err, "read") from err
+    return bytes(tail[-8:]).hex()

@@ -18,16 +18,27 @@ boundaries, so each 4 MiB read would inflate up to twice the bytes.  See docs/gz
 Decoding from a point uses the same C inflate: ``inflatePrime`` feeds the bits of the block's first byte and the
 window becomes the dictionary.  (Python's inflaters cannot start mid-byte, and shifting the compressed bytes
 into alignment breaks on stored blocks, which pad to the file's byte grid: see :class:`_RawInflater`.)
+
+Where no zlib loads through ctypes (Windows, minimal images), or ``VIRTNII_INFLATER=portable`` forces it, the
+*portable* path is taken instead: seek points from indexed_gzip (as many as its spacing allows, the last one at
+or before each offset kept), every check from a pass of Python's own zlib, and decoding by ISA-L after a few
+bits of empty deflate blocks that put the point back on its byte grid (:class:`_PortableInflater`).  Slower
+(two passes to index), same index, same bytes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import gzip
+import hashlib
+import io
 import json
+import os
 import struct
 import threading
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,7 +46,7 @@ from typing import Any, BinaryIO
 
 import fsspec
 import numpy as np
-from isal import igzip
+from isal import igzip, isal_zlib
 
 from . import fingerprint
 from .errors import InvalidGzip, ManifestError, StaleSource, from_os_error, storage_errors
@@ -171,6 +182,8 @@ class GzipIndex:
         """``length`` bytes after the first ``skip`` of the raw deflate ``stream`` that starts ``bits`` bits
         before the end of its first byte, with ``window`` as the dictionary."""
         try:
+            if _zlib() is None:
+                return _PortableInflater(stream, bits, window).read(skip, length)
             return _RawInflater(stream, bits, window).read(skip, length)
         except _InflateError as err:
             raise InvalidGzip(self.source, f"{err}; the file or its index is damaged: re-run `virtnii scan`"
@@ -288,15 +301,16 @@ def _zlib_ng() -> _Zlib | None:
                  f["inflatePrime"], f["inflateSetDictionary"])
 
 
-def _system_zlib() -> _Zlib:
+def _system_zlib() -> _Zlib | None:
+    """The system's shared libz, if one loads (Windows has none to find)."""
     for name in (ctypes.util.find_library("z"), "libz.so.1", "libz.dylib"):
         if not name:
             continue
         try:
             lib = ctypes.CDLL(name)
-        except OSError:
+            f = _bind(lib, "", _ZStream)
+        except (OSError, AttributeError):
             continue
-        f = _bind(lib, "", _ZStream)
         lib.zlibVersion.restype = ctypes.c_char_p
         version = lib.zlibVersion()
         init2 = lib.inflateInit2_
@@ -305,17 +319,35 @@ def _system_zlib() -> _Zlib:
         return _Zlib("zlib", _ZStream, lambda s, wbits: init2(s, wbits, version, ctypes.sizeof(_ZStream)),
                      f["inflate"], f["inflateReset"], f["inflateEnd"], f["inflatePrime"],
                      f["inflateSetDictionary"])
-    raise ImportError("virtnii needs zlib as a shared library (libz) or the zlib-ng package to read gzip files")
+    return None
 
 
-_ZLIB: _Zlib | None = None
+#: Environment variable choosing the inflater: ``auto`` (default: zlib through ctypes when it loads, else the
+#: portable path) or ``portable`` (always the portable path: how its tests force it).
+INFLATER_VARIABLE = "VIRTNII_INFLATER"
+_CTYPES_ZLIB: _Zlib | None = None
+_CTYPES_TRIED = False
 
 
-def _zlib() -> _Zlib:
-    global _ZLIB
-    if _ZLIB is None:
-        _ZLIB = _zlib_ng() or _system_zlib()
-    return _ZLIB
+def _zlib() -> _Zlib | None:
+    """zlib's C inflate through ctypes (zlib-ng's, else the system libz), or None for the portable path."""
+    global _CTYPES_ZLIB, _CTYPES_TRIED
+    choice = os.environ.get(INFLATER_VARIABLE, "auto")
+    if choice == "portable":
+        return None
+    if choice != "auto":
+        raise ValueError(f"{INFLATER_VARIABLE}={choice!r}: expected 'auto' or 'portable'")
+    if not _CTYPES_TRIED:
+        _CTYPES_ZLIB, _CTYPES_TRIED = _zlib_ng() or _system_zlib(), True
+    return _CTYPES_ZLIB
+
+
+def inflater() -> str:
+    """Which inflater indexes and decodes gzip files in this process (``virtnii --version`` says it)."""
+    found = _zlib()
+    if found is not None:
+        return f"{found.name} inflate(Z_BLOCK) via ctypes"
+    return "portable (seek points by indexed_gzip, checks by Python's zlib, decoding by ISA-L)"
 
 
 class _InflateError(Exception):
@@ -384,6 +416,105 @@ class _RawInflater:
                 message = (strm.msg or b"").decode(errors="replace") or f"zlib error {ret}"
                 raise _InflateError(f"corrupt deflate data from the seek point ({message})")
         return produced
+
+
+class _BitWriter:
+    """Deflate bits, packed from the low end of each byte as deflate does; Huffman codes go most significant bit
+    first."""
+
+    def __init__(self) -> None:
+        self.value = self.count = 0
+
+    def put(self, value: int, count: int) -> None:
+        self.value |= value << self.count
+        self.count += count
+
+    def code(self, code: int, length: int) -> None:
+        self.put(int(f"{code:0{length}b}"[::-1], 2), length)
+
+
+def _empty_fixed_block(out: _BitWriter) -> None:
+    """A non-final fixed-Huffman block holding only its end-of-block code: 10 bits, no output."""
+    out.put(0, 1)
+    out.put(1, 2)
+    out.code(0, 7)
+
+
+def _empty_dynamic_block(out: _BitWriter, code_length_codes: int) -> None:
+    """A non-final dynamic-Huffman block holding only its end-of-block code: 92 bits with 18 code-length codes,
+    95 with 19 (so its length mod 8 can be chosen).  Its literal/length code has one symbol (256, one bit), which
+    zlib and ISA-L accept as the one incomplete code deflate allows."""
+    out.put(0, 1)
+    out.put(2, 2)
+    out.put(0, 5)  # HLIT: 257 literal/length codes
+    out.put(0, 5)  # HDIST: 1 distance code
+    out.put(code_length_codes - 4, 4)
+    lengths = {18: 1, 0: 2, 1: 2}  # code-length alphabet: 18 (runs of zeros) "0", 0 "10", 1 "11"
+    for symbol in (16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14, 1, 15)[:code_length_codes]:
+        out.put(lengths.get(symbol, 0), 3)
+    out.code(0, 1)
+    out.put(138 - 11, 7)  # 138 zeros
+    out.code(0, 1)
+    out.put(118 - 11, 7)  # 118 zeros: symbols 0-255 unused
+    out.code(3, 2)  # symbol 256 (end of block) has length 1
+    out.code(2, 2)  # the distance code has length 0
+    out.code(0, 1)  # end of block
+
+
+def _aligning_prefixes() -> dict[int, _BitWriter]:
+    """For each point bit count ``b`` in 1..7, empty deflate blocks of ``8k + 8 - b`` bits.
+
+    Written before the top ``b`` bits of a seek point's first byte, they make the stream from the point start on
+    a byte, with every later byte where it was: Python's inflaters (which start only on a byte) then decode from
+    the point, stored blocks included, since they pad to the same byte grid as in the file.
+    """
+    prefixes: dict[int, _BitWriter] = {}
+    for dynamic in (None, 18, 19):
+        for fixed in range(4):
+            out = _BitWriter()
+            if dynamic:
+                _empty_dynamic_block(out, dynamic)
+            for _ in range(fixed):
+                _empty_fixed_block(out)
+            prefixes.setdefault((8 - out.count) % 8, out)
+    return {bits: prefixes[bits] for bits in range(1, 8)}
+
+
+_ALIGNING = _aligning_prefixes()
+
+
+class _PortableInflater:
+    """Raw inflate from a seek point with Python's ISA-L binding: the portable path's :class:`_RawInflater`.
+
+    A point ``b`` bits before the end of its first byte is moved onto a byte boundary by the empty blocks of
+    :func:`_aligning_prefixes` instead of ``inflatePrime``; the window is the ``zdict``.
+    """
+
+    def __init__(self, stream: memoryview, bits: int, window: np.ndarray | None) -> None:
+        self.inflate = (isal_zlib.decompressobj(wbits=_RAW_WBITS) if window is None else
+                        isal_zlib.decompressobj(wbits=_RAW_WBITS, zdict=window.tobytes()))
+        self.inputs: list[bytes | memoryview] = [stream]
+        if bits and len(stream):
+            prefix = _ALIGNING[bits]
+            head = prefix.value | (stream[0] >> (8 - bits)) << prefix.count
+            self.inputs = [head.to_bytes((prefix.count + bits) // 8, "little"), stream[1:]]
+
+    def read(self, skip: int, length: int) -> bytes:
+        need = skip + length
+        out = bytearray()
+        try:
+            for data in self.inputs:
+                while len(out) < need and not self.inflate.eof:
+                    piece = self.inflate.decompress(data, need - len(out))
+                    data = self.inflate.unconsumed_tail
+                    out += piece
+                    if not piece and not data:
+                        break
+        except isal_zlib.error as err:
+            raise _InflateError(f"corrupt deflate data from the seek point ({err})") from err
+        if len(out) < need:
+            raise _InflateError(f"compressed data ended {need - len(out)} bytes short of the range")
+        return bytes(memoryview(out)[skip:])
 
 
 _THREAD_LOCAL = threading.local()
@@ -587,12 +718,15 @@ def _pieces(f: BinaryIO, url: str) -> Iterator[bytes]:
 
 def build_index(url: str, offsets: Sequence[int], storage_options: dict[str, Any] | None = None, *,
                 progress: Callable[[int], None] | None = None, fs: fsspec.AbstractFileSystem | None = None,
-                prefix: bytes = b"", known: fingerprint.Fingerprint | None = None) -> GzipIndex:
+                prefix: bytes = b"", known: fingerprint.Fingerprint | None = None,
+                content_hash: bool = False) -> GzipIndex:
     """Index a gzip file at any fsspec URL so each of ``offsets`` (uncompressed) can be read from nearby.
 
     One streaming pass over the compressed bytes (never the whole file in memory) keeps, per offset, the last
     deflate block boundary or member start at or before it, with its 32 KiB window; offsets sharing a
-    boundary share one point.  The whole stream is inflated, so CRC-32s and lengths are checked.
+    boundary share one point.  The whole stream is inflated, so CRC-32s and lengths are checked.  The file's
+    last 8 bytes (its last member's CRC-32 and length) join the fingerprint, and with ``content_hash`` the
+    SHA-256 of its bytes too (:mod:`virtnii.fingerprint`), both taken from the bytes the pass reads anyway.
 
     Parameters
     ----------
@@ -612,6 +746,8 @@ def build_index(url: str, offsets: Sequence[int], storage_options: dict[str, Any
     known
         The file's fingerprint from a listing the caller made; else it is stat'ed here.  Either way it is the
         one recorded, and a size that differs from the bytes read raises :class:`StaleSource`.
+    content_hash
+        Also record the SHA-256 of the compressed bytes (for ``virtnii verify --content``).
 
     Raises
     ------
@@ -627,19 +763,22 @@ def build_index(url: str, offsets: Sequence[int], storage_options: dict[str, Any
     else:
         path = fs._strip_protocol(url)
     source = fs.unstrip_protocol(path)
-    fp = known if known is not None else fingerprint.stat(fs, path, url)
+    fp = dict(known if known is not None else fingerprint.stat(fs, path, url))
     if fp["size"] == 0:
         raise InvalidGzip(url, "empty file")
     targets = np.unique(np.asarray([0, *offsets], dtype=np.int64))
     if targets[0] < 0:
         raise ValueError(f"negative offset {int(targets[0])} requested for {url}")
-    indexer = _Indexer(url, targets)
+    hasher = hashlib.sha256() if content_hash else None
+    indexer: _Indexer | _Checker = _Indexer(url, targets) if _zlib() is not None else _Checker(url)
+    tail = b""
     try:
-        first = True
         for piece in _stream(fs, path, url, fp["size"], prefix):
-            if first and piece[:2] != b"\x1f\x8b":
+            if not tail and piece[:2] != b"\x1f\x8b":
                 raise InvalidGzip(url, "not gzip data (no gzip magic bytes)")
-            first = False
+            tail = (tail + piece[-8:])[-8:]
+            if hasher is not None:
+                hasher.update(piece)
             indexer.feed(piece)
             if progress is not None:
                 progress(indexer.cmp)
@@ -648,11 +787,140 @@ def build_index(url: str, offsets: Sequence[int], storage_options: dict[str, Any
         indexer.close()
     if indexer.cmp != fp["size"]:
         raise StaleSource(url, f"changed while being indexed (size was {fp['size']}, {indexer.cmp} bytes read)")
+    fp[fingerprint.GZIP_TRAILER] = tail.hex()
+    if hasher is not None:
+        fp[fingerprint.CONTENT_HASH] = hasher.hexdigest()
+    if isinstance(indexer, _Checker):
+        return _portable_index(fs, path, url, source, fp, targets, indexer,
+                               lambda: progress(indexer.cmp) if progress is not None else None)
     return GzipIndex(
         source=source, fingerprint=fp, compressed_size=indexer.cmp, uncompressed_size=indexer.uncmp,
         points=np.array(indexer.points, POINT_DTYPE),
         windows=np.frombuffer(b"".join(indexer.windows), np.uint8).reshape(-1, WINDOW_SIZE),
         stops=np.array(indexer.stops, STOP_DTYPE), members=np.array(indexer.members, MEMBER_DTYPE))
+
+
+class _Checker:
+    """The portable path's first pass: Python's zlib inflates every member (checking its CRC-32 and length) and
+    finds where each starts in the output; the same errors as :class:`_Indexer`, no seek points.
+
+    indexed_gzip, which finds the points, reads a truncated file or one with trailing garbage without a word.
+    """
+
+    _OUT = 1 << 20  # output inflated per call (and dropped): bounds memory whatever the compression ratio
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.cmp = self.uncmp = 0
+        self.member: Any = zlib.decompressobj(wbits=_GZIP_WBITS)
+        self.member_starts = [0]
+        self.padding = False
+
+    def close(self) -> None:
+        pass
+
+    def feed(self, data: bytes) -> None:
+        rest = memoryview(data)
+        while True:
+            if self.member is None:
+                if not len(rest):
+                    return
+                rest = self._between_members(rest)
+                continue
+            before = len(rest)
+            try:
+                produced = len(self.member.decompress(rest, self._OUT))
+            except zlib.error as err:
+                raise self._error(err) from err
+            self.uncmp += produced
+            if self.member.eof:
+                rest = memoryview(self.member.unused_data)
+                self.member = None
+            else:
+                rest = memoryview(self.member.unconsumed_tail)
+                if not len(rest) and produced < self._OUT:  # all consumed, no output pending
+                    self.cmp += before
+                    return
+            self.cmp += before - len(rest)
+
+    def _between_members(self, rest: memoryview) -> memoryview:
+        """Bytes after a member: zero padding to the end, or another member (rejects anything else)."""
+        if self.padding or rest[0] == 0:
+            nonzero = np.flatnonzero(np.frombuffer(rest, np.uint8))
+            if len(nonzero):
+                raise InvalidGzip(self.url, f"unexpected data at byte {self.cmp + int(nonzero[0])}, after the "
+                                            "zero padding that follows the last gzip member")
+            self.padding = True
+            self.cmp += len(rest)
+            return rest[len(rest):]
+        self.member = zlib.decompressobj(wbits=_GZIP_WBITS)
+        self.member_starts.append(self.uncmp)
+        return rest
+
+    def _error(self, err: zlib.error) -> InvalidGzip:
+        message = str(err)
+        if "incorrect header check" in message and len(self.member_starts) > 1:
+            return InvalidGzip(self.url, f"unexpected data at byte {self.cmp} after the gzip member that ends "
+                                         "there: neither another gzip member nor zero padding")
+        if "incorrect data check" in message:
+            return InvalidGzip(self.url, "CRC-32 mismatch at the end of a gzip member: the decompressed data is "
+                                         "corrupt")
+        if "incorrect length check" in message:
+            return InvalidGzip(self.url, "length mismatch at the end of a gzip member: the decompressed data is "
+                                         "corrupt")
+        return InvalidGzip(self.url, f"corrupt deflate data at compressed byte ~{self.cmp} ({message})")
+
+    def finish(self) -> None:
+        if self.member is not None:
+            raise InvalidGzip(self.url, f"truncated: the gzip stream stops at byte {self.cmp} before its end "
+                                        f"(after {self.uncmp} decompressed bytes); the file is incomplete")
+
+
+def _portable_index(fs: fsspec.AbstractFileSystem, path: str, url: str, source: str, fp: fingerprint.Fingerprint,
+                    targets: np.ndarray, checked: _Checker, progress: Callable[[], Any]) -> GzipIndex:
+    """The second pass of the portable path: indexed_gzip's seek points, the last one at or before each target.
+
+    Its spacing (uncompressed bytes between points, at least 64 KiB) is a quarter of the smallest gap between
+    targets, at most 1 MiB, so a chunk read inflates at most ~1.25x its bytes while indexed_gzip's windows (all
+    in memory until the pass ends) stay at 1/32 of the output or less.
+    """
+    try:
+        import indexed_gzip
+    except ImportError as err:
+        raise ImportError("no zlib loads through ctypes here, so indexing .nii.gz needs indexed_gzip: "
+                          "pip install indexed_gzip") from err
+    gaps = np.diff(targets)
+    spacing = int(np.clip(gaps.min() // 4 if len(gaps) else 1 << 20, 1 << 16, 1 << 20))
+    exported = io.BytesIO()
+    try:
+        with contextlib.ExitStack() as stack:
+            if getattr(fs, "local_file", False):
+                gz = indexed_gzip.IndexedGzipFile(path, spacing=spacing, readbuf_size=_READ_PIECE)
+            else:
+                fileobj = stack.enter_context(fs.open(path, "rb", cache_type="none", size=fp["size"]))
+                gz = indexed_gzip.IndexedGzipFile(fileobj=fileobj, spacing=spacing, readbuf_size=_READ_PIECE)
+            stack.enter_context(gz)
+            # seeking builds its index (reading does not, for files read in one call); in steps, so that an
+            # abandoned scan stops here (progress has nothing new to count: the first pass did)
+            for position in [*range(0, checked.uncmp, _READ_PIECE), checked.uncmp]:
+                gz.seek(position)
+                progress()
+            gz.export_index(fileobj=exported)
+    except storage_errors() as err:
+        raise from_os_error(url, err, "read") from err
+    found = GzipIndex.from_gzidx(exported.getvalue(), source, fp)
+    starts = found.points[~found.points["has_window"]]
+    if found.uncompressed_size != checked.uncmp or starts["uncmp_offset"].tolist() != checked.member_starts:
+        raise StaleSource(url, "changed while being indexed (its two passes read different gzip streams)")
+    offsets = found.points["uncmp_offset"]
+    keep = np.unique(np.searchsorted(offsets, targets, side="right") - 1)
+    # the first of indexed_gzip's points at or after a target bounds what reading up to the target fetches
+    after = np.searchsorted(offsets, targets[1:], side="left")
+    inside = after < len(offsets)
+    stops = np.array(list(zip(targets[1:][inside], found.points["cmp_offset"][after[inside]])), STOP_DTYPE)
+    return GzipIndex(source=source, fingerprint=fp, compressed_size=checked.cmp, uncompressed_size=checked.uncmp,
+                     points=found.points[keep], windows=found.windows[keep], stops=stops,
+                     members=np.array(list(zip(starts["uncmp_offset"], starts["cmp_offset"])), MEMBER_DTYPE))
 
 
 def _stream(fs: fsspec.AbstractFileSystem, path: str, url: str, size: int, prefix: bytes) -> Iterator[bytes]:

@@ -9,6 +9,7 @@ point at the wrong bytes is an error naming the source, never a guess.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import struct
 from dataclasses import dataclass
@@ -312,3 +313,13 @@ def _zarr_dtype(url: str, size: int, order: str, code: int, raw: bytes) -> np.dt
             raise UnsupportedNifti(url, f"datatype {code} ({label}) has no zarr equivalent")
         _DTYPES[key] = dtype
     return _DTYPES[key]
+
+
+def without_extensions(header: NiftiHeader) -> NiftiHeader:
+    """``header`` with its extensions dropped and the extension flag cleared (``virtnii scan --no-extensions``).
+
+    Extensions are free-form (DICOM tags, AFNI XML, JSON sidecars) and may carry identifying text such as a
+    patient's name; the fixed header, ``vox_offset`` included, stays as stored, and the voxels are where they were.
+    """
+    size = 348 if header.version == 1 else 540
+    return dataclasses.replace(header, raw=header.raw[:size] + bytes(4))

@@ -239,8 +239,14 @@ def load_refs(manifest: str, index: Index, options: dict[str, Any]) -> dict[str,
             mapper = LazyReferenceMapper(fs.unstrip_protocol(target), fs=fs)
             refs = {key: _json_value(key, mapper[key]) for key in _parquet_keys(mapper)}
     except (*storage_errors(), ValueError, KeyError, TypeError) as err:
-        raise ManifestError(manifest, f"cannot read references {index.references}: {err}; re-run `virtnii scan`"
-                            ) from err
+        if isinstance(err, FileNotFoundError) and is_missing(err):
+            raise ManifestError(f"{manifest}/{index.references}", "the references file is missing; re-run "
+                                                                   "`virtnii scan`") from err
+        raise ManifestError(f"{manifest}/{index.references}", f"cannot read the references ({err}); re-run "
+                                                               "`virtnii scan`") from err
+    if not isinstance(refs, dict):
+        raise ManifestError(f"{manifest}/{index.references}", "is not kerchunk references (no 'refs' mapping); "
+                                                               "re-run `virtnii scan`")
     return refs
 
 

@@ -14,7 +14,7 @@ import os
 import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable
 
 import fsspec
@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from . import fingerprint, gzindex
 from .entry import ImageEntry
 from .errors import InvalidGzip, InvalidNifti, ManifestError, VirtniiError, from_os_error, storage_errors
-from .header import HEAD_BYTES, MAX_HEADER_BYTES, NiftiHeader, check_data_size, header_extent, parse, parse_many
+from .header import (HEAD_BYTES, MAX_HEADER_BYTES, NiftiHeader, check_data_size, header_extent, parse, parse_many,
+                     without_extensions)
 from .manifest import REF_FILES, ManifestWriter
 from .references import ZARR_FORMATS, ImageRefs, image_refs
 from .sources import CONCURRENT_READS, Source, assign_names, expand, is_local
@@ -51,7 +52,8 @@ class ScanResult:
 
 def scan(sources: Iterable[str] | str, out: str, *, zarr_format: int = 3, ref_format: str = "json",
          storage_options: dict[str, Any] | None = None, manifest_options: dict[str, Any] | None = None,
-         progress: bool = False) -> ScanResult:
+         progress: bool = False, content_hash: bool = False, extensions: bool = True,
+         write_url_secrets: bool = False) -> ScanResult:
     """Index NIfTI ``sources`` in place and write one manifest folder at ``out``.
 
     Parameters
@@ -72,6 +74,15 @@ def scan(sources: Iterable[str] | str, out: str, *, zarr_format: int = 3, ref_fo
         Options for writing ``out`` when it is remote (default: none).
     progress
         Show a progress bar on stderr.
+    content_hash
+        Record each source's SHA-256 in its fingerprint, for ``virtnii verify --content``: costs reading every
+        ``.nii``/``.img`` whole (``.nii.gz`` files are read whole anyway, to index them).
+    extensions
+        Keep header extensions in the ``nifti`` arrays (default); ``False`` drops them (they may carry
+        identifying text) and clears the extension flag.
+    write_url_secrets
+        Index URLs whose query holds credentials (presigned URLs), which then appear in the manifest; refused
+        by default.
     """
     if not str(out).strip():
         raise ManifestError(repr(out), "is not a manifest folder name (give the folder to write, e.g. -o OUT)")
@@ -89,7 +100,7 @@ def scan(sources: Iterable[str] | str, out: str, *, zarr_format: int = 3, ref_fo
             listing.set_postfix_str(f"{count} NIfTI files", refresh=False)
             listing.update(1)
 
-        found, failures = expand(sources, options, listed)
+        found, failures = expand(sources, options, listed, write_url_secrets=write_url_secrets)
     assign_names(found)
     images: list[ImageRefs] = []
     entries: list[ImageEntry] = []
@@ -107,7 +118,10 @@ def scan(sources: Iterable[str] | str, out: str, *, zarr_format: int = 3, ref_fo
                 heads = pending.pop().result()
                 if k + 1 < len(batches):
                     pending.append(prefetch.submit(read_plain_headers, batches[k + 1]))
-                for source, outcome in zip(batch, _plain_images(batch, heads, zarr_format)):
+                outcomes = _plain_images(batch, heads, zarr_format, extensions)
+                if content_hash:
+                    _record_hashes(batch, outcomes, _gzip_workers(batch))
+                for source, outcome in zip(batch, outcomes):
                     _collect(source, outcome, images, entries, failures, bar)
         stop = threading.Event()
 
@@ -119,7 +133,8 @@ def scan(sources: Iterable[str] | str, out: str, *, zarr_format: int = 3, ref_fo
 
         with ThreadPoolExecutor(max_workers=_gzip_workers(gzipped)) as pool:
             try:  # from the first submission: an interrupt while submitting must stop the passes already running
-                jobs = {pool.submit(index_gzip_source, s, writer, zarr_format, advance): s for s in gzipped}
+                jobs = {pool.submit(index_gzip_source, s, writer, zarr_format, advance, extensions=extensions,
+                                    content_hash=content_hash): s for s in gzipped}
                 for job in as_completed(jobs):
                     try:
                         outcome = job.result()
@@ -223,25 +238,51 @@ def read_plain_headers(sources: list[Source]) -> list[bytes | VirtniiError]:
     return outcomes
 
 
-def _plain_images(sources: list[Source], heads: list[bytes | VirtniiError],
-                  zarr_format: int) -> list[tuple[ImageRefs, ImageEntry] | VirtniiError]:
+def _plain_images(sources: list[Source], heads: list[bytes | VirtniiError], zarr_format: int,
+                  extensions: bool = True) -> list[tuple[ImageRefs, ImageEntry] | VirtniiError]:
     """Headers (parsed together), references and index entries of a batch of uncompressed sources."""
     outcomes: list[Any] = list(heads)
     read = [i for i, head in enumerate(heads) if not isinstance(head, VirtniiError)]
     headers = parse_many([sources[i].url for i in read], [heads[i] for i in read], [sources[i].is_pair for i in read])
     for i, header in zip(read, headers):
-        outcomes[i] = header if isinstance(header, VirtniiError) else _plain_image(sources[i], header, zarr_format)
+        outcomes[i] = (header if isinstance(header, VirtniiError)
+                       else _plain_image(sources[i], header, zarr_format, extensions))
     return outcomes
 
 
-def _plain_image(source: Source, header: NiftiHeader,
-                 zarr_format: int) -> tuple[ImageRefs, ImageEntry] | VirtniiError:
+def _plain_image(source: Source, header: NiftiHeader, zarr_format: int,
+                 extensions: bool = True) -> tuple[ImageRefs, ImageEntry] | VirtniiError:
     try:
         check_data_size(source.data_url, header, int(source.data_info["size"]))
-        refs = image_refs(source.name, header, source.data_url, zarr_format)
+        refs = image_refs(source.name, header if extensions else without_extensions(header), source.data_url,
+                          zarr_format)
     except VirtniiError as err:
         return err
     return refs, _entry(source, header, refs)
+
+
+def _record_hashes(sources: list[Source], outcomes: list[Any], workers: int) -> None:
+    """Add the content hash of each indexed source (and of a pair's data file) to its entry's fingerprints, in
+    place; a source that cannot be hashed becomes its error.  Files are hashed concurrently, streamed."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        jobs = {}
+        for i, (source, outcome) in enumerate(zip(sources, outcomes)):
+            if isinstance(outcome, VirtniiError):
+                continue
+            files = [(source.path, source.url, source.info), (source.data_path, source.data_url, source.data_info)]
+            jobs[i] = [pool.submit(fingerprint.content_hash, source.fs, path, url, int(info["size"]))
+                       for path, url, info in files[:2 if source.is_pair else 1]]
+        for i, futures in jobs.items():
+            try:
+                digests = [future.result() for future in futures]
+            except VirtniiError as err:
+                outcomes[i] = err
+                continue
+            refs, entry = outcomes[i]
+            header_fp = {**entry.fingerprint, fingerprint.CONTENT_HASH: digests[0]}
+            data_fp = {**entry.data_fingerprint, fingerprint.CONTENT_HASH: digests[1]} if len(digests) > 1 \
+                else entry.data_fingerprint
+            outcomes[i] = (refs, replace(entry, fingerprint=header_fp, data_fingerprint=data_fp))
 
 
 # ------------------------------------------------------------------------------------------------------- gzip
@@ -306,10 +347,12 @@ def _gunzip_members(data: bytes, limit: int) -> tuple[bytes, bool]:
 
 
 def index_gzip_source(source: Source, writer: ManifestWriter, zarr_format: int,
-                      advance: Callable[[int], Any] = lambda n: None) -> tuple[ImageRefs, ImageEntry]:
+                      advance: Callable[[int], Any] = lambda n: None, *, extensions: bool = True,
+                      content_hash: bool = False) -> tuple[ImageRefs, ImageEntry]:
     """Header, seek-point index and references of a ``.nii.gz`` (or gzipped pair), indexed in place.
 
-    ``advance(n)`` is told of every ``n`` more compressed bytes indexed (a progress bar's ``update``).
+    ``advance(n)`` is told of every ``n`` more compressed bytes indexed (a progress bar's ``update``).  The data
+    file's fingerprint is the index's: with the gzip trailer, and the content hash if asked for.
     """
     fs, url = source.fs, source.url
     if source.is_pair:
@@ -321,7 +364,8 @@ def index_gzip_source(source: Source, writer: ManifestWriter, zarr_format: int,
     header = parse(url, raw, source.is_pair)
     check_data_size(source.data_url, header, int(source.data_info["size"]), compressed=True)
     # planned against the source URL (errors name it); the gzidx:// URL replaces it once the index is written
-    layout_refs = image_refs(source.name, header, source.data_url, zarr_format)
+    layout_refs = image_refs(source.name, header if extensions else without_extensions(header), source.data_url,
+                             zarr_format)
     offsets = layout_refs.offsets.tolist()
     done = [0]
 
@@ -330,7 +374,8 @@ def index_gzip_source(source: Source, writer: ManifestWriter, zarr_format: int,
         done[0] = consumed
 
     index = gzindex.build_index(source.data_url, offsets, fs=source.fs, prefix=prefix,
-                                known=fingerprint.from_info(source.data_info), progress=progress)
+                                known=fingerprint.from_info(source.data_info), progress=progress,
+                                content_hash=content_hash)
     check_data_size(source.data_url, header, index.uncompressed_size)
     folder, _, base = source.name.rpartition("/")
     relative = f"{GZIP_INDEX_FOLDER}/{folder}".rstrip("/")
@@ -338,7 +383,14 @@ def index_gzip_source(source: Source, writer: ManifestWriter, zarr_format: int,
         written = gzindex.write_sidecar(index, writer.fs, f"{writer.tmp}/{relative}", f"{base}.{_version_tag(index)}")
     descriptor = f"{relative}/{written}"
     layout_refs.url = f"gzidx://{descriptor}"
-    return layout_refs, _entry(source, header, layout_refs, descriptor, index.uncompressed_size)
+    entry = _entry(source, header, layout_refs, descriptor, index.uncompressed_size)
+    if source.is_pair:  # the data file's fingerprint is the index's (trailer, hash); the header file hashed here
+        header_fp = dict(entry.fingerprint)
+        if content_hash:
+            header_fp[fingerprint.CONTENT_HASH] = fingerprint.content_hash(fs, source.path, url,
+                                                                           int(source.info["size"]))
+        return layout_refs, replace(entry, fingerprint=header_fp, data_fingerprint=index.fingerprint)
+    return layout_refs, replace(entry, fingerprint=index.fingerprint)
 
 
 def _version_tag(index: gzindex.GzipIndex) -> str:

@@ -20,7 +20,8 @@ from typing import Any, Callable
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from .errors import InvalidNifti, SourceAccessError, SourceNotFound, VirtniiError, from_os_error, storage_errors
+from .errors import (InvalidNifti, SourceAccessError, SourceNotFound, VirtniiError, from_os_error, is_secret_name,
+                     storage_errors)
 
 #: File names the scanner picks up in folders; ``.img``/``.img.gz`` are found through their ``.hdr``.
 NIFTI_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".hdr.gz")
@@ -53,24 +54,39 @@ class Source:
 
     @property
     def is_pair(self) -> bool:
-        return self.path.lower().endswith((".hdr", ".hdr.gz"))
+        return file_part(self.fs, self.path).lower().endswith((".hdr", ".hdr.gz"))
 
     @property
     def is_gzip(self) -> bool:
-        return self.data_path.lower().endswith(".gz")
+        return file_part(self.fs, self.data_path).lower().endswith(".gz")
+
+
+def file_part(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """``path`` without a web URL's query (``?…``), which is not part of the file's name (on other filesystems a
+    ``?`` is an ordinary character of a name)."""
+    return path.split("?", 1)[0] if _is_http(fs) else path
 
 
 def expand(sources: list[str], options: dict[str, Any],
-           listed: Callable[[int], Any] = lambda found: None) -> tuple[list[Source], list[VirtniiError]]:
+           listed: Callable[[int], Any] = lambda found: None, *,
+           write_url_secrets: bool = False) -> tuple[list[Source], list[VirtniiError]]:
     """Resolve files, folders and globs to :class:`Source` objects with their listing info.
 
     ``listed(n)`` is called after each of ``sources``, with the number of NIfTI files found so far: listing a
-    big bucket takes a while, with nothing else to show.
+    big bucket takes a while, with nothing else to show.  URLs whose query holds a secret (a presigned URL's
+    signature) are refused unless ``write_url_secrets``: references must carry the whole URL to read it.
     """
     found: dict[str, Source] = {}
     failures: list[VirtniiError] = []
     for src in sources:
         try:
+            secrets = [] if write_url_secrets else url_secrets(src)
+            if secrets:
+                failures.append(SourceAccessError(src, f"its query holds credentials ({', '.join(secrets)}), which "
+                                                       "would be written into the manifest; to index it anyway "
+                                                       "(anyone with the manifest can then read the file until "
+                                                       "they expire), pass --write-url-secrets"))
+                continue
             _expand_one(src, options, found, failures)
         finally:
             listed(len(found))
@@ -85,6 +101,15 @@ def expand(sources: list[str], options: dict[str, Any],
         except VirtniiError as err:
             failures.append(err)
     return sources_out, failures
+
+
+def url_secrets(url: str) -> list[str]:
+    """Names of the query parameters of ``url`` that carry secrets (none for local paths, where ``?`` is just a
+    character of a file name)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme in ("", "file"):
+        return []
+    return [name for name, _ in urllib.parse.parse_qsl(parts.query, keep_blank_values=True) if is_secret_name(name)]
 
 
 def _expand_one(src: str, options: dict[str, Any], found: dict[str, Source], failures: list[VirtniiError]) -> None:
@@ -113,7 +138,7 @@ def _expand_one(src: str, options: dict[str, Any], found: dict[str, Source], fai
     except VirtniiError as err:
         failures.append(err)
         return
-    names = [p for p in sorted(listing) if p.lower().endswith(NIFTI_SUFFIXES)]
+    names = [p for p in sorted(listing) if file_part(fs, p).lower().endswith(NIFTI_SUFFIXES)]
     for p in names:
         source = Source(fs, p, listing[p], base=base)
         found.setdefault(source.url, source)
@@ -174,14 +199,14 @@ def _list(fs: fsspec.AbstractFileSystem, path: str, src: str,
         raise from_os_error(src, err, "list") from err
     except ValueError as err:  # what fsspec backends raise for paths they cannot list (s3fs: "all of S3")
         raise SourceAccessError(src, f"cannot list: {err}") from err
-    if not path.lower().endswith(NIFTI_SUFFIXES):
+    if not file_part(fs, path).lower().endswith(NIFTI_SUFFIXES):
         raise InvalidNifti(src, f"not a NIfTI file name (expected one of {', '.join(NIFTI_SUFFIXES)})")
     if is_local(fs):
         local = _stat_local(path, fs, failures)
         return ({path: local} if local is not None else {}), posixpath.dirname(path), False
     if info.get("type", "file") != "file":
         raise SourceAccessError(src, f"is not a regular file (the storage says {info['type']!r})")
-    return {path: info}, posixpath.dirname(path), False
+    return {path: info}, posixpath.dirname(file_part(fs, path)), False
 
 
 def _is_http(fs: fsspec.AbstractFileSystem) -> bool:
@@ -285,23 +310,24 @@ def assign_names(sources: list[Source]) -> None:
     def stem(rel: str) -> str:
         return re.sub(r"\.(nii|hdr)(\.gz)?$", "", rel, flags=re.IGNORECASE)
 
-    names = [stem(_relative(s.path, s.base) if s.base else s.path) for s in sources]
+    paths = [file_part(s.fs, s.path) for s in sources]  # a presigned URL's query is no part of a name
+    names = [stem(_relative(p, s.base) if s.base else p) for s, p in zip(sources, paths)]
     clashing = {n for n, count in collections.Counter(names).items() if count > 1}
     if clashing:
-        folders = [posixpath.dirname(s.path) for s, n in zip(sources, names) if n in clashing]
+        folders = [posixpath.dirname(p) for p, n in zip(paths, names) if n in clashing]
         common = posixpath.commonpath(folders) if len({f.startswith("/") for f in folders}) == 1 else ""
-        names = [stem(_relative(s.path, common) if common else s.path.lstrip("/")) if n in clashing else n
-                 for s, n in zip(sources, names)]
+        names = [stem(_relative(p, common) if common else p.lstrip("/")) if n in clashing else n
+                 for p, n in zip(paths, names)]
     # An image group may not sit inside another image group (s.nii beside s/0.nii would overwrite s/0): such
     # names are flattened; and any name still taken gets its extension, then a counter.
     images = set(names)
     taken: set[str] = set()
-    for source, name in zip(sources, names):
+    for source, path, name in zip(sources, paths, names):
         parts = name.split("/")
         if any("/".join(parts[:k]) in images for k in range(1, len(parts))):
             name = name.replace("/", "_")
         if name in taken:
-            name = (_relative(source.path, source.base) if source.base else source.path).replace(".", "_")
+            name = (_relative(path, source.base) if source.base else path).replace(".", "_")
         unique, count = name, 1
         while unique in taken:
             count += 1

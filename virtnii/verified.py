@@ -11,6 +11,7 @@ bytes asked for.
 from __future__ import annotations
 
 import asyncio
+import os
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable
@@ -18,7 +19,7 @@ from typing import Any, Iterable
 import fsspec
 from fsspec.asyn import AsyncFileSystem
 
-from . import fingerprint
+from . import fingerprint, integrity
 from .errors import ManifestError, SourceAccessError, StaleSource, VirtniiError, from_os_error, storage_errors
 from .manifest import manifest_options_for, read_index
 
@@ -128,26 +129,36 @@ class VerifiedFileSystem(AsyncFileSystem):
         return await call(self.fs, "info", path, **kwargs)
 
 
-def verify(manifest: str, manifest_options: dict[str, Any] | None = None,
+def verify(manifest: str, manifest_options: dict[str, Any] | None = None, *, content: bool = False,
            **storage_options: Any) -> tuple[int, list[VirtniiError]]:
-    """Check every source of a manifest against its scan-time fingerprint now, not at first read.
+    """Check a manifest's own files and every source against its scan-time fingerprint now, not at first read.
 
-    Returns ``(number of files checked, problems)``: one :class:`~virtnii.errors.StaleSource`,
-    ``SourceNotFound`` or ``SourceAccessError`` per source that would fail to read.  Stats run concurrently
-    (object stores answer each in one round trip).
+    Returns ``(number of source files checked, problems)``: a :class:`~virtnii.errors.ManifestError` per
+    damaged or missing references file, image or gzip sidecar (:func:`virtnii.integrity.check_manifest`), then
+    one :class:`~virtnii.errors.StaleSource`, ``SourceNotFound`` or ``SourceAccessError`` per source that would
+    fail to read.  Gzip trailers are compared for remote sources too (one 8-byte read each).  ``content``:
+    also compare each source's bytes (:func:`virtnii.integrity.check_content`: reads every file whole).
+    Stats run concurrently (object stores answer each in one round trip); content checks one per core
+    locally, 16 at a time remotely, each streamed.
     """
-    index = read_index(manifest, manifest_options_for(manifest, manifest_options, storage_options))
+    options = manifest_options_for(manifest, manifest_options, storage_options)
+    index = read_index(manifest, options)
+    problems = integrity.check_manifest(manifest, index, options)
     checks = [item for image in index.images for item in image.checked_files]
 
     def check(item: tuple[str, fingerprint.Fingerprint]) -> VirtniiError | None:
         url, recorded = item
         try:
             fs, path = fsspec.core.url_to_fs(url, **storage_options)
-            fingerprint.check(fs, path, url, recorded)
+            fingerprint.check(fs, path, url, recorded, trailer=True)
+            if content:
+                integrity.check_content(fs, path, url, recorded)
         except VirtniiError as err:
             return err
         return None
 
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        problems = [problem for problem in pool.map(check, checks) if problem is not None]
+    local = all((fsspec.core.split_protocol(url)[0] or "file") in ("file", "local") for url, _ in checks)
+    workers = (os.cpu_count() or 2) if content and local else 16
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        problems += [problem for problem in pool.map(check, checks) if problem is not None]
     return len(checks), problems
