@@ -29,6 +29,7 @@ from typing import Any, Iterable, Iterator
 import fsspec
 import kerchunk.df
 
+from . import recovery
 from .entry import ImageEntry
 from .errors import ManifestError, is_missing, storage_errors
 from .references import ImageRefs, hierarchy_docs
@@ -77,9 +78,11 @@ class ManifestWriter:
         self.out_url = out
         self.fs, self.out = fsspec.core.url_to_fs(out, **(storage_options or {}))
         self.out = self.out.rstrip("/")
-        self.tmp = f"{self.out}.partial-{uuid.uuid4().hex[:8]}"
+        self.tmp = f"{self.out}{recovery.PARTIAL}{uuid.uuid4().hex[:8]}"
         with self.writing():
+            recovery.recover(self.fs, self.out, INDEX_FILE)  # what a killed earlier run left here
             self._refuse_to_replace_other_data()
+            recovery.claim(self.fs, self.tmp)
             self.fs.makedirs(self.tmp, exist_ok=True)
 
     @contextlib.contextmanager
@@ -107,6 +110,7 @@ class ManifestWriter:
             with self.writing():
                 if self.fs.exists(self.tmp):  # commit moved it away; anything left is an aborted write
                     self.fs.rm(self.tmp, recursive=True)
+                recovery.release(self.fs, self.tmp)
         except ManifestError:  # what failed first is the error to report; OUT itself was never touched
             if exc is None:
                 raise
@@ -126,7 +130,7 @@ class ManifestWriter:
             f.write(Index(zarr_format, ref_file, tuple(entries)).text())
         if getattr(self.fs, "local_file", False):
             # renames: the old manifest stays whole at OUT until the new one is complete and renamed in
-            old = f"{self.tmp}.old"
+            old = f"{self.tmp}{recovery.OLD}"
             if self.fs.exists(self.out):
                 self.fs.mv(self.out, old, recursive=True)
             self.fs.mv(self.tmp, self.out, recursive=True)
@@ -202,8 +206,15 @@ def read_index(manifest: str, storage_options: dict[str, Any] | None = None) -> 
     fs, path = fsspec.core.url_to_fs(manifest, **(storage_options or {}))
     index_path = f"{path.rstrip('/')}/{INDEX_FILE}"
     try:
-        with fs.open(index_path, "rb") as f:
-            index = json.load(f)
+        try:
+            with fs.open(index_path, "rb") as f:
+                index = json.load(f)
+        except FileNotFoundError:
+            # a replacement killed halfway leaves no index at OUT: finish (or undo) it, then read again
+            if not recovery.recover(fs, path.rstrip("/"), INDEX_FILE):
+                raise
+            with fs.open(index_path, "rb") as f:
+                index = json.load(f)
     except (*storage_errors(), ValueError) as err:
         if is_missing(err):
             raise ManifestError(manifest, f"not a virtnii manifest (no {INDEX_FILE}); create one with `virtnii scan`"
