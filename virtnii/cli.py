@@ -92,6 +92,12 @@ def _storage_arguments(parser: argparse.ArgumentParser, sources: str = "sources"
                         action="append", default=[], help="fsspec option for the manifest folder when it is remote")
 
 
+def _trust_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-local-sources", action="store_true",
+                        help="let a remote manifest read local files or loopback/private addresses (only for "
+                             "manifests you trust; see docs/manifest.md)")
+
+
 def _options(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     storage = dict(args.storage_options)
     if args.anon:
@@ -166,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_pyramid.add_argument("--out", help="where to write level stores (default: MANIFEST/levels)")
     p_pyramid.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _storage_arguments(p_pyramid)
+    _trust_argument(p_pyramid)
 
     p_combine = commands.add_parser(
         "combine", help="merge manifests into one (images, whole datasets), nothing copied but gzip indexes",
@@ -192,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_export.add_argument("-o", "--out", required=True, help="file to write (.nii, or .nii.gz to compress)")
     p_export.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _storage_arguments(p_export)
+    _trust_argument(p_export)
 
     p_example = commands.add_parser("example", help="index NIfTI files shipped with nibabel and read one back",
                                     parents=[common])
@@ -276,7 +284,8 @@ def cmd_pyramid(args: argparse.Namespace) -> int:
     storage, manifest_options = _options(args)
     result = build_pyramids(args.manifest, args.images, method=args.method, levels=args.levels, chunks=args.chunks,
                             shards=args.shards, codec=args.codec, out=args.out,
-                            manifest_options=manifest_options or None, progress=not args.quiet, **storage)
+                            manifest_options=manifest_options or None, progress=not args.quiet,
+                            allow_local_sources=args.allow_local_sources, **storage)
     for failure in result.failures:
         print(f"virtnii: error: {failure}", file=sys.stderr)
     written = sum(e.pyramid.stored_bytes for e in result.images if e.pyramid and e.name in result.built)
@@ -301,7 +310,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     storage, manifest_options = _options(args)
     with tqdm(unit="B", unit_scale=True, desc="export", disable=args.quiet) as bar:
         export(args.manifest, args.out, args.image, level=args.level, manifest_options=manifest_options or None,
-               progress=bar.update, **storage)
+               progress=bar.update, allow_local_sources=args.allow_local_sources, **storage)
     print(f"exported {args.image or 'the image'} level {args.level} -> {args.out}")
     return EXIT_OK
 

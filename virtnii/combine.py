@@ -17,10 +17,9 @@ from typing import Any, Sequence
 
 import fsspec
 
-from .entry import ImageEntry
+from .entry import GZIP_INDEX_FOLDER, ImageEntry
 from .errors import ManifestError, storage_errors
 from .manifest import Index, ManifestWriter, load_refs, manifest_options_for, read_index
-from .scan import GZIP_INDEX_FOLDER
 
 GZIDX = "gzidx://"
 

@@ -8,6 +8,7 @@ deep inside a read.
 
 from __future__ import annotations
 
+import posixpath
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -15,6 +16,10 @@ import numpy as np
 
 from .errors import ManifestError
 from .fingerprint import Fingerprint
+
+#: Folders of a manifest that the index file points into: gzip seek-point sidecars, pyramid level stores.
+GZIP_INDEX_FOLDER = "gzindex"
+LEVELS_FOLDER = "levels"
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,10 @@ class Pyramid:
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> "Pyramid":
-        return cls(str(doc["store"]), str(doc["tag"]), str(doc["method"]), dict(doc["codec"]),
+        store = str(doc["store"])
+        if not is_url(store):
+            inside(store, f"{LEVELS_FOLDER}/")
+        return cls(store, str(doc["tag"]), str(doc["method"]), dict(doc["codec"]),
                    tuple(Level.from_json(level) for level in doc["levels"]))
 
     @property
@@ -173,7 +181,7 @@ class ImageEntry:
                 chunks=_ints(doc["chunks"]),
                 dtype=dtype if isinstance(dtype, str) else tuple((str(n), str(t)) for n, t in dtype),
                 nbytes=int(doc["nbytes"]),
-                gzip_index=None if doc.get("gzip_index") is None else _text(doc["gzip_index"]),
+                gzip_index=None if doc.get("gzip_index") is None else inside(_text(doc["gzip_index"]), f"{GZIP_INDEX_FOLDER}/"),
                 uncompressed_size=None if doc.get("uncompressed_size") is None else int(doc["uncompressed_size"]),
                 data=None if doc.get("data") is None else _text(doc["data"]),
                 data_fingerprint=None if doc.get("data_fingerprint") is None
@@ -195,6 +203,15 @@ def is_url(name: str) -> bool:
     """Whether ``name`` is an absolute location (a URL with a protocol, or an absolute path), not a path
     relative to a manifest folder."""
     return "://" in name or name.startswith("/")
+
+
+def inside(path: str, folder: str) -> str:
+    """``path`` if it names a file inside ``folder`` of a manifest (relative, normalised, no ``..``), else a
+    ValueError: a manifest is data, and must not lead its reader to files outside itself."""
+    if "://" in path or path.startswith("/") or posixpath.normpath(path) != path or not path.startswith(folder) \
+            or ".." in path.split("/"):
+        raise ValueError(f"{path!r} is not a path inside the manifest's {folder} folder")
+    return path
 
 
 def _ints(values: Any) -> tuple[int, ...]:

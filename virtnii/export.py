@@ -33,7 +33,8 @@ _NIFTI_FIRST = {1: 352, 2: 544}
 
 def export(manifest: str, out: str, image: str | None = None, *, level: int = 0,
            manifest_options: dict[str, Any] | None = None, out_options: dict[str, Any] | None = None,
-           progress: Callable[[int], Any] = lambda n: None, **storage_options: Any) -> str:
+           progress: Callable[[int], Any] = lambda n: None, allow_local_sources: bool = False,
+           **storage_options: Any) -> str:
     """Stream level ``level`` of ``image`` (default: the manifest's only image) into ``out``; returns ``out``.
 
     ``out`` ending in ``.gz`` is gzip-compressed.  The file appears only once complete (local files are written
@@ -56,7 +57,8 @@ def export(manifest: str, out: str, image: str | None = None, *, level: int = 0,
     if str(level) not in paths:
         raise ManifestError(manifest, f"{image} has levels {', '.join(paths)}, not {level} (build them with "
                                       "`virtnii pyramid`)")
-    group = open_manifest(manifest, manifest_options, **storage_options)[image]
+    group = open_manifest(manifest, manifest_options, allow_local_sources=allow_local_sources,
+                          **storage_options)[image]
     array = group[str(level)]
     raw = np.asarray(group["nifti"][:]).tobytes()
     header_bytes, dtype = _header(f"{manifest}/{image}", raw, entry.nifti_version, level, array.shape, entry)

@@ -983,6 +983,8 @@ def read_sidecar(fs: fsspec.AbstractFileSystem, descriptor_path: str) -> GzipInd
             raise ManifestError(url, f"unsupported gzip index descriptor version {meta.get('virtnii_gzip_index')!r}")
         folder = descriptor_path.rsplit("/", 1)[0] if "/" in descriptor_path else ""
         # ISA-L inflates the windows in half zlib's time: the largest part of a cold first read
+        if not isinstance(meta["index"], str) or "/" in meta["index"] or meta["index"] in ("", ".", ".."):
+            raise ManifestError(url, f"names its index file {meta['index']!r} outside its own folder: refused")
         data = igzip.decompress(fs.cat_file(f"{folder}/{meta['index']}" if folder else meta["index"]))
         stops = np.array(list(zip(meta["stops"]["uncompressed"], meta["stops"]["compressed"])), STOP_DTYPE)
         members = np.array(list(zip(meta["members"]["uncompressed"], meta["members"]["compressed"])),

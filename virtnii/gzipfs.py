@@ -27,6 +27,7 @@ from fsspec.asyn import AsyncFileSystem
 from fsspec.spec import AbstractBufferedFile
 
 from . import fingerprint, gzindex
+from .entry import GZIP_INDEX_FOLDER, inside
 from .errors import ManifestError, SourceNotFound, from_os_error, storage_errors
 from .verified import call, exact_range
 
@@ -115,6 +116,11 @@ class GzipIndexFileSystem(AsyncFileSystem):
 
     def _load(self, path: str) -> _Source:
         """Read (or reuse) the descriptor's index; runs in a thread."""
+        try:
+            inside(path, f"{GZIP_INDEX_FOLDER}/")
+        except ValueError as err:
+            raise ManifestError(f"{self.root}/{path}", f"refused: {err} (a reference may not lead outside the "
+                                                       "manifest)") from None
         descriptor_path = f"{self._root_path}/{path}"
         url = self._root_fs.unstrip_protocol(descriptor_path)
         with _lock(url):

@@ -8,6 +8,8 @@ data through the ``gzidx`` protocol), and zarr reads chunks straight from the so
 from __future__ import annotations
 
 import io
+import ipaddress
+import urllib.parse
 from typing import Any
 
 import fsspec
@@ -21,10 +23,10 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError, HeaderTypeError
 from zarr.storage import FsspecStore
 
-from .errors import InvalidNifti, ManifestError, VirtniiError, is_missing, storage_errors
+from .errors import InvalidNifti, ManifestError, VirtniiError, is_missing, redact, storage_errors
 from .header import MAGICS, header_size
 from .layout import ZARR_TO_FILE
-from .manifest import manifest_options_for, read_index
+from .manifest import Index, manifest_options_for, read_index
 from .verified import VerifiedFileSystem
 
 #: nibabel's header and image classes by 4-byte magic, as :data:`virtnii.header.MAGICS` names them.
@@ -36,8 +38,8 @@ _IMAGE_CLASSES = {
 _NIBABEL_REFUSALS = (HeaderDataError, HeaderTypeError, ImageFileError, ValueError)
 
 
-def reference_options(manifest: str, manifest_options: dict[str, Any] | None = None,
-                      **storage_options: Any) -> dict[str, Any]:
+def reference_options(manifest: str, manifest_options: dict[str, Any] | None = None, *,
+                      allow_local_sources: bool = False, **storage_options: Any) -> dict[str, Any]:
     """``storage_options`` for ``zarr.open_group("reference://", mode="r", storage_options=…)`` on a manifest.
 
     ``storage_options`` are for the sources (e.g. ``anon=True``); ``manifest_options`` for the manifest folder
@@ -45,10 +47,16 @@ def reference_options(manifest: str, manifest_options: dict[str, Any] | None = N
     when it is local; pass ``manifest_options`` when a remote manifest needs other options than its sources).
     The default cannot depend on the sources' protocols: they are only known after reading the index file, which
     already needs the manifest's options.
+
+    A manifest fetched from elsewhere (any remote URL) may not point its reader at local files or at
+    loopback, private or link-local network addresses — data that is the reader's, not the manifest's — unless
+    ``allow_local_sources`` (see docs/manifest.md, "What a manifest can make its reader read").
     """
     manifest = manifest.rstrip("/")
     manifest_options = manifest_options_for(manifest, manifest_options, storage_options)
     index = read_index(manifest, manifest_options)
+    if not allow_local_sources and _protocol(manifest) not in ("file", "local"):
+        _refuse_local_sources(manifest, index)
     expected: dict[str, dict[str, dict[str, Any]]] = {}  # protocol -> {data url: fingerprint}
     trusted: dict[str, list[str]] = {}  # protocol -> level stores given by URL
     relative: list[str] = []  # level stores inside the manifest folder
@@ -79,14 +87,49 @@ def _protocol(url: str) -> str:
     return fsspec.core.split_protocol(url)[0] or "file"
 
 
-def open(manifest: str, manifest_options: dict[str, Any] | None = None, **storage_options: Any) -> zarr.Group:
+def _refuse_local_sources(manifest: str, index: Index) -> None:
+    """A remote manifest naming local files, or hosts of the reader's own network, is refused."""
+    for image in index.images:
+        urls = [url for url, _ in image.checked_files]
+        if image.pyramid and not image.pyramid.is_relative:
+            urls.append(image.pyramid.store)
+        for url in urls:
+            why = _local_target(url)
+            if why:
+                raise ManifestError(manifest, f"image {image.name!r} points at {why} ({redact(url)}), which a "
+                                              "manifest read from elsewhere may not do; open it with "
+                                              "allow_local_sources=True (CLI: --allow-local-sources) if you trust it")
+
+
+def _local_target(url: str) -> str | None:
+    """What makes ``url`` the reader's own data (a local file, a loopback or private address), or None."""
+    protocol = _protocol(url)
+    if protocol in ("file", "local"):
+        return "a local file"
+    host = urllib.parse.urlsplit(url).hostname if protocol in ("http", "https") else None
+    if host is None:
+        return None
+    if host == "localhost" or host.endswith(".localhost"):
+        return "this machine"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None  # a name: where it resolves is the network's business, not the manifest's
+    if address.is_loopback or address.is_private or address.is_link_local or address.is_unspecified:
+        return "an address of the reader's own network"
+    return None
+
+
+def open(manifest: str, manifest_options: dict[str, Any] | None = None, *, allow_local_sources: bool = False,
+         **storage_options: Any) -> zarr.Group:
     """Open a manifest folder (local path or fsspec URL) as a read-only zarr group, one subgroup per image.
 
     Every source is checked against the size and ETag/mtime recorded at scan time before it is read (see
     :class:`virtnii.fingerprint.Checker`); a changed source raises :class:`~virtnii.errors.StaleSource`
     instead of returning wrong voxels.
     """
-    options = reference_options(manifest, manifest_options, **storage_options)
+    options = reference_options(manifest, manifest_options, allow_local_sources=allow_local_sources,
+                                **storage_options)
     try:
         references = _ReferenceFileSystem(**options)
     except (*storage_errors(), ValueError) as err:  # ValueError: not JSON / not Parquet

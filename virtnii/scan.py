@@ -21,7 +21,7 @@ import fsspec
 from tqdm.auto import tqdm
 
 from . import fingerprint, gzindex
-from .entry import ImageEntry
+from .entry import GZIP_INDEX_FOLDER, ImageEntry
 from .errors import InvalidGzip, InvalidNifti, ManifestError, VirtniiError, from_os_error, storage_errors
 from .header import (HEAD_BYTES, MAX_HEADER_BYTES, NiftiHeader, check_data_size, header_extent, parse, parse_many,
                      without_extensions)
@@ -30,7 +30,6 @@ from .references import ZARR_FORMATS, ImageRefs, image_refs
 from .sources import CONCURRENT_READS, Source, assign_names, expand, is_local
 from .verified import ranges_ignored
 
-GZIP_INDEX_FOLDER = "gzindex"
 #: Uncompressed sources whose headers are fetched together (concurrently on object stores).
 HEADER_BATCH = 512
 #: Compressed bytes read first from a ``.nii.gz``: its header, and the start of the index pass (which reuses

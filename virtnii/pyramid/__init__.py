@@ -17,7 +17,7 @@ import fsspec
 from tqdm.auto import tqdm
 
 from .. import __version__, ome
-from ..entry import ImageEntry, is_url as _is_url
+from ..entry import LEVELS_FOLDER, ImageEntry, is_url as _is_url
 from ..errors import ManifestError, VirtniiError, storage_errors
 from ..manifest import METADATA_KEYS, Index, load_refs, manifest_options_for, read_index, update_manifest
 from .build import CODECS, DEFAULT_CODEC, MARKER, Settings, build_image, method_for, plan_levels, tag
@@ -25,8 +25,6 @@ from .downsample import METHODS
 
 __all__ = ["build_pyramids", "PyramidResult", "Settings", "METHODS", "CODECS", "DEFAULT_CODEC"]
 
-#: Folder of the level stores inside a manifest.
-LEVELS_FOLDER = "levels"
 
 
 @dataclass
@@ -43,7 +41,8 @@ def build_pyramids(manifest: str, images: Sequence[str] | None = None, *, method
                    levels: int | None = None, chunks: int = 64, shards: int | None = None,
                    codec: str = DEFAULT_CODEC, out: str | None = None,
                    manifest_options: dict[str, Any] | None = None, out_options: dict[str, Any] | None = None,
-                   progress: bool = False, **storage_options: Any) -> PyramidResult:
+                   progress: bool = False, allow_local_sources: bool = False,
+                   **storage_options: Any) -> PyramidResult:
     """Build (or reuse) the pyramid levels of ``images`` (default: all) of a manifest, and add them to it.
 
     Parameters
@@ -60,7 +59,7 @@ def build_pyramids(manifest: str, images: Sequence[str] | None = None, *, method
     out
         Where level stores go (any fsspec URL; ``out_options`` for it); default ``MANIFEST/levels``, referenced
         by paths relative to the manifest so that it can be moved or uploaded whole.
-    storage_options
+    storage_options, allow_local_sources
         For reading the sources, as for :func:`virtnii.open`.
 
     A level store that is complete and was made from the same inputs (source fingerprint, settings) is reused;
@@ -78,7 +77,7 @@ def build_pyramids(manifest: str, images: Sequence[str] | None = None, *, method
     if shards and index.zarr_format != 3:
         raise ManifestError(manifest, "sharding (--shards) needs a Zarr v3 manifest (scan with --zarr-format 3)")
     chosen = _choose(manifest, index, images)
-    group = open_manifest(manifest, manifest_options, **storage_options)
+    group = open_manifest(manifest, manifest_options, allow_local_sources=allow_local_sources, **storage_options)
     store_options = dict(out_options if out_options is not None else options) if out else options
     root = _absolute_url(out, store_options) if out else f"{manifest}/{LEVELS_FOLDER}"
     updated: dict[str, ImageEntry] = {}
