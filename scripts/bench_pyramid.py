@@ -46,6 +46,7 @@ import virtnii
 from benchkit import best_of, mri_slab
 from virtnii.pyramid import CODECS, DEFAULT_CODEC, build_pyramids
 from virtnii.pyramid.downsample import halved, plane_stream
+from virtnii.slabs import SLAB_BYTES as READ_AHEAD
 
 DATA = Path(__file__).parent / "_data"
 DEFAULT_DIR = DATA / "pyramid"
@@ -58,7 +59,7 @@ SLAB = 16  # z-slices generated at a time: the volume is never in memory whole w
 #: on the level, and ISA-L level 3 writes a volume several times faster.
 GZIP_WRITER = "ISA-L igzip level 3"
 CHUNK = 64  # level chunk edge, as `virtnii pyramid` and nii2zarr default to
-TIME = ["/usr/bin/time", "-f", "%e %M"]  # GNU time: wall seconds, peak RSS in KiB
+TIME = ["/usr/bin/time", "-f", "%M"]  # GNU time: peak RSS in KiB (its wall time has only 10 ms steps)
 
 
 # ------------------------------------------------------------------------------------------------- the data
@@ -142,6 +143,8 @@ def measure(label: str, command: Command, cwd: Path, repeat: int, before: Callab
             optional: bool = False) -> Run | None:
     """Run ``command`` ``repeat`` times under GNU time (``before`` first, untimed) and print the medians.
 
+    Wall time is this script's clock around the whole process (a ``cat`` of a cached file takes milliseconds).
+
     A failing run ends the benchmark, or, if ``optional`` (the alternatives), is printed and gives None.
     """
     print(f"  $ {command.shown}")
@@ -149,8 +152,10 @@ def measure(label: str, command: Command, cwd: Path, repeat: int, before: Callab
     with tempfile.NamedTemporaryFile("r", suffix=".time") as report:
         for _ in range(repeat):
             before()
+            start = time.perf_counter()
             done = subprocess.run([*TIME, "-o", report.name, *command.argv], cwd=cwd, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True)
+            wall = time.perf_counter() - start
             if done.returncode:
                 why = "\n      ".join(done.stderr.strip().splitlines()[-6:])
                 print(f"    {label}: FAILED (exit {done.returncode})\n      {why}")
@@ -158,19 +163,20 @@ def measure(label: str, command: Command, cwd: Path, repeat: int, before: Callab
                     return None
                 raise SystemExit(1)
             report.seek(0)
-            wall, kib = report.read().split()[-2:]
-            runs.append((float(wall), int(kib) * 1024))
+            runs.append((wall, int(report.read().split()[-1]) * 1024))
     run = Run(statistics.median(w for w, _ in runs), int(statistics.median(r for _, r in runs)), runs)
-    each = ", ".join(f"{w:.2f}" for w, _ in runs)
-    print(f"    {label:<44} {run.wall:8.2f} s  {run.rss / 1e6:8.0f} MB peak RSS"
+    each = ", ".join(f"{w:.3f}" for w, _ in runs)
+    print(f"    {label:<44} {run.wall:8.3f} s  {run.rss / 1e6:8.0f} MB peak RSS"
           + (f"  (median of {len(runs)}: {each} s)" if len(runs) > 1 else ""))
     return run
 
 
 @dataclass(frozen=True)
 class Pyramid:
-    """What ``virtnii pyramid`` made: its timing, bytes in the level stores, number of levels, image name."""
+    """What ``virtnii pyramid`` made: its timing (and the scan's before it), bytes in the level stores, number
+    of levels, image name."""
 
+    scan: Run
     run: Run
     written: int
     levels: int
@@ -181,7 +187,7 @@ def scan_and_pyramid(label: str, source: Path, cwd: Path, runs: Path, repeat: in
     """``virtnii scan`` once (timed, reported apart), then ``virtnii pyramid`` ``repeat`` times, each on a fresh
     copy of the scanned manifest so that every run builds its levels from scratch."""
     scanned, manifest = runs / f"{label}.scanned", runs / label
-    measure(f"virtnii scan {source.name}", tool("virtnii", "scan", source.name, "-o", rel(scanned, cwd), "-q"),
+    scan = measure(f"virtnii scan {source.name}", tool("virtnii", "scan", source.name, "-o", rel(scanned, cwd), "-q"),
             cwd, 1)
 
     def fresh() -> None:
@@ -190,9 +196,9 @@ def scan_and_pyramid(label: str, source: Path, cwd: Path, runs: Path, repeat: in
 
     run = measure(f"virtnii pyramid ({source.name})", tool("virtnii", "pyramid", rel(manifest, cwd), "-q"), cwd,
                   repeat, fresh)
-    assert run is not None
+    assert scan is not None and run is not None
     image = json.loads((manifest / "virtnii.json").read_text())["images"][0]
-    pyramid = Pyramid(run, folder_bytes(manifest / "levels"), len(image["pyramid"]["levels"]), image["name"])
+    pyramid = Pyramid(scan, run, folder_bytes(manifest / "levels"), len(image["pyramid"]["levels"]), image["name"])
     print(f"    {'':<44} {pyramid.written / 1e6:8.1f} MB written in {pyramid.levels} levels")
     return pyramid
 
@@ -353,7 +359,7 @@ class Ratio:
 def ratio(label: str, a: float | None, b: float | None, limit: float | None = None, strict: bool = False,
           shown: str | None = None) -> Ratio:
     """``a / b`` against ``<= limit`` (``< limit`` if ``strict``); None where a side was not measured."""
-    if a is None or b is None:
+    if a is None or not b:
         return Ratio(label, None, shown or (None if limit is None else f"{'<' if strict else '<='} {limit:g}"))
     value = a / b
     if limit is None:
@@ -403,8 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for path in (gz, nii, half_gz):  # every measurement reads from the page cache
             subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)
-        print(f"\nmeasurements: each command run as {shlex.join(TIME)} COMMAND in {rel(folder, Path.cwd())}, "
-              f"median of {args.repeat} unless said, warm page cache")
+        print(f"\nmeasurements: each command run in {rel(folder, Path.cwd())} as {shlex.join(TIME)} COMMAND "
+              f"(peak RSS), wall time by this script's clock around it; median of {args.repeat} unless said; "
+              "warm page cache")
         print(f"\n.nii.gz source ({gz.name})")
         gunzip = measure("gzip -dc", to_null("gzip", "-dc", gz.name), folder, args.repeat)
         ours = scan_and_pyramid("gz", gz, folder, runs, args.repeat)
@@ -413,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_niizarr:
             print(f"\nnifti-zarr nii2zarr ({gz.name}; gaussian levels, blosc, zarr 3, {CHUNK}-cubed chunks, "
                   f"level 0 copied), {args.alternatives_repeat} run(s)")
-            code = f"import niizarr; niizarr.nii2zarr({gz.name!r}, 'run/niizarr.zarr')"
+            code = f'import niizarr; niizarr.nii2zarr("{gz.name}", "run/niizarr.zarr")'
             niizarr = alternative("nii2zarr", python(code), runs / "niizarr.zarr", folder, args.alternatives_repeat)
         ngff = None
         if not args.skip_ngff:
@@ -422,10 +429,10 @@ def main(argv: list[str] | None = None) -> int:
             interpreter = ngff_python()
             if interpreter is not None:
                 code = ("import nibabel as nib, numpy as np, ngff_zarr as nz; "
-                        f"img = nib.load({gz.name!r}); "
-                        "image = nz.to_ngff_image(np.asanyarray(img.dataobj), dims=['x', 'y', 'z'], "
-                        "scale=dict(zip('xyz', map(float, img.header.get_zooms()[:3])))); "
-                        f"nz.to_ngff_zarr('run/ngff.zarr', nz.to_multiscales(image, scale_factors={CHUNK}, "
+                        f'img = nib.load("{gz.name}"); '
+                        'image = nz.to_ngff_image(np.asanyarray(img.dataobj), dims=["x", "y", "z"], '
+                        'scale=dict(zip("xyz", map(float, img.header.get_zooms()[:3])))); '
+                        f'nz.to_ngff_zarr("run/ngff.zarr", nz.to_multiscales(image, scale_factors={CHUNK}, '
                         f"chunks={CHUNK}))")
                 ngff = alternative("ngff-zarr", python(code, str(interpreter), rel(interpreter, folder)),
                                    runs / "ngff.zarr", folder, args.alternatives_repeat)
@@ -433,16 +440,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n.nii source ({nii.name})")
         cat = measure("cat (read the file once)", to_null("cat", nii.name), folder, args.repeat)
         # mmap=False: nibabel's default memory map would make np.asanyarray return before reading anything
-        code = f"import nibabel as nib, numpy as np; np.asanyarray(nib.load({nii.name!r}, mmap=False).dataobj)"
+        code = f'import nibabel as nib, numpy as np; np.asanyarray(nib.load("{nii.name}", mmap=False).dataobj)'
         nib_load = measure("nibabel full load", python(code), folder, args.repeat)
         ours_nii = scan_and_pyramid("nii", nii, folder, runs, args.repeat)
 
         print(f"\nmemory flatness: half the depth ({half_gz.name})")
         ours_half = scan_and_pyramid("half", half_gz, folder, runs, args.repeat)
+        if level0_bytes < 2 * READ_AHEAD:
+            print(f"    (level 0 fits the builder's read-ahead, {READ_AHEAD >> 20} MiB read while as much is "
+                  "downsampled, so memory still grows with the volume here: the ratio means something from the "
+                  "default size on)")
 
         codecs(runs / "gz", ours.name, runs, args.repeat)
+        print("\nwhat bounds the time (.nii.gz source)")
+        startup = measure("start Python, import virtnii.cli", python("import virtnii.cli"), folder, args.repeat)
+        assert startup is not None
         times = stages(runs / "gz.scanned", runs / "gz", ours, runs, args.repeat)
-        print(f"\nwhat bounds the time (.nii.gz source, in this process, best of {args.repeat}):")
+        print(f"  in this process, best of {args.repeat}:")
         for label, key in [("(a) read level 0 via virtnii.open (parallel inflate)", "read"),
                            (f"(b) downsample {ours.levels} levels from memory (plane_stream, 1 thread)",
                             "downsample"),
@@ -450,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {label:<70} {times[key]:7.2f} s  {times[key] / times['pipelined']:5.0%} of pipelined")
         print(f"  {'(a) + (b) + (c)':<70} {times['read'] + times['downsample'] + times['write']:7.2f} s")
         print(f"  {'pipelined: build_pyramids(manifest) in this process':<70} {times['pipelined']:7.2f} s")
-        print(f"  {'virtnii pyramid, whole process (median above)':<70} {ours.run.wall:7.2f} s")
+        print(f"  {'virtnii pyramid, whole process (median above), of which start + imports':<70} "
+              f"{ours.run.wall:7.2f} s  {startup.wall / ours.run.wall:5.0%} start + imports")
     finally:
         shutil.rmtree(runs, ignore_errors=True)
 
@@ -460,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
         ratio("bytes written / nii2zarr's", ours.written, nz_bytes, 1 / 5, shown="<= 1/5"),
         ratio("bytes written / level 0 uncompressed", ours.written, level0_bytes, 1 / 7, shown="<= 1/7"),
         ratio("pyramid wall / gzip -dc", ours.run.wall, gunzip.wall if gunzip else None, 1.5),
+        ratio("scan + pyramid wall / gzip -dc (a new file, all in)", ours.scan.wall + ours.run.wall,
+              gunzip.wall if gunzip else None),
         ratio("pyramid wall / nii2zarr's", ours.run.wall, nz_wall, 0.3),
         ratio("pyramid peak RSS / nii2zarr's", ours.run.rss, nz_rss, 0.1),
         ratio("pyramid peak RSS: 2x nz / half depth", ours.run.rss, ours_half.run.rss, 1.2, strict=True),
