@@ -190,8 +190,11 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path: Path) -> None:
     child = f"""
 import importlib, sys, time
 import virtnii.cli
+import threading
+first = threading.Lock()
 def waiting(source, writer, zarr_format, advance, **options):
-    print("indexing", flush=True)
+    if first.acquire(blocking=False):  # one line, whichever worker starts first (two printing at once interleave)
+        print("indexing", flush=True)
     while True:
         advance(0)
         time.sleep(0.01)
@@ -209,3 +212,38 @@ sys.exit(virtnii.cli.main(["scan", {str(tmp_path)!r}, "-o", {str(tmp_path / 'out
                         "in place only once complete)\n"), err
     assert "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s0.nii.gz", "s1.nii.gz", "s2.nii.gz"]
+
+
+def test_example_runs_the_whole_job_and_every_check_holds(tmp_path: Path, capsys) -> None:
+    assert main(["example", "-o", str(tmp_path / "ex")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("equals a numpy block mean of nibabel's voxels: True") == 4
+    assert out.count("byte for byte the (decompressed) source") == 4 and "False" not in out
+
+
+def test_pyramid_combine_export_commands(tmp_path: Path, capsys) -> None:
+    """The CLI is the API's thin shell: same results, exit codes by outcome, one line per problem."""
+    source = tmp_path / "a.nii"
+    source.write_bytes((DATA / "anatomical.nii").read_bytes())
+    assert main(["scan", str(source), "-o", str(tmp_path / "m"), "-q"]) == 0
+    assert main(["pyramid", str(tmp_path / "m"), "--chunks", "8", "-q"]) == 0
+    assert "pyramid: 1 image(s) built" in capsys.readouterr().out
+    assert main(["pyramid", str(tmp_path / "m"), "--chunks", "8", "-q"]) == 0
+    again = capsys.readouterr().out
+    assert "0 image(s) built" in again and "1 already complete" in again
+    assert main(["info", str(tmp_path / "m")]) == 0
+    assert "level 1: 13x21x17, chunks 8x8x8" in capsys.readouterr().out
+    assert main(["export", str(tmp_path / "m"), "-o", str(tmp_path / "a_out.nii"), "-q"]) == 0
+    assert (tmp_path / "a_out.nii").read_bytes() == source.read_bytes()
+    assert main(["export", str(tmp_path / "m"), "--level", "7", "-o", str(tmp_path / "x.nii"), "-q"]) == 2
+    assert "has levels 0, 1, 2, 3, not 7" in capsys.readouterr().err
+    assert main(["combine", str(tmp_path / "m"), str(tmp_path / "m"), "-o", str(tmp_path / "c")]) == 2
+    assert "clash" in capsys.readouterr().err
+    assert main(["combine", str(tmp_path / "m"), str(tmp_path / "m"), "--prefix", "x", "--prefix", "y",
+                 "-o", str(tmp_path / "c")]) == 0
+    assert "2 image(s)" in capsys.readouterr().out
+    source.write_bytes(source.read_bytes()[:-2] + b"\0\0")  # same size, new mtime: stale
+    import os
+    os.utime(source, (1, 1))
+    assert main(["pyramid", str(tmp_path / "m"), "--chunks", "4", "-q"]) == 2  # the only image failed
+    assert "changed since it was indexed" in capsys.readouterr().err
