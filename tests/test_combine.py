@@ -10,7 +10,7 @@ import pytest
 
 import virtnii
 from nifti_samples import DATA, bids_tree
-from virtnii.combine import combine
+from virtnii.manifest.combine import combine
 from virtnii.pyramid import build_pyramids
 
 

@@ -322,7 +322,7 @@ def test_failure_while_writing_leaves_no_partial_manifest(tmp_path: Path, monkey
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(virtnii.manifest, "build_refs", broken)
+    monkeypatch.setattr(virtnii.manifest.writer, "build_refs", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         virtnii.scan([str(good)], str(tmp_path / "out"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["good.nii"]

@@ -16,6 +16,7 @@ import virtnii.layout
 import virtnii.references
 from nifti_samples import file_to_zarr_order
 from virtnii import manifest
+from virtnii.manifest import writer
 
 DATA = Path(nib.__file__).parent / "tests" / "data"
 
@@ -40,7 +41,7 @@ def test_failed_commit_leaves_no_partial_folder_and_keeps_old_manifest(tmp_path:
     def explode(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(manifest, "build_refs", explode)
+    monkeypatch.setattr(writer, "build_refs", explode)
     with pytest.raises(RuntimeError):
         virtnii.scan([str(DATA / "functional.nii")], str(out))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
@@ -106,7 +107,7 @@ def test_parquet_record_size_fits_the_largest_array(tmp_path: Path, monkeypatch:
         assert _parquet_files(out, f"{name}/0") == ["refs.0.parq"]
         np.testing.assert_array_equal(group[name]["0"][...], expected[name])
 
-    monkeypatch.setattr(manifest, "MAX_RECORD_SIZE", 8)
+    monkeypatch.setattr(writer, "MAX_RECORD_SIZE", 8)
     virtnii.scan([str(p) for p in sources.values()], str(out), zarr_format=2, ref_format="parquet")
     group = virtnii.open(str(out))
     for name in sources:

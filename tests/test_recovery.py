@@ -15,7 +15,6 @@ import pytest
 
 import virtnii
 from nifti_samples import DATA
-from virtnii import recovery
 
 
 def _scan(out: Path, name: str = "anatomical.nii") -> None:

@@ -1,19 +1,25 @@
 """virtnii: index NIfTI files in place as virtual NIfTI-Zarr (kerchunk references), without copying voxels.
 
 Pipeline: :func:`scan` (headers → references, gzip seek points for ``.nii.gz``) writes a manifest folder;
-:func:`open` reads it as a zarr group; :func:`to_nibabel` turns an image group back into a nibabel image.
+:func:`build_pyramids` writes its images' downsampled levels and adds them to it; :func:`combine` merges
+manifests; :func:`open` reads one as a zarr group; :func:`to_nibabel` turns an image group back into a nibabel
+image; :func:`export` streams a level back out as a NIfTI file.
 """
 
 __version__ = "0.1.0"  # first: subpackages import it while this package is initialising
 
 from .errors import (InvalidGzip, InvalidNifti, ManifestError, SourceAccessError, SourceNotFound, StaleSource,
                      UnsupportedNifti, VirtniiError)
+from .export import export
+from .manifest.combine import combine
+from .pyramid import PyramidResult, build_pyramids
 from .reader import open, reference_options, to_nibabel
 from .scan import ScanResult, scan
 from .verified import verify
 
 __all__ = [
-    "scan", "open", "to_nibabel", "reference_options", "verify", "ScanResult",
+    "scan", "build_pyramids", "combine", "open", "to_nibabel", "export", "reference_options", "verify",
+    "ScanResult", "PyramidResult",
     "VirtniiError", "SourceNotFound", "SourceAccessError", "InvalidNifti", "UnsupportedNifti", "InvalidGzip",
     "StaleSource", "ManifestError",
 ]

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import __version__, gzindex
-from .combine import combine
+from .manifest.combine import combine
 from .errors import ManifestError, VirtniiError, redact
 from .export import export
 from .manifest import manifest_options_for, read_index

@@ -20,7 +20,7 @@ import numpy as np
 from isal import igzip
 
 from . import slabs
-from .entry import ImageEntry
+from .manifest.entry import ImageEntry
 from .errors import ManifestError, storage_errors
 from .manifest import manifest_options_for, read_index
 from .reader import header_classes, open as open_manifest

@@ -27,7 +27,7 @@ from fsspec.asyn import AsyncFileSystem
 from fsspec.spec import AbstractBufferedFile
 
 from . import fingerprint, gzindex
-from .entry import GZIP_INDEX_FOLDER, inside
+from .manifest.entry import GZIP_INDEX_FOLDER, inside
 from .errors import ManifestError, SourceNotFound, from_os_error, storage_errors
 from .verified import call, exact_range
 

@@ -21,7 +21,7 @@ import fsspec
 from tqdm.auto import tqdm
 
 from . import fingerprint, gzindex
-from .entry import GZIP_INDEX_FOLDER, ImageEntry
+from .manifest import GZIP_INDEX_FOLDER, ImageEntry
 from .errors import InvalidGzip, InvalidNifti, ManifestError, VirtniiError, from_os_error, storage_errors
 from .header import (HEAD_BYTES, MAX_HEADER_BYTES, NiftiHeader, check_data_size, header_extent, parse, parse_many,
                      without_extensions)

@@ -19,7 +19,8 @@ from typing import Any, Iterable
 import fsspec
 from fsspec.asyn import AsyncFileSystem
 
-from . import fingerprint, integrity
+from . import fingerprint
+from .manifest import integrity
 from .errors import ManifestError, SourceAccessError, StaleSource, VirtniiError, from_os_error, storage_errors
 from .manifest import manifest_options_for, read_index
 

@@ -17,7 +17,7 @@ import fsspec
 from tqdm.auto import tqdm
 
 from .. import __version__, ome
-from ..entry import LEVELS_FOLDER, ImageEntry, is_url as _is_url
+from ..manifest.entry import LEVELS_FOLDER, ImageEntry, is_url as _is_url
 from ..errors import ManifestError, VirtniiError, storage_errors
 from ..manifest import METADATA_KEYS, Index, load_refs, manifest_options_for, read_index, update_manifest
 from .build import CODECS, DEFAULT_CODEC, MARKER, Settings, build_image, method_for, plan_levels, tag

@@ -29,7 +29,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from .. import fingerprint, slabs
-from ..entry import ImageEntry, Level, Pyramid
+from ..manifest import ImageEntry, Level, Pyramid
 from ..errors import storage_errors
 from .downsample import LABEL_INTENTS, METHODS, factors, halved, plane_stream
 

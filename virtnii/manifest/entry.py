@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ManifestError
-from .fingerprint import Fingerprint
+from ..errors import ManifestError
+from ..fingerprint import Fingerprint
 
 #: Folders of a manifest that the index file points into: gzip seek-point sidecars, pyramid level stores.
 GZIP_INDEX_FOLDER = "gzindex"

@@ -1,4 +1,4 @@
-"""The manifest folder: references, sidecars and the index file, written all-or-nothing.
+"""Writing a manifest folder: all-or-nothing for a scan or a combination, atomically in place for an update.
 
 Layout (documented for users in ``docs/manifest.md``)::
 
@@ -16,59 +16,24 @@ carry only URLs.
 
 from __future__ import annotations
 
-import base64
 import collections
 import contextlib
-import itertools
 import json
 import os
 import uuid
-from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 import fsspec
 import kerchunk.df
 
+from ..errors import ManifestError, storage_errors
+from ..references import ImageRefs, hierarchy_docs
 from . import recovery
 from .entry import ImageEntry
-from .errors import ManifestError, is_missing, storage_errors
-from .references import ImageRefs, hierarchy_docs
+from .index import INDEX_FILE, Index
+from .refs import METADATA_KEYS
 
-INDEX_FILE = "virtnii.json"
-#: Version written.  2 added pyramid levels (references relative to the manifest folder, which a version-1
-#: reader would resolve against its working directory): version-1 readers refuse it instead.
-MANIFEST_VERSION = 2
-#: Versions read.
-READABLE_VERSIONS = (1, 2)
 REF_FILES = {"json": "refs.json", "parquet": "refs.parquet"}
-#: Store keys of zarr metadata documents (the rest of a reference set is chunks and inlined bytes).
-METADATA_KEYS = ("zarr.json", ".zarray", ".zattrs", ".zgroup")
-
-
-@dataclass(frozen=True)
-class Index:
-    """A manifest's index file: its Zarr format, where its references are, and its images."""
-
-    zarr_format: int
-    references: str
-    images: tuple[ImageEntry, ...]
-
-    @property
-    def ref_format(self) -> str:
-        return "parquet" if self.references.endswith(".parquet") else "json"
-
-    def image(self, name: str) -> ImageEntry:
-        for entry in self.images:
-            if entry.name == name:
-                return entry
-        raise KeyError(name)
-
-    def text(self) -> str:
-        """The index file's text: one image per line, readable and diffable, each through the C JSON encoder
-        (``indent=`` falls back to the pure-Python encoder: a quarter of a 2000-file scan)."""
-        head = {"virtnii_manifest": MANIFEST_VERSION, "zarr_format": self.zarr_format, "references": self.references}
-        lines = ",\n".join(json.dumps(entry.to_json()) for entry in self.images)
-        return json.dumps(head)[:-1] + ', "images": [\n' + lines + "\n]}\n"
 
 
 class ManifestWriter:
@@ -191,106 +156,6 @@ def build_refs(images: Iterable[ImageRefs], zarr_format: int) -> dict[str, Any]:
     return {"version": 1, "refs": refs}
 
 
-def manifest_options_for(manifest: str, manifest_options: dict[str, Any] | None,
-                         storage_options: dict[str, Any]) -> dict[str, Any]:
-    """Options for reading a manifest folder: as given, else the sources' options for a remote folder (usually
-    the same bucket or store) and none for a local one."""
-    if manifest_options is not None:
-        return manifest_options
-    remote = (fsspec.core.split_protocol(manifest)[0] or "file") not in ("file", "local")
-    return dict(storage_options) if remote else {}
-
-
-def read_index(manifest: str, storage_options: dict[str, Any] | None = None) -> Index:
-    """The index file of a manifest folder, checked for a version this code understands and parsed."""
-    fs, path = fsspec.core.url_to_fs(manifest, **(storage_options or {}))
-    index_path = f"{path.rstrip('/')}/{INDEX_FILE}"
-    try:
-        try:
-            with fs.open(index_path, "rb") as f:
-                index = json.load(f)
-        except FileNotFoundError:
-            # a replacement killed halfway leaves no index at OUT: finish (or undo) it, then read again
-            if not recovery.recover(fs, path.rstrip("/"), INDEX_FILE):
-                raise
-            with fs.open(index_path, "rb") as f:
-                index = json.load(f)
-    except (*storage_errors(), ValueError) as err:
-        if is_missing(err):
-            raise ManifestError(manifest, f"not a virtnii manifest (no {INDEX_FILE}); create one with `virtnii scan`"
-                                ) from err
-        raise ManifestError(manifest, f"cannot read {INDEX_FILE}: {err.__cause__ or err}") from err
-    if not isinstance(index, dict) or index.get("virtnii_manifest") not in READABLE_VERSIONS:
-        version = index.get("virtnii_manifest") if isinstance(index, dict) else None
-        raise ManifestError(manifest, f"{INDEX_FILE} is not a virtnii manifest this version reads (format "
-                                      f"{version!r}; this virtnii reads {' and '.join(map(str, READABLE_VERSIONS))}"
-                                      "): upgrade virtnii, or re-run `virtnii scan`")
-    images = index.get("images")
-    if not isinstance(images, list) or index.get("zarr_format") not in (2, 3) \
-            or not isinstance(index.get("references"), str):
-        raise ManifestError(manifest, f"{INDEX_FILE} is damaged (no images, zarr_format or references)")
-    return Index(index["zarr_format"], index["references"],
-                 tuple(ImageEntry.from_json(doc, manifest) for doc in images))
-
-
-def load_refs(manifest: str, index: Index, options: dict[str, Any]) -> dict[str, Any]:
-    """Every reference of a manifest as one kerchunk v1 ``refs`` mapping (JSON text, ``base64:`` or lists).
-
-    Parquet references are read through fsspec's lazy mapper and brought to the JSON form, so code that
-    rewrites references (pyramid levels, combining) handles one shape.
-    """
-    fs, path = fsspec.core.url_to_fs(manifest, **options)
-    target = f"{path.rstrip('/')}/{index.references}"
-    try:
-        if index.ref_format == "json":
-            refs = json.loads(fs.cat_file(target))["refs"]
-        else:
-            from fsspec.implementations.reference import LazyReferenceMapper
-
-            mapper = LazyReferenceMapper(fs.unstrip_protocol(target), fs=fs)
-            refs = {key: _json_value(key, mapper[key]) for key in _parquet_keys(mapper)}
-    except (*storage_errors(), ValueError, KeyError, TypeError) as err:
-        if isinstance(err, FileNotFoundError) and is_missing(err):
-            raise ManifestError(f"{manifest}/{index.references}", "the references file is missing; re-run "
-                                                                   "`virtnii scan`") from err
-        raise ManifestError(f"{manifest}/{index.references}", f"cannot read the references ({err}); re-run "
-                                                               "`virtnii scan`") from err
-    if not isinstance(refs, dict):
-        raise ManifestError(f"{manifest}/{index.references}", "is not kerchunk references (no 'refs' mapping); "
-                                                               "re-run `virtnii scan`")
-    return refs
-
-
-def _parquet_keys(mapper: Any) -> list[str]:
-    """Every key of a Parquet reference set: its metadata documents, and each array's referenced chunks.
-
-    (The mapper's own iteration takes every folder for an array, and fails on nested groups.)
-    """
-    metadata = [key for key in mapper.zmetadata]
-    keys = list(metadata)
-    for key in metadata:
-        if key.endswith("/.zarray"):
-            array = key[: -len("/.zarray")]
-            doc = json.loads(mapper[key])
-            grid = [-(-n // c) for n, c in zip(doc["shape"], doc["chunks"])]
-            for index in itertools.product(*map(range, grid)):
-                chunk = f"{array}/{'.'.join(map(str, index)) or '0'}"
-                if chunk in mapper:
-                    keys.append(chunk)
-    return keys
-
-
-def _json_value(key: str, value: Any) -> Any:
-    """A Parquet reference value as kerchunk JSON has it: text documents, ``base64:`` bytes, plain-int lists."""
-    if isinstance(value, (bytes, bytearray)):
-        if key.rsplit("/", 1)[-1] in METADATA_KEYS:
-            return bytes(value).decode()
-        return "base64:" + base64.b64encode(bytes(value)).decode()
-    if isinstance(value, (list, tuple)):
-        return [value[0], *map(int, value[1:])]
-    return value
-
-
 def update_manifest(manifest: str, current: Index, images: Iterable[ImageEntry], refs: dict[str, Any],
                     options: dict[str, Any]) -> Index:
     """Update a manifest folder in place to ``images`` and ``refs``: the references under a new name, then the
@@ -320,5 +185,3 @@ def update_manifest(manifest: str, current: Index, images: Iterable[ImageEntry],
     except storage_errors() as err:
         raise ManifestError(manifest, f"cannot update the manifest here: {err}") from err
     return new
-
-

@@ -22,11 +22,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import fsspec
-from . import fingerprint, gzindex
+from .. import fingerprint, gzindex
+from ..errors import ManifestError, StaleSource, VirtniiError, storage_errors
+from ..references import chunk_key
 from .entry import ImageEntry
-from .errors import ManifestError, StaleSource, VirtniiError, storage_errors
-from .manifest import Index, load_refs
-from .references import chunk_key
+from .index import Index
+from .refs import load_refs
 
 #: Sidecars loaded at once (each is one or two requests and an inflate of its windows).
 _SIDECAR_WORKERS = 16

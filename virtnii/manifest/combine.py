@@ -18,8 +18,10 @@ from typing import Any, Sequence
 import fsspec
 
 from .entry import GZIP_INDEX_FOLDER, ImageEntry
-from .errors import ManifestError, storage_errors
-from .manifest import Index, ManifestWriter, load_refs, manifest_options_for, read_index
+from ..errors import ManifestError, storage_errors
+from .index import Index, manifest_options_for, read_index
+from .refs import load_refs
+from .writer import ManifestWriter
 
 GZIDX = "gzidx://"
 

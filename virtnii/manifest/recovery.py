@@ -26,7 +26,7 @@ import os
 import socket
 import fsspec
 
-from .errors import storage_errors
+from ..errors import storage_errors
 
 PARTIAL = ".partial-"
 OLD = ".old"
