@@ -59,6 +59,7 @@ SLAB = 16  # z-slices generated at a time: the volume is never in memory whole w
 #: on the level, and ISA-L level 3 writes a volume several times faster.
 GZIP_WRITER = "ISA-L igzip level 3"
 CHUNK = 64  # level chunk edge, as `virtnii pyramid` and nii2zarr default to
+RUN = "run"  # folder (inside the data folder) of this run's outputs, deleted at its end; inputs stay
 TIME = ["/usr/bin/time", "-f", "%M"]  # GNU time: peak RSS in KiB (its wall time has only 10 ms steps)
 
 
@@ -219,7 +220,8 @@ def ngff_python(cwd: Path) -> Path | None:
     first use (~10 s) and caches them, a cost no later conversion pays.  None, with the reason printed, where
     ngff-zarr cannot be installed or run."""
     interpreter = NGFF_VENV / "bin" / "python"
-    warm_up = [str(interpreter), "-c", 'import numpy as np, ngff_zarr as nz; nz.to_ngff_zarr("run/ngff-warm.zarr", '
+    warm_up = [str(interpreter), "-c",
+               f'import numpy as np, ngff_zarr as nz; nz.to_ngff_zarr("{RUN}/ngff-warm.zarr", '
                'nz.to_multiscales(nz.to_ngff_image(np.zeros((130, 120, 100), np.int16), dims=["x", "y", "z"]), '
                'scale_factors=64, chunks=64))']
     steps = [warm_up]
@@ -235,7 +237,7 @@ def ngff_python(cwd: Path) -> Path | None:
             why = "\n      ".join((done.stderr or done.stdout).strip().splitlines()[-6:])
             print(f"    ngff-zarr cannot be installed or run (exit {done.returncode}), skipped:\n      {why}")
             return None
-    shutil.rmtree(cwd / "run" / "ngff-warm.zarr", ignore_errors=True)
+    shutil.rmtree(cwd / RUN / "ngff-warm.zarr", ignore_errors=True)
     return interpreter
 
 
@@ -400,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     half = (nx, ny, nz // 2)
     level0_bytes = nx * ny * nz * 2
     folder = args.dir.resolve()
-    runs = folder / "run"  # outputs of this run only; inputs stay for the next
+    runs = folder / RUN
     print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} (other work on the machine inflates "
           f"every timing); volume {nx}x{ny}x{nz} int16 ({level0_bytes / 1e6:.0f} MB), half-depth {nx}x{ny}x{nz // 2}; "
           f".nii.gz written by {GZIP_WRITER}")
@@ -426,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_niizarr:
             print(f"\nnifti-zarr nii2zarr ({gz.name}; gaussian levels, blosc, zarr 3, {CHUNK}-cubed chunks, "
                   f"level 0 copied), {args.alternatives_repeat} run(s)")
-            code = f'import niizarr; niizarr.nii2zarr("{gz.name}", "run/niizarr.zarr")'
+            code = f'import niizarr; niizarr.nii2zarr("{gz.name}", "{RUN}/niizarr.zarr")'
             niizarr = alternative("nii2zarr", python(code), runs / "niizarr.zarr", folder, args.alternatives_repeat)
         ngff = None
         if not args.skip_ngff:
@@ -438,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
                         f'img = nib.load("{gz.name}"); '
                         'image = nz.to_ngff_image(np.asanyarray(img.dataobj), dims=["x", "y", "z"], '
                         'scale=dict(zip("xyz", map(float, img.header.get_zooms()[:3])))); '
-                        f'nz.to_ngff_zarr("run/ngff.zarr", nz.to_multiscales(image, scale_factors={CHUNK}, '
+                        f'nz.to_ngff_zarr("{RUN}/ngff.zarr", nz.to_multiscales(image, scale_factors={CHUNK}, '
                         f"chunks={CHUNK}))")
                 ngff = alternative("ngff-zarr", python(code, str(interpreter), rel(interpreter, folder)),
                                    runs / "ngff.zarr", folder, args.alternatives_repeat)

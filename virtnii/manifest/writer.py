@@ -24,7 +24,6 @@ import uuid
 from typing import Any, Iterable, Iterator
 
 import fsspec
-import kerchunk.df
 
 from ..errors import ManifestError, storage_errors
 from ..references import ImageRefs, hierarchy_docs
@@ -143,6 +142,8 @@ def write_references(fs: fsspec.AbstractFileSystem, target: str, refs: dict[str,
         # one dumps + write: json.dump streams through the pure-Python encoder, ~10x slower on big manifests
         fs.pipe_file(target, json.dumps(refs, separators=(",", ":")).encode())
     else:
+        import kerchunk.df  # imports pandas (~0.3 s): only Parquet manifests pay for it
+
         kerchunk.df.refs_to_dataframe(refs, fs.unstrip_protocol(target), record_size=_record_size(refs["refs"]),
                                       storage_options=fs.storage_options)
 
