@@ -61,7 +61,7 @@ def export(manifest: str, out: str, image: str | None = None, *, level: int = 0,
                           **storage_options)[image]
     array = group[str(level)]
     raw = np.asarray(group["nifti"][:]).tobytes()
-    header_bytes, dtype = _header(f"{manifest}/{image}", raw, entry.nifti_version, level, array.shape, entry)
+    header_bytes, dtype = _header(f"{manifest}/{image}", raw, level, array.shape, entry)
     fs, path = fsspec.core.url_to_fs(out, **(out_options or {}))
     staged = f"{path}.partial-{uuid.uuid4().hex[:8]}" if getattr(fs, "local_file", False) else path
     try:
@@ -88,7 +88,7 @@ def export(manifest: str, out: str, image: str | None = None, *, level: int = 0,
     return out
 
 
-def _header(manifest_image: str, raw: bytes, version: int, level: int, zarr_shape: tuple[int, ...],
+def _header(manifest_image: str, raw: bytes, level: int, zarr_shape: tuple[int, ...],
             entry: ImageEntry) -> tuple[bytes, np.dtype]:
     """The bytes before the voxels, and the voxels' dtype in the file (the header's byte order)."""
     header_class, _ = header_classes(manifest_image, raw)
@@ -96,6 +96,7 @@ def _header(manifest_image: str, raw: bytes, version: int, level: int, zarr_shap
     dtype = stored.get_data_dtype()
     if level == 0 and entry.data is None:
         return raw, dtype  # the source's own header and extensions, byte for byte
+    version = entry.nifti_version
     single = (nib.Nifti2Header if version == 2 else nib.Nifti1Header).from_header(stored)
     single.extensions[:] = stored.extensions[:]
     if level:

@@ -115,10 +115,13 @@ def _levels_problem(refs: dict[str, Any], manifest: str, options: dict[str, Any]
     except storage_errors() as err:
         return ManifestError(store, f"cannot list this pyramid level store: {err}")
     prefix = f"{image.pyramid.store}/"
-    for value in refs.values():
-        if isinstance(value, list) and value and value[0].startswith(prefix) and value[0][len(prefix):] not in held:
-            return ManifestError(store, f"holds no {value[0][len(prefix):]}, which the references of image "
-                                        f"{image.name!r} name; re-run `virtnii pyramid`")
+    for level in image.levels:  # the level's own chunk (or shard) keys: no scan of the whole reference set
+        grid = [range(math.ceil(n / c)) for n, c in zip(level.shape, level.shards or level.chunks)]
+        for position in itertools.product(*grid):
+            ref = refs.get(chunk_key(f"{image.name}/{level.path}", position, zarr_format))
+            if isinstance(ref, list) and ref and ref[0].startswith(prefix) and ref[0][len(prefix):] not in held:
+                return ManifestError(store, f"holds no {ref[0][len(prefix):]}, which the references of image "
+                                            f"{image.name!r} name; re-run `virtnii pyramid`")
     return None
 
 

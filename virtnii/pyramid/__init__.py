@@ -173,7 +173,7 @@ def _remove_unreferenced_stores(manifest: str, options: dict[str, Any], entries:
     now = {entry.pyramid.store for entry in entries if entry.pyramid}
     fs, path = fsspec.core.url_to_fs(manifest, **options)
     for store in sorted(before - now):
-        if not _is_url(store) and store.startswith(f"{LEVELS_FOLDER}/"):
+        if not _is_url(store):  # inside the manifest (index entries are checked to stay in levels/)
             target = f"{path.rstrip('/')}/{store}"
             if fs.exists(f"{target}/{MARKER}"):
                 fs.rm(target, recursive=True)
