@@ -230,6 +230,16 @@ def test_rerun_reuses_complete_levels_and_a_changed_setting_rebuilds(tmp_path: P
     assert other.built == ["anatomical"] and not marker.exists()
 
 
+def test_a_deleted_level_store_is_rebuilt_and_reported_as_built(tmp_path: Path) -> None:
+    virtnii.scan([str(REAL["anatomical"])], str(tmp_path / "m"))
+    build_pyramids(str(tmp_path / "m"), chunks=8)
+    shutil.rmtree(tmp_path / "m" / "levels")
+    again = build_pyramids(str(tmp_path / "m"), chunks=8)
+    assert again.built == ["anatomical"] and not again.reused
+    expected = expected_levels(REAL["anatomical"], 1, "mean")[0]
+    assert_level_equal(virtnii.open(str(tmp_path / "m"))["anatomical"]["1"][...], expected)
+
+
 def test_manifest_with_levels_opens_after_being_moved(tmp_path: Path) -> None:
     virtnii.scan([str(REAL["example4d"])], str(tmp_path / "m"))
     build_pyramids(str(tmp_path / "m"), chunks=8)

@@ -14,7 +14,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 #: Bytes read at once (rounded to whole chunks).
-SLAB_BYTES = 64 * 2**20
+SLAB_BYTES = 16 * 2**20
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,6 @@ from .downsample import METHODS
 __all__ = ["build_pyramids", "PyramidResult", "Settings", "METHODS", "CODECS", "DEFAULT_CODEC"]
 
 
-
 @dataclass
 class PyramidResult:
     """What a pyramid run did: the updated entries, which images were built or found complete, and failures."""
@@ -102,7 +101,7 @@ def build_pyramids(manifest: str, images: Sequence[str] | None = None, *, method
             store_ref = relative if not out else store_url
             before = bar.n
             try:
-                pyramid = build_image(entry, image["0"], store_url, store_ref, store_tag, chosen_method, settings,
+                pyramid, was_built = build_image(entry, image["0"], store_url, store_ref, store_tag, chosen_method, settings,
                                       index.zarr_format, store_options, storage_options, advance)
             except VirtniiError as err:
                 failures.append(err)
@@ -110,7 +109,7 @@ def build_pyramids(manifest: str, images: Sequence[str] | None = None, *, method
                 continue
             except storage_errors() as err:
                 raise ManifestError(store_url, f"cannot write pyramid levels here: {err}") from err
-            (reused if entry.pyramid and entry.pyramid.tag == pyramid.tag else built).append(entry.name)
+            (built if was_built else reused).append(entry.name)
             updated[entry.name] = entry.with_pyramid(pyramid)
     entries = [updated.get(entry.name, entry) for entry in index.images]
     if updated:

@@ -145,17 +145,19 @@ def read_marker(fs: fsspec.AbstractFileSystem, path: str) -> Pyramid | None:
 
 def build_image(entry: ImageEntry, level0: zarr.Array, store_url: str, store_ref: str, store_tag: str,
                 method: str, settings: Settings, zarr_format: int, store_options: dict[str, Any],
-                source_options: dict[str, Any], progress: Callable[[int], Any] = lambda n: None) -> Pyramid:
+                source_options: dict[str, Any], progress: Callable[[int], Any] = lambda n: None
+                ) -> tuple[Pyramid, bool]:
     """Write the levels of one image into ``store_url`` (``store_ref``: how the manifest names it), or reuse them.
 
-    Returns the store's :class:`Pyramid`.  ``progress(n)`` hears of every ``n`` level-0 bytes consumed.
+    Returns the store's :class:`Pyramid` and whether it was built (False: a finished store was reused).
+    ``progress(n)`` hears of every ``n`` level-0 bytes consumed.
     """
     plans = plan_levels(entry.shape, entry.axes, settings)
     store, fs, path = _store(store_url, store_options)
     finished = read_marker(fs, path)
     if finished is not None and finished.tag == store_tag:
         progress(entry.nbytes)
-        return Pyramid(store_ref, finished.tag, finished.method, finished.codec, finished.levels)
+        return Pyramid(store_ref, finished.tag, finished.method, finished.codec, finished.levels), False
     if fs.exists(path):
         fs.rm(path, recursive=True)  # an interrupted build: its chunks never become visible, and go now
     dtype = np.dtype(entry.numpy_dtype)
@@ -179,7 +181,7 @@ def build_image(entry: ImageEntry, level0: zarr.Array, store_url: str, store_ref
                    for k, ((shape, total), a) in enumerate(zip(plans, arrays), start=1))
     pyramid = Pyramid(store_ref, store_tag, method, CODECS[settings.codec], levels)
     fs.pipe_file(f"{path}/{MARKER}", json.dumps(pyramid.to_json()).encode())
-    return pyramid
+    return pyramid, True
 
 
 def _stored_bytes(fs: fsspec.AbstractFileSystem, path: str) -> int:
