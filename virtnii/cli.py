@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import __version__, gzindex
+from .bids import find, index
 from .manifest.combine import combine
 from .errors import ManifestError, VirtniiError, redact
 from .export import export
@@ -135,6 +136,49 @@ def build_parser() -> argparse.ArgumentParser:
                              "manifest; refused otherwise")
     _storage_arguments(p_scan)
 
+    p_index = commands.add_parser(
+        "index", help="index a whole BIDS dataset in place: entities, sidecars, resumable, optionally on Dask",
+        description="Index every NIfTI image of a BIDS dataset (a folder or any fsspec URL) in place into one "
+                    "manifest whose groups mirror the BIDS paths and carry each image's entities and inherited "
+                    "sidecar metadata.  A re-run reads only new or changed files, drops removed ones and "
+                    "finishes what a killed run left.  Ends with a summary, also written to "
+                    "OUT/index-report.json.",
+        epilog="examples:\n  virtnii index /data/ds000117 -o /data/ds000117/derivatives/virtnii --pyramid\n"
+               "  virtnii index s3://openneuro.org/ds000117 --anon -o manifests/ds000117\n"
+               "  virtnii index /data/ds000117 -o out --derivatives --dask tcp://scheduler:8786\n\n"
+               + exit_status("every image was indexed", "some files were skipped (placeholders, broken links, "
+                                                        "not NIfTI...): listed in the summary and the report"),
+        parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p_index.add_argument("root", metavar="ROOT", help="the dataset folder (holding dataset_description.json)")
+    p_index.add_argument("-o", "--out", required=True, help="manifest folder (updated in place on re-runs)")
+    p_index.add_argument("--pyramid", action="store_true", help="also build OME pyramid levels (mode for "
+                                                                "_dseg/_mask label images)")
+    p_index.add_argument("--derivatives", action="store_true", help="index derivatives/ too")
+    p_index.add_argument("--workers", type=int, help="batches at once (default: one per core locally, "
+                                                     "8 for remote datasets)")
+    p_index.add_argument("--dask", metavar="ADDRESS", help="run the batches on this Dask scheduler "
+                                                           "(its workers must reach ROOT and OUT)")
+    p_index.add_argument("--zarr-format", type=int, choices=(2, 3), default=3,
+                         help="3: Zarr v3 + OME 0.5 (default); 2: Zarr v2 + OME 0.4")
+    p_index.add_argument("--format", dest="ref_format", choices=("json", "parquet"), default="json",
+                         help="reference file format (parquet needs --zarr-format 2)")
+    p_index.add_argument("--no-extensions", dest="extensions", action="store_false",
+                         help="leave header extensions (which may carry identifying text) out of the manifest")
+    p_index.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _storage_arguments(p_index, sources="the dataset")
+
+    p_find = commands.add_parser(
+        "find", help="list the images of an indexed dataset whose BIDS entities match",
+        description="Answer from the manifest's index file alone (no source or reference is read).",
+        epilog="examples:\n  virtnii find OUT sub=01 suffix=T1w\n  virtnii find OUT datatype=func task=rest --json",
+        parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p_find.add_argument("manifest")
+    p_find.add_argument("entities", nargs="*", metavar="KEY=VALUE", type=_option,
+                        help="entity (sub, ses, task, run, ..., datatype, suffix, ext) and value; "
+                             "a value a,b matches either")
+    p_find.add_argument("--json", action="store_true", help="print one JSON row per image (entities, shape, ...)")
+    _storage_arguments(p_find, sources="a remote manifest")
+
     p_info = commands.add_parser("info", help="summarise a manifest: images, shapes, dtypes, bytes referenced",
                                  parents=[common])
     p_info.add_argument("manifest")
@@ -232,6 +276,31 @@ def cmd_scan(args: argparse.Namespace) -> int:
     print(f"indexed {len(result.images)} image(s), {_human(total)} of voxels referenced in place -> {result.manifest}"
           + (f"; {len(result.failures)} source(s) failed" if result.failures else ""))
     return EXIT_SOURCES_FAILED if result.failures else EXIT_OK
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    storage, manifest_options = _options(args)
+    result = index(args.root, args.out, pyramid=args.pyramid, derivatives=args.derivatives, workers=args.workers,
+                   dask=args.dask, zarr_format=args.zarr_format, ref_format=args.ref_format,
+                   extensions=args.extensions, storage_options=storage, manifest_options=manifest_options or None,
+                   progress=not args.quiet)
+    print(result.report.summary())
+    if not result.images:
+        print("virtnii: nothing indexed, no manifest written", file=sys.stderr)
+        return EXIT_NOTHING_DONE
+    return EXIT_SOURCES_FAILED if result.skipped else EXIT_OK
+
+
+def cmd_find(args: argparse.Namespace) -> int:
+    from .bids.query import rows
+
+    storage, _ = _options(args)
+    wanted = {key: str(value).split(",") for key, value in args.entities}
+    names = set(find(args.manifest, storage, **wanted))
+    for row in rows(args.manifest, storage):
+        if row["name"] in names:
+            print(json.dumps(row) if args.json else row["name"])
+    return EXIT_OK
 
 
 def print_info(manifest: str, manifest_options: dict[str, Any]) -> None:
@@ -332,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; every outcome is an exit code and at most a few lines on stderr, never a traceback
     (unless --debug or VIRTNII_DEBUG asks for one of an internal error)."""
     args = build_parser().parse_args(argv)
-    handler = {"scan": cmd_scan, "info": cmd_info, "verify": cmd_verify, "pyramid": cmd_pyramid,
+    handler = {"scan": cmd_scan, "index": cmd_index, "find": cmd_find, "info": cmd_info, "verify": cmd_verify, "pyramid": cmd_pyramid,
                "combine": cmd_combine, "export": cmd_export, "example": cmd_example}[args.command]
     in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None

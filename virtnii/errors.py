@@ -80,6 +80,15 @@ class ManifestError(VirtniiError):
 
 
 @functools.lru_cache(maxsize=None)
+def error_class(name: str) -> type[VirtniiError]:
+    """The VirtniiError subclass called ``name`` (as recorded in a job journal), or VirtniiError itself."""
+    for cls in (SourceNotFound, SourceAccessError, InvalidNifti, UnsupportedNifti, InvalidGzip, StaleSource,
+                ManifestError):
+        if cls.__name__ == name:
+            return cls
+    return VirtniiError
+
+
 def storage_errors() -> tuple[type[BaseException], ...]:
     """What storage backends raise for a file they cannot reach or read, for ``except storage_errors():``.
 

@@ -26,6 +26,7 @@ from .errors import InvalidGzip, InvalidNifti, ManifestError, VirtniiError, from
 from .header import (HEAD_BYTES, MAX_HEADER_BYTES, NiftiHeader, check_data_size, header_extent, parse, parse_many,
                      without_extensions)
 from .manifest import REF_FILES, ManifestWriter
+from .manifest.writer import SidecarFolder
 from .references import ZARR_FORMATS, ImageRefs, image_refs
 from .sources import CONCURRENT_READS, Source, assign_names, expand, is_local
 from .verified import ranges_ignored
@@ -345,7 +346,7 @@ def _gunzip_members(data: bytes, limit: int) -> tuple[bytes, bool]:
     return bytes(out), False
 
 
-def index_gzip_source(source: Source, writer: ManifestWriter, zarr_format: int,
+def index_gzip_source(source: Source, writer: SidecarFolder, zarr_format: int,
                       advance: Callable[[int], Any] = lambda n: None, *, extensions: bool = True,
                       content_hash: bool = False) -> tuple[ImageRefs, ImageEntry]:
     """Header, seek-point index and references of a ``.nii.gz`` (or gzipped pair), indexed in place.
@@ -418,4 +419,5 @@ def _entry(source: Source, header: NiftiHeader, refs: ImageRefs, gzip_index: str
         dtype=dtype.str if not dtype.fields else tuple((n, t) for n, t in dtype.descr), nbytes=layout.nbytes,
         gzip_index=gzip_index, uncompressed_size=uncompressed_size,
         data=source.data_url if source.is_pair else None,
-        data_fingerprint=fingerprint.from_info(source.data_info) if source.is_pair else None)
+        data_fingerprint=fingerprint.from_info(source.data_info) if source.is_pair else None,
+        zooms=tuple(float(z) for z in header.fields["pixdim"][1:len(header.shape) + 1]))

@@ -116,6 +116,8 @@ class ImageEntry:
     data: str | None = None
     data_fingerprint: Fingerprint | None = None
     pyramid: Pyramid | None = None
+    zooms: tuple[float, ...] | None = None  # the header's pixdim[1:ndim+1] (nibabel's get_zooms), NIfTI order
+    bids: dict[str, Any] | None = None  # `virtnii index`: {"path": relative to the dataset root, "entities": {…}}
     extra: dict[str, Any] = field(default_factory=dict)  # keys other tools or later versions added: kept as is
 
     @property
@@ -165,6 +167,10 @@ class ImageEntry:
             doc["data_fingerprint"] = self.data_fingerprint
         if self.pyramid is not None:
             doc["pyramid"] = self.pyramid.to_json()
+        if self.zooms is not None:
+            doc["zooms"] = list(self.zooms)
+        if self.bids is not None:
+            doc["bids"] = self.bids
         doc.update(self.extra)
         return doc
 
@@ -174,7 +180,7 @@ class ImageEntry:
         try:
             dtype = doc["dtype"]
             known = {"name", "source", "fingerprint", "nifti_version", "shape", "axes", "chunks", "dtype", "nbytes",
-                     "gzip_index", "uncompressed_size", "data", "data_fingerprint", "pyramid"}
+                     "gzip_index", "uncompressed_size", "data", "data_fingerprint", "pyramid", "zooms", "bids"}
             entry = cls(
                 name=_text(doc["name"]), source=_text(doc["source"]), fingerprint=_fingerprint(doc["fingerprint"]),
                 nifti_version=int(doc["nifti_version"]), shape=_ints(doc["shape"]), axes=_text(doc["axes"]),
@@ -187,6 +193,8 @@ class ImageEntry:
                 data_fingerprint=None if doc.get("data_fingerprint") is None
                 else _fingerprint(doc["data_fingerprint"]),
                 pyramid=None if doc.get("pyramid") is None else Pyramid.from_json(doc["pyramid"]),
+                zooms=None if doc.get("zooms") is None else tuple(float(z) for z in doc["zooms"]),
+                bids=None if doc.get("bids") is None else _bids(doc["bids"]),
                 extra={k: v for k, v in doc.items() if k not in known},
             )
             entry.numpy_dtype  # noqa: B018  (an unknown dtype string is damage too)
@@ -223,6 +231,13 @@ def _ints(values: Any) -> tuple[int, ...]:
 def _text(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise TypeError(f"expected a non-empty string, got {value!r}")
+    return value
+
+
+def _bids(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict) or not isinstance(value.get("path"), str) \
+            or not isinstance(value.get("entities"), dict):
+        raise TypeError(f"expected BIDS information with a path and entities, got {value!r}")
     return value
 
 

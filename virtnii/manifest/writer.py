@@ -35,19 +35,11 @@ from .refs import METADATA_KEYS
 REF_FILES = {"json": "refs.json", "parquet": "refs.parquet"}
 
 
-class ManifestWriter:
-    """Collects sidecars in a temporary folder, then :meth:`commit` writes references and moves it into place."""
+class SidecarFolder:
+    """Where a scan writes gzip sidecars: ``tmp`` on ``fs``, for the manifest ``out_url`` (named in errors)."""
 
-    def __init__(self, out: str, storage_options: dict[str, Any] | None = None) -> None:
-        self.out_url = out
-        self.fs, self.out = fsspec.core.url_to_fs(out, **(storage_options or {}))
-        self.out = self.out.rstrip("/")
-        self.tmp = f"{self.out}{recovery.PARTIAL}{uuid.uuid4().hex[:8]}"
-        with self.writing():
-            recovery.recover(self.fs, self.out, INDEX_FILE)  # what a killed earlier run left here
-            self._refuse_to_replace_other_data()
-            recovery.claim(self.fs, self.tmp)
-            self.fs.makedirs(self.tmp, exist_ok=True)
+    def __init__(self, fs: fsspec.AbstractFileSystem, tmp: str, out_url: str) -> None:
+        self.fs, self.tmp, self.out_url = fs, tmp, out_url
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:
@@ -56,6 +48,20 @@ class ManifestWriter:
             yield
         except storage_errors() as err:
             raise ManifestError(self.out_url, f"cannot write the manifest here: {err}") from err
+
+
+class ManifestWriter(SidecarFolder):
+    """Collects sidecars in a temporary folder, then :meth:`commit` writes references and moves it into place."""
+
+    def __init__(self, out: str, storage_options: dict[str, Any] | None = None) -> None:
+        fs, path = fsspec.core.url_to_fs(out, **(storage_options or {}))
+        self.out = path.rstrip("/")
+        super().__init__(fs, f"{self.out}{recovery.PARTIAL}{uuid.uuid4().hex[:8]}", out)
+        with self.writing():
+            recovery.recover(self.fs, self.out, INDEX_FILE)  # what a killed earlier run left here
+            self._refuse_to_replace_other_data()
+            recovery.claim(self.fs, self.tmp)
+            self.fs.makedirs(self.tmp, exist_ok=True)
 
     def _refuse_to_replace_other_data(self) -> None:
         """A scan replaces ``OUT`` wholesale: only ever an earlier manifest or an empty folder, never other data."""
@@ -160,20 +166,26 @@ def build_refs(images: Iterable[ImageRefs], zarr_format: int) -> dict[str, Any]:
 def update_manifest(manifest: str, current: Index, images: Iterable[ImageEntry], refs: dict[str, Any],
                     options: dict[str, Any]) -> Index:
     """Update a manifest folder in place to ``images`` and ``refs``: the references under a new name, then the
-    index file, atomically; returns the new index.
+    index file, atomically; returns the new index (see :func:`publish`)."""
+    fs, path = fsspec.core.url_to_fs(manifest, **options)
+    return publish(fs, path, manifest, current.zarr_format, current.ref_format, images, refs, current.references)
+
+
+def publish(fs: fsspec.AbstractFileSystem, path: str, url: str, zarr_format: int, ref_format: str,
+            images: Iterable[ImageEntry], refs: dict[str, Any], old_references: str | None) -> Index:
+    """Make the manifest folder ``path`` hold ``images`` and ``refs``, in place: the references under a new name,
+    then the index file, atomically, then the old references (``old_references``) go; returns the new index.
 
     Readers that opened the old index keep reading the references it names until they are removed, last; a
     new reader sees the old manifest or the new one, never a mix: the index file is replaced by one rename
-    (local) or one PUT (object stores), and it is what names the references.
+    (local) or one PUT (object stores), and it is what names the references.  Sidecars and level stores are
+    named by what they were made from, so new ones can be written beside the old before this is called.
     """
-    fs, path = fsspec.core.url_to_fs(manifest, **options)
     path = path.rstrip("/")
-    suffix = "json" if current.ref_format == "json" else "parquet"
-    name = f"refs.{uuid.uuid4().hex[:8]}.{suffix}"
-    new = Index(current.zarr_format, name, tuple(images))
-    old_refs = f"{path}/{current.references}"
+    name = f"refs.{uuid.uuid4().hex[:8]}.{'json' if ref_format == 'json' else 'parquet'}"
+    new = Index(zarr_format, name, tuple(images))
     try:
-        write_references(fs, f"{path}/{name}", {"version": 1, "refs": refs}, current.ref_format)
+        write_references(fs, f"{path}/{name}", {"version": 1, "refs": refs}, ref_format)
         text = new.text().encode()
         if getattr(fs, "local_file", False):
             staged = f"{path}/{INDEX_FILE}.partial-{uuid.uuid4().hex[:8]}"
@@ -181,8 +193,9 @@ def update_manifest(manifest: str, current: Index, images: Iterable[ImageEntry],
             os.replace(staged, f"{path}/{INDEX_FILE}")
         else:
             fs.pipe_file(f"{path}/{INDEX_FILE}", text)
-        if old_refs != f"{path}/{name}" and fs.exists(old_refs):
+        old_refs = f"{path}/{old_references}" if old_references else None
+        if old_refs and old_refs != f"{path}/{name}" and fs.exists(old_refs):
             fs.rm(old_refs, recursive=True)
     except storage_errors() as err:
-        raise ManifestError(manifest, f"cannot update the manifest here: {err}") from err
+        raise ManifestError(url, f"cannot update the manifest here: {err}") from err
     return new

@@ -1,0 +1,368 @@
+"""``virtnii index``: a whole BIDS dataset into one manifest, in place, resumable, here or on a Dask cluster.
+
+The run: list the dataset once (:mod:`.listing`); name every image after its BIDS path; take unchanged images
+from the manifest already at OUT (same listing fingerprint) and finished ones from a killed run's journal; index
+the rest in batches (:mod:`.units`) on local threads or Dask workers; attach entities and inherited sidecars
+(:mod:`.metadata`); publish the new manifest atomically in place (references under a new name, then the index
+file); delete what it no longer references; build pyramids if asked; write the report (:mod:`.report`).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import posixpath
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Iterable
+
+import fsspec
+from tqdm.auto import tqdm
+
+from ..errors import InvalidNifti, ManifestError, error_class, storage_errors
+from ..fingerprint import from_info
+from ..manifest import GZIP_INDEX_FOLDER, INDEX_FILE, LEVELS_FOLDER, ImageEntry, load_refs, read_index
+from ..manifest.index import Index, manifest_options_for
+from ..manifest.writer import REF_FILES, publish
+from ..references import ZARR_FORMATS, hierarchy_docs
+from ..sources import assign_names
+from . import metadata, units
+from .listing import Listing, list_dataset, nifti_sources
+from .report import REPORT_FILE, Report
+
+#: Batches run at once on this machine for remote datasets: each is mostly waiting on requests.
+REMOTE_WORKERS = 8
+
+
+@dataclass
+class IndexResult:
+    """What an index run made: the manifest, its image entries, the skipped files and the full report."""
+
+    manifest: str
+    images: list[ImageEntry]
+    skipped: list[dict[str, str]]
+    report: Report
+
+
+def index(root: str, out: str, *, pyramid: bool = False, derivatives: bool = False, workers: int | None = None,
+          dask: Any = None, zarr_format: int = 3, ref_format: str = "json", extensions: bool = True,
+          storage_options: dict[str, Any] | None = None, manifest_options: dict[str, Any] | None = None,
+          progress: bool = False) -> IndexResult:
+    """Index the BIDS dataset at ``root`` (a folder or fsspec URL) into the manifest folder ``out``.
+
+    Every ``.nii``/``.nii.gz`` (``derivatives/`` too if ``derivatives``) becomes an image group named after its
+    path (``sub-01/ses-1/anat/sub-01_ses-1_T1w``) whose attributes carry its BIDS entities and its sidecar
+    metadata (inheritance principle); the root group carries dataset_description.json and participants.tsv.
+    ``pyramid`` also builds the OME levels (mode for ``_dseg``/``_mask`` label images, mean otherwise).
+
+    A re-run reads only sources that are new or changed (size and mtime/ETag), drops removed ones, and finishes
+    what a killed run left.  ``workers`` batches run at once (default: one per core locally,
+    :data:`REMOTE_WORKERS` for remote data); ``dask`` (a ``distributed.Client`` or a scheduler address) runs
+    the batches on a Dask cluster instead, whose workers must reach ``root`` and ``out``.
+    """
+    started = time.perf_counter()
+    if zarr_format not in ZARR_FORMATS:
+        raise ManifestError(out, f"zarr_format must be 2 or 3, not {zarr_format!r}")
+    if ref_format not in REF_FILES or (ref_format == "parquet" and zarr_format != 2):
+        raise ManifestError(out, "references are json, or parquet with zarr_format 2")
+    options = dict(storage_options or {})
+    out = str(out).rstrip("/")
+    out_options = manifest_options_for(out, manifest_options, options)
+    try:
+        out_fs, out_path = fsspec.core.url_to_fs(out, **out_options)
+    except (ValueError, ImportError, TypeError) as err:
+        raise ManifestError(out, f"cannot open this URL: {err}") from err
+    out_path = out_path.rstrip("/")
+    listing = list_dataset(root, options, derivatives=derivatives,
+                           exclude=_inside(out_fs, out_path, root, options))
+    report = Report(listing.url, out_fs.unstrip_protocol(out_path))
+    settings = units.Settings(listing.url, zarr_format, extensions)
+    report.settings = {**settings.to_json(), "ref_format": ref_format, "derivatives": derivatives}
+    sources, problems = nifti_sources(listing)
+    for err in listing.problems + problems:
+        report.skip(err)
+    empty = [s for s in sources if int(s.info["size"]) == 0]
+    for source in empty:
+        report.skip(InvalidNifti(source.url, "empty file (zero bytes): a placeholder"))
+    sources = [s for s in sources if int(s.info["size"]) > 0]
+    assign_names(sources)
+    relative = {s.name: s.path[len(listing.root) + 1:] for s in sources}
+
+    previous = _previous(out_fs, out_path, out, out_options, report.settings)
+    journal = units.read_journal(out_fs, out_path)
+    specs = [units.spec_of(s) for s in sources]
+    records: dict[str, dict[str, Any]] = {}
+    kept: dict[str, ImageEntry] = {}
+    todo = []
+    for source, spec in zip(sources, specs):
+        old = previous.entries.get(source.url) if previous else None
+        if spec.key in journal:
+            records[spec.name] = journal[spec.key]
+        elif old is not None and old.name == spec.name and _unchanged(old, source):
+            kept[spec.name] = old
+        else:
+            todo.append(spec)
+    batches = units.plan(todo, {s.path: s.is_gzip for s in sources})
+    for name, rec in _run(batches, settings, out, out_options, options, workers, dask, listing, progress):
+        records[name] = rec
+    report.indexed = sum(len(b.specs) for b in batches)
+    report.reused = len(sources) - report.indexed
+
+    entries: dict[str, ImageEntry] = {}
+    image_refs: dict[str, dict[str, Any]] = {}
+    for name, rec in records.items():
+        if "entry" in rec:
+            entries[name] = ImageEntry.from_json(rec["entry"], out)
+            image_refs[name] = rec["refs"]
+        else:
+            report.skip(error_class(rec["error"])(rec["source"], rec["message"]))
+    if kept:
+        old_refs = previous.refs()
+        for name, entry in kept.items():
+            entries[name] = entry
+            image_refs[name] = old_refs[name]
+    names = sorted(entries)
+    report.images = len(names)
+    report.removed = len({e.source for e in previous.index.images} - {entries[n].source for n in names}) \
+        if previous else 0
+
+    # BIDS metadata: entities from the names, sidecars by inheritance, read in one batch
+    roots = {n: metadata.dataset_root(relative[n], listing) for n in names}
+    chains = {n: metadata.sidecar_chain(relative[n], listing, roots[n]) for n in names}
+    datasets = {""} | set(roots.values())
+    dataset_files = [f"{r}/{f}" if r else f for r in datasets for f in (metadata.DESCRIPTION, metadata.PARTICIPANTS)
+                     if (f"{r}/{f}" if r else f) in listing.files]
+    texts, bad = metadata.read_texts(listing, [p for chain in chains.values() for p in chain] + dataset_files)
+    for err in bad:
+        report.warn(err)
+    refs = hierarchy_docs(names, zarr_format, metadata.dataset_attributes(texts))
+    for ds in sorted(datasets - {""}):
+        _set_group_attributes(refs, ds, zarr_format, {"bids": metadata.dataset_attributes(texts, ds)})
+    final = []
+    for name in names:
+        ents = metadata.entities(relative[name])
+        bids = {"path": relative[name], "entities": ents, **({"dataset": roots[name]} if roots[name] else {})}
+        entry = replace(entries[name], bids=bids)
+        refs.update(image_refs[name])
+        _set_group_attributes(refs, name, zarr_format,
+                              {"bids": {**bids, "sidecars": chains[name], "metadata": metadata.merged(chains[name], texts)}})
+        final.append(entry)
+        report.bytes_referenced += sum(int(fp["size"]) for _, fp in entry.checked_files)
+
+    if not final and not previous:
+        report.seconds = time.perf_counter() - started
+        return IndexResult(report.manifest, [], report.skipped, report)
+    new_index = publish(out_fs, out_path, out, zarr_format, ref_format, final, refs,
+                        previous.index.references if previous else None)
+    _remove_unreferenced(out_fs, out_path, new_index)
+    if pyramid:
+        _pyramids(out, final, out_options, options, report)
+        new_index = read_index(out, out_options)
+    report.bytes_written = _folder_bytes(out_fs, out_path)
+    report.seconds = time.perf_counter() - started
+    _write_report(out_fs, out_path, out, report)
+    return IndexResult(report.manifest, list(new_index.images), report.skipped, report)
+
+
+@dataclass
+class _Previous:
+    """The manifest an earlier run left at OUT, if its settings match this run's."""
+
+    index: Index
+    entries: dict[str, ImageEntry]  # by source URL
+    load: Any
+
+    def refs(self) -> dict[str, dict[str, Any]]:
+        """Its references, split by image group."""
+        return _by_image(self.load(), {e.name for e in self.index.images})
+
+
+def _previous(fs: fsspec.AbstractFileSystem, path: str, out: str, options: dict[str, Any],
+              settings: dict[str, Any]) -> _Previous | None:
+    """The earlier manifest at OUT (None if there is none, or it was made with other settings: all is redone).
+
+    OUT may be missing, empty, an earlier index's manifest, or what a killed first run left (a journal and
+    sidecars); anything else is someone's data, and refused.
+    """
+    try:
+        if not fs.exists(path):
+            return None
+        has_index = fs.exists(f"{path}/{INDEX_FILE}")
+        if not has_index:
+            names = {posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)}
+            if names - {units.JOURNAL, GZIP_INDEX_FOLDER, LEVELS_FOLDER, REPORT_FILE}:
+                raise ManifestError(out, "exists and is not a virtnii manifest; refusing to write into it (choose "
+                                         "an empty or new folder for -o)")
+            return None
+        old_settings = json.loads(fs.cat_file(f"{path}/{REPORT_FILE}")).get("settings") \
+            if fs.exists(f"{path}/{REPORT_FILE}") else None
+    except storage_errors() as err:
+        raise ManifestError(out, f"cannot read what is there: {err}") from err
+    except ValueError:
+        old_settings = None
+    index = read_index(out, options)
+    if old_settings != settings:
+        return _Previous(index, {}, lambda: {})
+    return _Previous(index, {e.source: e for e in index.images}, lambda: load_refs(out, index, options))
+
+
+def _unchanged(old: ImageEntry, source: Any) -> bool:
+    """Whether a source still looks as listed when it was indexed (size and mtime/ETag, and its data file's)."""
+    files = [(old.fingerprint, source.info)]
+    if source.is_pair:
+        files.append((old.data_fp, source.data_info))
+    return all(all(recorded.get(k) == v for k, v in from_info(info).items()) for recorded, info in files)
+
+
+def _by_image(refs: dict[str, Any], names: set[str]) -> dict[str, dict[str, Any]]:
+    """References split by the image group each key belongs to (intermediate groups and the root dropped)."""
+    out: dict[str, dict[str, Any]] = {name: {} for name in names}
+    for key, value in refs.items():
+        cut = key.find("/")
+        while cut != -1:
+            if key[:cut] in names:
+                out[key[:cut]][key] = value
+                break
+            cut = key.find("/", cut + 1)
+    return out
+
+
+def _run(batches: list[units.Batch], settings: units.Settings, out: str, out_options: dict[str, Any],
+         options: dict[str, Any], workers: int | None, dask: Any, listing: Listing,
+         progress: bool) -> Iterable[tuple[str, dict[str, Any]]]:
+    """Run the batches (here, or on Dask) and yield ``(image name, record)`` as they finish."""
+    total = sum(len(b.specs) for b in batches)
+    size = sum(int(s.data_info["size"]) for b in batches for s in b.specs)
+    with tqdm(total=size, unit="B", unit_scale=True, desc=f"index {total} file(s)", disable=not progress) as bar:
+        def done(batch: units.Batch, records: list[dict[str, Any]]) -> Iterable[tuple[str, dict[str, Any]]]:
+            bar.update(sum(int(s.data_info["size"]) for s in batch.specs))
+            return zip((s.name for s in batch.specs), records)
+
+        if not batches:
+            return
+        if dask is not None:
+            yield from _run_dask(batches, settings, out, out_options, options, dask, done)
+            return
+        count = workers or ((os.cpu_count() or 1) if getattr(listing.fs, "local_file", False) else REMOTE_WORKERS)
+        with concurrent.futures.ThreadPoolExecutor(max(1, count), thread_name_prefix="virtnii-index") as pool:
+            jobs = {pool.submit(units.run_batch, b, settings, out, out_options, options): b for b in batches}
+            try:
+                for job in concurrent.futures.as_completed(jobs):
+                    yield from done(jobs[job], job.result())
+            except BaseException:
+                pool.shutdown(cancel_futures=True)
+                raise
+
+
+def _run_dask(batches: list[units.Batch], settings: units.Settings, out: str, out_options: dict[str, Any],
+              options: dict[str, Any], dask: Any, done: Any) -> Iterable[tuple[str, dict[str, Any]]]:
+    """The batches as Dask tasks: each worker writes its batch's sidecars and journal record itself."""
+    try:
+        import distributed
+    except ImportError as err:
+        raise ManifestError(out, "--dask needs the distributed package: pip install 'virtnii[dask]'") from err
+    client = dask if isinstance(dask, distributed.Client) else distributed.Client(dask)
+    try:
+        futures = client.map(units.run_batch, batches, settings=settings, out=out, out_options=out_options,
+                             storage_options=options, pure=False)
+        by_key = {f.key: b for f, b in zip(futures, batches)}
+        for future in distributed.as_completed(futures):
+            yield from done(by_key[future.key], future.result())
+    finally:
+        if client is not dask:
+            client.close()
+
+
+def _set_group_attributes(refs: dict[str, Any], group: str, zarr_format: int, attributes: dict[str, Any]) -> None:
+    """Add ``attributes`` to the group document of ``group`` in ``refs`` (kept: what is there already)."""
+    key = f"{group}/zarr.json" if zarr_format == 3 else f"{group}/.zattrs"
+    doc = json.loads(refs[key])
+    if zarr_format == 3:
+        doc["attributes"] = {**doc.get("attributes", {}), **attributes}
+    else:
+        doc = {**doc, **attributes}
+    refs[key] = json.dumps(doc)
+
+
+def _remove_unreferenced(fs: fsspec.AbstractFileSystem, path: str, index: Index) -> None:
+    """Delete sidecars and level stores the new index does not name, and the journal (all is in the index now)."""
+    sidecars = set()
+    for entry in index.images:
+        if entry.gzip_index:
+            descriptor = f"{path}/{entry.gzip_index}"
+            sidecars.add(descriptor)
+            sidecars.add(descriptor.removesuffix(".gzidx.json") + ".gzidx.gz")
+    stores = {f"{path}/{e.pyramid.store}" for e in index.images if e.pyramid and e.pyramid.is_relative}
+    try:
+        folder = f"{path}/{GZIP_INDEX_FOLDER}"
+        stale = [f for f in (fs.find(folder) if fs.exists(folder) else []) if f not in sidecars]
+        levels = f"{path}/{LEVELS_FOLDER}"
+        for store in _level_stores(fs, levels) if fs.exists(levels) else []:
+            if store not in stores:
+                fs.rm(store, recursive=True)
+        if stale:
+            fs.rm(stale)
+        if fs.exists(f"{path}/{units.JOURNAL}"):
+            fs.rm(f"{path}/{units.JOURNAL}", recursive=True)
+    except storage_errors():
+        pass  # leftovers cost space, not correctness: the next run tries again
+
+
+def _level_stores(fs: fsspec.AbstractFileSystem, levels: str) -> list[str]:
+    """The level-store folders under ``levels/`` (named ``<image name>.<tag>``, nested like the names)."""
+    from ..pyramid.build import MARKER
+
+    stores = set()
+    for file in fs.find(levels):
+        parts = file[len(levels) + 1:].split("/")
+        for depth in range(1, len(parts)):
+            if "." in parts[depth - 1] and (parts[depth] == MARKER or parts[depth].isdigit()):
+                stores.add(f"{levels}/{'/'.join(parts[:depth])}")
+                break
+    return sorted(stores)
+
+
+def _pyramids(out: str, entries: list[ImageEntry], out_options: dict[str, Any], options: dict[str, Any],
+              report: Report) -> None:
+    """Levels for every image: label images (``_dseg``, ``_mask``) by mode, the rest by the default rule."""
+    from ..pyramid import build_pyramids
+
+    labels = [e.name for e in entries if e.bids and e.bids["entities"].get("suffix") in metadata.LABEL_SUFFIXES]
+    others = [e.name for e in entries if e.name not in set(labels)]
+    for names, method in ((labels, "mode"), (others, None)):
+        if names:
+            result = build_pyramids(out, names, method=method, manifest_options=out_options, **options)
+            report.pyramids_built += len(result.built)
+            report.pyramids_reused += len(result.reused)
+            for err in result.failures:
+                report.skip(err)
+
+
+def _folder_bytes(fs: fsspec.AbstractFileSystem, path: str) -> int:
+    try:
+        return sum(int(info.get("size") or 0) for info in fs.find(path, detail=True).values())
+    except storage_errors():
+        return 0
+
+
+def _write_report(fs: fsspec.AbstractFileSystem, path: str, out: str, report: Report) -> None:
+    try:
+        fs.pipe_file(f"{path}/{REPORT_FILE}", json.dumps(report.to_json(), indent=1).encode())
+    except storage_errors() as err:
+        raise ManifestError(out, f"cannot write {REPORT_FILE}: {err}") from err
+
+
+def _inside(out_fs: fsspec.AbstractFileSystem, out_path: str, root: str, options: dict[str, Any]) -> tuple[str, ...]:
+    """OUT relative to the dataset root when it lies inside it (so it is not indexed), else nothing."""
+    try:
+        fs, path = fsspec.core.url_to_fs(root, **options)
+    except (ValueError, ImportError, TypeError):
+        return ()
+    if type(fs) is not type(out_fs):
+        return ()
+    if getattr(fs, "local_file", False):
+        path, out_path = os.path.abspath(path), os.path.abspath(out_path)
+    prefix = path.rstrip("/") + "/"
+    return (out_path[len(prefix):],) if out_path.startswith(prefix) else ()
+

@@ -1,0 +1,156 @@
+"""The per-source work of an index job, in batches that run anywhere: a thread here or a Dask worker.
+
+A :class:`Batch` names its sources by URL with their listing info, so it pickles small and needs nothing from
+the process that planned it but the storage options.  :func:`run_batch` reads the headers (one concurrent
+ranged read per uncompressed file, as ``virtnii scan`` does), indexes each ``.nii.gz`` in place (its seek-point
+sidecar written straight into the manifest's ``gzindex/``, under a name that changes with the source), and
+writes one journal file with every source's outcome into the manifest's ``.journal/`` before it returns.  A job
+killed midway therefore keeps every finished batch, and its re-run does only the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+
+from ..errors import InvalidGzip, InvalidNifti, ManifestError, UnsupportedNifti, VirtniiError, storage_errors
+from ..fingerprint import from_info
+from ..manifest.writer import SidecarFolder
+from ..scan import _plain_images, index_gzip_source, read_plain_headers
+from ..sources import Source, with_s3_pool
+
+JOURNAL = ".journal"
+#: Uncompressed sources per batch: their headers are read in one concurrent round.
+PLAIN_BATCH = 256
+#: A ``.nii.gz`` is one streaming pass; small ones are grouped up to this many compressed bytes per batch.
+GZIP_BATCH_BYTES = 64 * 2**20
+#: Failures that stay true until the file changes, so a re-run takes them from the journal instead of reading
+#: the file again; the others (network, permissions) are tried again.
+LASTING = (InvalidNifti, InvalidGzip, UnsupportedNifti)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One source of a batch: its header file and voxel file (the same but for ``.hdr/.img``), group name."""
+
+    name: str
+    path: str
+    info: dict[str, Any]
+    data_path: str
+    data_info: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        """What a journal record is valid for: this file (and data file) as listed."""
+        return json.dumps([self.path, from_info(self.info), self.data_path, from_info(self.data_info)],
+                          sort_keys=True)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the outcome of a batch depends on besides its sources; recorded with the manifest."""
+
+    root: str  # the dataset's URL: sources are opened with it and the storage options
+    zarr_format: int = 3
+    extensions: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return {"zarr_format": self.zarr_format, "extensions": self.extensions}
+
+
+@dataclass(frozen=True)
+class Batch:
+    specs: tuple[Spec, ...]
+    gzip: bool
+
+    @property
+    def key(self) -> str:
+        """16 hex digits naming the batch's journal file."""
+        return hashlib.blake2b("\n".join(s.key for s in self.specs).encode(), digest_size=8).hexdigest()
+
+
+def spec_of(source: Source) -> Spec:
+    return Spec(source.name, source.path, dict(source.info), source.data_path, dict(source.data_info))
+
+
+def plan(specs: list[Spec], gzip_of: dict[str, bool]) -> list[Batch]:
+    """Batches of at most :data:`PLAIN_BATCH` uncompressed sources, or of ``.nii.gz`` files up to
+    :data:`GZIP_BATCH_BYTES` (a big one alone), biggest first so the long passes start early."""
+    plain = [s for s in specs if not gzip_of[s.path]]
+    gz = sorted((s for s in specs if gzip_of[s.path]), key=lambda s: -int(s.data_info["size"]))
+    batches: list[Batch] = []
+    current: list[Spec] = []
+    size = 0
+    for spec in gz:
+        if current and size + int(spec.data_info["size"]) > GZIP_BATCH_BYTES:
+            batches.append(Batch(tuple(current), True))
+            current, size = [], 0
+        current.append(spec)
+        size += int(spec.data_info["size"])
+    if current:
+        batches.append(Batch(tuple(current), True))
+    return batches + [Batch(tuple(plain[i:i + PLAIN_BATCH]), False) for i in range(0, len(plain), PLAIN_BATCH)]
+
+
+def run_batch(batch: Batch, settings: Settings, out: str, out_options: dict[str, Any],
+              storage_options: dict[str, Any]) -> list[dict[str, Any]]:
+    """Index the sources of ``batch``; journal and return one record per source (see :func:`record`)."""
+    fs, _ = fsspec.core.url_to_fs(settings.root, **with_s3_pool(settings.root, storage_options))
+    sources = [Source(fs, s.path, s.info, s.data_path, s.data_info, name=s.name) for s in batch.specs]
+    out_fs, out_path = fsspec.core.url_to_fs(out, **out_options)
+    out_path = out_path.rstrip("/")
+    if batch.gzip:
+        sidecars = SidecarFolder(out_fs, out_path, out)
+        outcomes: list[Any] = []
+        for source in sources:
+            try:
+                outcomes.append(index_gzip_source(source, sidecars, settings.zarr_format,
+                                                  extensions=settings.extensions))
+            except ManifestError:
+                raise  # the manifest cannot be written: every other batch would fail the same way
+            except VirtniiError as err:
+                outcomes.append(err)
+    else:
+        outcomes = _plain_images(sources, read_plain_headers(sources), settings.zarr_format, settings.extensions)
+    records = [record(spec, outcome) for spec, outcome in zip(batch.specs, outcomes)]
+    try:
+        out_fs.makedirs(f"{out_path}/{JOURNAL}", exist_ok=True)
+        out_fs.pipe_file(f"{out_path}/{JOURNAL}/{batch.key}.json", json.dumps(records).encode())
+    except storage_errors() as err:
+        raise ManifestError(out, f"cannot write the manifest here: {err}") from err
+    return records
+
+
+def record(spec: Spec, outcome: Any) -> dict[str, Any]:
+    """A source's outcome as JSON: its entry and kerchunk references, or its error (type and message)."""
+    if isinstance(outcome, VirtniiError):
+        return {"key": spec.key, "error": type(outcome).__name__, "source": outcome.source,
+                "message": outcome.problem}
+    refs, entry = outcome
+    return {"key": spec.key, "entry": entry.to_json(), "refs": refs.kerchunk()}
+
+
+def read_journal(out_fs: fsspec.AbstractFileSystem, out_path: str) -> dict[str, dict[str, Any]]:
+    """Records of the batches finished by earlier runs, by source key (unreadable journal files are skipped:
+    a batch killed while writing its record simply runs again)."""
+    folder = f"{out_path}/{JOURNAL}"
+    try:
+        files = out_fs.find(folder) if out_fs.exists(folder) else []
+    except storage_errors():
+        return {}
+    records: dict[str, dict[str, Any]] = {}
+    contents = out_fs.cat(files, on_error="return") if files else {}
+    for data in contents.values():
+        if isinstance(data, Exception):
+            continue
+        try:
+            for rec in json.loads(data):
+                if "entry" in rec or rec.get("error") in {e.__name__ for e in LASTING}:
+                    records[rec["key"]] = rec
+        except (ValueError, TypeError, KeyError):
+            continue
+    return records
