@@ -107,7 +107,7 @@ def index(root: str, out: str, *, pyramid: bool = False, derivatives: bool = Fal
     for name, rec in _run(batches, settings, out, out_options, options, workers, dask, listing, progress):
         records[name] = rec
     report.indexed = sum(len(b.specs) for b in batches)
-    report.reused = len(sources) - report.indexed
+    report.reused = len(kept) + sum("entry" in rec for rec in journal_used(records, journal))
 
     entries: dict[str, ImageEntry] = {}
     image_refs: dict[str, dict[str, Any]] = {}
@@ -156,6 +156,7 @@ def index(root: str, out: str, *, pyramid: bool = False, derivatives: bool = Fal
     new_index = publish(out_fs, out_path, out, zarr_format, ref_format, final, refs,
                         previous.index.references if previous else None)
     _remove_unreferenced(out_fs, out_path, new_index)
+    units.keep_lasting_failures(out_fs, out_path, list(records.values()))
     if pyramid:
         _pyramids(out, final, out_options, options, report)
         new_index = read_index(out, out_options)
@@ -163,6 +164,11 @@ def index(root: str, out: str, *, pyramid: bool = False, derivatives: bool = Fal
     report.seconds = time.perf_counter() - started
     _write_report(out_fs, out_path, out, report)
     return IndexResult(report.manifest, list(new_index.images), report.skipped, report)
+
+
+def journal_used(records: dict[str, dict[str, Any]], journal: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records of this run that came from the journal (finished by an earlier, killed run)."""
+    return [rec for rec in records.values() if journal.get(rec["key"]) is rec]
 
 
 @dataclass

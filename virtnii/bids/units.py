@@ -24,6 +24,8 @@ from ..scan import _plain_images, index_gzip_source, read_plain_headers
 from ..sources import Source, with_s3_pool
 
 JOURNAL = ".journal"
+#: The journal file kept after a run: its lasting failures (see :func:`keep_lasting_failures`).
+LASTING_FILE = "lasting-failures.json"
 #: Uncompressed sources per batch: their headers are read in one concurrent round.
 PLAIN_BATCH = 256
 #: A ``.nii.gz`` is one streaming pass; small ones are grouped up to this many compressed bytes per batch.
@@ -132,6 +134,19 @@ def record(spec: Spec, outcome: Any) -> dict[str, Any]:
                 "message": outcome.problem}
     refs, entry = outcome
     return {"key": spec.key, "entry": entry.to_json(), "refs": refs.kerchunk()}
+
+
+def keep_lasting_failures(out_fs: fsspec.AbstractFileSystem, out_path: str, records: list[dict[str, Any]]) -> None:
+    """Journal this run's lasting failures (a placeholder stays one until it changes) so that the next run
+    takes them as they are: a re-run with nothing changed then reads no file at all."""
+    lasting = [r for r in records if r.get("error") in {e.__name__ for e in LASTING}]
+    if not lasting:
+        return
+    try:
+        out_fs.makedirs(f"{out_path}/{JOURNAL}", exist_ok=True)
+        out_fs.pipe_file(f"{out_path}/{JOURNAL}/{LASTING_FILE}", json.dumps(lasting).encode())
+    except storage_errors():
+        pass  # they are read again next time: slower, not wrong
 
 
 def read_journal(out_fs: fsspec.AbstractFileSystem, out_path: str) -> dict[str, dict[str, Any]]:

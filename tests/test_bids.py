@@ -1,0 +1,227 @@
+"""``virtnii index``: a whole BIDS dataset of real files, read back bit-exact, with entities, sidecars, reasons
+for every skipped file, incremental and resumable re-runs, the same manifest from threads, Dask and S3."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from bids2table import load_bids_metadata, parse_bids_entities
+
+import virtnii
+from bids_samples import IMAGES, LABELS, PLACEHOLDERS, SIDECARS, build, image_names
+from nifti_samples import assert_same_voxels, file_to_zarr_order, nibabel_raw
+from virtnii.bids import units
+from virtnii.manifest import read_index
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build(tmp_path_factory.mktemp("bids") / "ds")
+
+
+@pytest.fixture(scope="module")
+def indexed(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, virtnii.IndexResult]:
+    out = tmp_path_factory.mktemp("manifests") / "ds"
+    return out, virtnii.index(str(dataset), str(out), derivatives=True)
+
+
+def manifest_state(out: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """What two runs must agree on: the index entries and the references (the references file's name aside)."""
+    index = json.loads((out / "virtnii.json").read_text())
+    refs = json.loads((out / index["references"]).read_text())["refs"]
+    return index["images"], refs
+
+
+def test_every_image_reads_back_bit_exact(dataset: Path, indexed: tuple[Path, virtnii.IndexResult]) -> None:
+    out, result = indexed
+    expected = image_names()
+    assert sorted(e.name for e in result.images) == sorted(expected)
+    group = virtnii.open(str(out))
+    for name, relative in expected.items():
+        assert_same_voxels(group[name]["0"][...], file_to_zarr_order(nibabel_raw(dataset / relative)))
+
+
+def test_groups_carry_entities_and_sidecars_as_bids2table_resolves_them(
+        dataset: Path, indexed: tuple[Path, virtnii.IndexResult]) -> None:
+    out, _ = indexed
+    group = virtnii.open(str(out))
+    for name, relative in image_names().items():
+        bids = group[name].attrs["bids"]
+        assert bids["path"] == relative
+        assert bids["entities"] == {k: str(v) for k, v in parse_bids_entities(relative).items()}
+        assert bids["metadata"] == load_bids_metadata(dataset / relative)
+    func = group["sub-01/ses-1/func/sub-01_ses-1_task-rest_run-1_bold"].attrs["bids"]["metadata"]
+    assert func["RepetitionTime"] == 2.5 and func["EchoTime"] == 0.03 and func["TaskName"] == "rest"  # 3 levels
+    assert group["sub-02/ses-1/anat/sub-02_ses-1_T1w"].attrs["bids"]["metadata"] == {"MagneticFieldStrength": 3}
+
+
+def test_root_carries_dataset_description_and_participants(indexed: tuple[Path, virtnii.IndexResult]) -> None:
+    out, _ = indexed
+    group = virtnii.open(str(out))
+    assert group.attrs["dataset_description"] == SIDECARS["dataset_description.json"]
+    assert group.attrs["participants"] == [{"participant_id": "sub-01", "age": "30", "sex": "F"},
+                                           {"participant_id": "sub-02", "age": "n/a", "sex": "M"}]
+    derivative = group["derivatives/seg"].attrs["bids"]
+    assert derivative["dataset_description"]["DatasetType"] == "derivative"
+    labels = group[LABELS.removesuffix(".nii.gz")]
+    assert labels.attrs["bids"]["dataset"] == "derivatives/seg"
+
+
+def test_every_placeholder_is_reported_with_its_reason(dataset: Path,
+                                                       indexed: tuple[Path, virtnii.IndexResult]) -> None:
+    out, result = indexed
+    reasons = {item["source"].split("/ds/", 1)[1]: item["reason"] for item in result.skipped}
+    assert reasons == PLACEHOLDERS
+    report = json.loads((out / "index-report.json").read_text())
+    assert report["images"] == len(image_names()) and len(report["skipped"]) == len(PLACEHOLDERS)
+    assert report["bytes_referenced"] == sum(os.path.getsize(dataset / p) for p in image_names().values())
+    assert report["bytes_written"] == sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and
+                                          p.name != "index-report.json")
+
+
+def test_code_hidden_and_unasked_derivatives_are_not_indexed(dataset: Path, tmp_path: Path) -> None:
+    result = virtnii.index(str(dataset), str(tmp_path / "out"))
+    names = {e.name for e in result.images}
+    assert names == set(image_names(derivatives=False))
+    assert not any(n.startswith(("code", ".git", "derivatives")) for n in names)
+
+
+def test_rerun_reads_only_what_changed_and_drops_what_was_removed(dataset: Path, tmp_path: Path) -> None:
+    tree = tmp_path / "ds"
+    shutil.copytree(dataset, tree, symlinks=True)
+    out = tmp_path / "out"
+    first = virtnii.index(str(tree), str(out))
+    images, refs = manifest_state(out)
+    again = virtnii.index(str(tree), str(out))
+    assert again.report.indexed == 0 and again.report.reused == len(images)
+    assert manifest_state(out) == (images, refs)
+    # one image replaced, one removed, one sidecar changed
+    changed = "sub-01/ses-1/anat/sub-01_ses-1_T1w.nii"
+    shutil.copy(IMAGES["sub-01/ses-1/fmap/sub-01_ses-1_phasediff.nii"], tree / changed)
+    os.remove(tree / "sub-02/ses-1/func/sub-02_ses-1_task-rest_run-1_bold.nii.gz")
+    (tree / "T1w.json").write_text(json.dumps({"MagneticFieldStrength": 1.5}))
+    third = virtnii.index(str(tree), str(out))
+    assert third.report.indexed == 1 and third.report.removed == 1
+    group = virtnii.open(str(out))
+    assert_same_voxels(group[changed.removesuffix(".nii")]["0"][...], file_to_zarr_order(nibabel_raw(tree / changed)))
+    assert "sub-02/ses-1/func/sub-02_ses-1_task-rest_run-1_bold" not in {e.name for e in third.images}
+    assert group["sub-02/ses-1/anat/sub-02_ses-1_T1w"].attrs["bids"]["metadata"] == {"MagneticFieldStrength": 1.5}
+    # nothing the new manifest does not name is left behind
+    index = read_index(str(out))
+    named = {e.gzip_index for e in index.images if e.gzip_index}
+    assert {str(p.relative_to(out)) for p in (out / "gzindex").rglob("*.gzidx.json")} == named
+    assert [p.name for p in (out / units.JOURNAL).iterdir()] == [units.LASTING_FILE]
+    assert len(list(out.glob("refs.*"))) == 1
+    assert first.report.images == len(images)
+
+
+_KILLED_CHILD = """
+import sys, time
+import virtnii
+from virtnii.bids import units
+units.PLAIN_BATCH = 1
+units.GZIP_BATCH_BYTES = 1
+run = units.run_batch
+def slow(*args, **kwargs):
+    records = run(*args, **kwargs)
+    print("batch", flush=True)
+    time.sleep(0.3)
+    return records
+units.run_batch = slow
+virtnii.index(sys.argv[1], sys.argv[2], workers=1, derivatives=True)
+"""
+
+
+def test_a_killed_run_resumes_to_the_same_manifest_and_never_shows_a_half_one(dataset: Path,
+                                                                              indexed: tuple[Path, Any],
+                                                                              tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_CHILD, str(dataset), str(out)], stdout=subprocess.PIPE,
+                             text=True)
+    assert child.stdout is not None
+    for _ in range(3):
+        assert child.stdout.readline() == "batch\n"
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert not (out / "virtnii.json").exists()  # nothing half-made is visible: no manifest yet
+    finished = len(list((out / units.JOURNAL).glob("*.json")))
+    assert finished >= 3
+    resumed = virtnii.index(str(dataset), str(out), derivatives=True)
+    scanned = len(image_names()) + 2  # the header-only file and the HTML page are read; the other two are not
+    assert resumed.report.indexed <= scanned - 3
+    assert manifest_state(out) == manifest_state(indexed[0])
+
+
+def test_a_dask_cluster_gives_the_same_manifest(dataset: Path, indexed: tuple[Path, Any], tmp_path: Path) -> None:
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as c, \
+            distributed.Client(c) as client:
+        virtnii.index(str(dataset), str(tmp_path / "out"), derivatives=True, dask=client)
+    assert manifest_state(tmp_path / "out") == manifest_state(indexed[0])
+
+
+def test_one_worker_gives_the_same_manifest(dataset: Path, indexed: tuple[Path, Any], tmp_path: Path) -> None:
+    virtnii.index(str(dataset), str(tmp_path / "out"), derivatives=True, workers=1)
+    assert manifest_state(tmp_path / "out") == manifest_state(indexed[0])
+
+
+def test_the_same_tree_on_s3(s3: Any, dataset: Path, tmp_path: Path) -> None:
+    bucket = s3.create_bucket("openneuro")
+    fs = s3.filesystem()
+    for path in dataset.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            key = f"{bucket}/ds000001/{path.relative_to(dataset)}"
+            if path.stat().st_size:
+                fs.pipe_file(key, path.read_bytes())
+            else:
+                fs.touch(key)  # an empty PUT through pipe_file stalls the test server (moto under waitress)
+    out = tmp_path / "out"
+    result = virtnii.index(f"s3://{bucket}/ds000001", str(out), derivatives=True, storage_options=s3.storage_options)
+    assert sorted(e.name for e in result.images) == sorted(image_names())
+    assert {s["reason"] for s in result.skipped} == set(PLACEHOLDERS.values()) - {"broken-symlink"}
+    group = virtnii.open(str(out), **s3.storage_options)
+    for name, relative in image_names().items():
+        assert_same_voxels(group[name]["0"][...], file_to_zarr_order(nibabel_raw(dataset / relative)))
+        assert group[name].attrs["bids"]["metadata"] == load_bids_metadata(dataset / relative)
+    again = virtnii.index(f"s3://{bucket}/ds000001", str(out), derivatives=True, storage_options=s3.storage_options)
+    assert again.report.indexed == 0
+
+
+def test_pyramid_uses_mode_for_label_images(dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = virtnii.index(str(dataset), str(out), derivatives=True, pyramid=True)
+    methods = {e.name: e.pyramid.method for e in result.images if e.pyramid}
+    assert methods[LABELS.removesuffix(".nii.gz")] == "mode"
+    assert methods["sub-02/ses-1/anat/sub-02_ses-1_T1w"] == "mean"
+    labels = virtnii.open(str(out))[LABELS.removesuffix(".nii.gz")]
+    values = set(np.unique(labels["0"][...]))
+    assert set(np.unique(labels["1"][...])) <= values
+    again = virtnii.index(str(dataset), str(out), derivatives=True, pyramid=True)
+    assert again.report.pyramids_built == 0 and again.report.pyramids_reused == len(methods)
+
+
+def test_out_holding_other_data_is_refused(dataset: Path, tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "thesis.tex").write_text("precious")
+    with pytest.raises(virtnii.ManifestError, match="not a virtnii manifest"):
+        virtnii.index(str(dataset), str(tmp_path / "out"))
+    assert (tmp_path / "out" / "thesis.tex").read_text() == "precious"
+
+
+def test_a_manifest_inside_the_dataset_is_not_indexed_itself(dataset: Path, tmp_path: Path) -> None:
+    tree = tmp_path / "ds"
+    shutil.copytree(dataset, tree, symlinks=True)
+    out = tree / "derivatives" / "virtnii"
+    first = virtnii.index(str(tree), str(out), derivatives=True)
+    second = virtnii.index(str(tree), str(out), derivatives=True)
+    assert sorted(e.name for e in first.images) == sorted(e.name for e in second.images) == sorted(image_names())
+    assert second.report.indexed == 0
