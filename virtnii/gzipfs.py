@@ -7,10 +7,11 @@ span it needs (from the seek point before the range to the compressed position t
 inflate in a worker thread, so concurrent chunk reads use every core.
 
 ``gzidx://gzindex/sub-01_T1w.gzidx.json`` names a descriptor written by :func:`virtnii.gzindex.write_sidecar`,
-relative to ``root`` (the manifest folder).  The descriptor names the source (by URL, or by a path relative to
-``root``, read with ``root_options``: a source that moves with its manifest is on the manifest's filesystem); before its bytes are read, its
-size and ETag/mtime are compared with those recorded at indexing time (:class:`~virtnii.errors.StaleSource` if
-they differ; see :class:`virtnii.fingerprint.Checker` for how often).  See docs/gzip.md.
+relative to ``root`` (the manifest folder).  The descriptor names the source: by URL, or by a path relative to
+``root``, read with ``root_options`` (a source that moves with its manifest is on the manifest's filesystem).
+Before its bytes are read, its size and ETag/mtime are compared with those recorded at indexing time
+(:class:`~virtnii.errors.StaleSource` if they differ; see :class:`virtnii.fingerprint.Checker` for how often).
+See docs/gzip.md.
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ references under its group, moved as a unit — renamed (``prefix/name``), its g
 manifest (they are small: 0.7 % of the compressed file) and its ``gzidx://`` URLs pointed at the copy, its
 pyramid level store (which is not copied: levels are the only voxel bytes virtnii writes) referenced by
 absolute URL, and so are sources an input names relative to itself (in its entry, its references and its gzip
-descriptor): the combined manifest is elsewhere, and a path relative to it would name other files.  Names that clash — the same image twice, or an image where another's folder should be — are
-refused with the list of clashes, before anything is written; ``prefixes`` keep inputs apart.
+descriptor): the combined manifest is elsewhere, and a path relative to it would name other files.  Names that
+clash — the same image twice, or an image where another's folder should be — are refused with the list of
+clashes, before anything is written; ``prefixes`` keep inputs apart.
 """
 
 from __future__ import annotations

@@ -99,8 +99,9 @@ class ImageEntry:
     ``source`` is the header file (``.nii``, ``.nii.gz``, ``.hdr``); ``data``/``data_fingerprint`` the voxel
     file of a ``.hdr/.img`` pair.  Both are absolute URLs, or POSIX paths relative to the manifest folder
     (``../../sub-01/anat/sub-01_T1w.nii``, see :func:`relative_source`) in a manifest scanned with
-    ``relative_sources``: readers resolve those against where the manifest is now (:meth:`resolved`).  ``gzip_index`` is the sidecar descriptor (relative to the manifest) of a
-    gzipped source, whose uncompressed size is ``uncompressed_size``.  ``dtype`` is numpy's ``str`` (``"<i2"``)
+    ``relative_sources``: readers resolve those against where the manifest is now (:meth:`resolved`).
+    ``gzip_index`` is the sidecar descriptor (relative to the manifest) of a gzipped source, whose uncompressed
+    size is ``uncompressed_size``.  ``dtype`` is numpy's ``str`` (``"<i2"``)
     or, for RGB, its ``descr`` list.
     """
 

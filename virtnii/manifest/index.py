@@ -50,7 +50,8 @@ class Index:
         """The index file's text: one image per line, readable and diffable, each through the C JSON encoder
         (``indent=`` falls back to the pure-Python encoder: a quarter of a 2000-file scan)."""
         relative = any(entry.has_relative_sources for entry in self.images)
-        head = {"virtnii_manifest": RELATIVE_SOURCES_VERSION if relative else MANIFEST_VERSION, "zarr_format": self.zarr_format, "references": self.references}
+        head = {"virtnii_manifest": RELATIVE_SOURCES_VERSION if relative else MANIFEST_VERSION,
+                "zarr_format": self.zarr_format, "references": self.references}
         lines = ",\n".join(json.dumps(entry.to_json()) for entry in self.images)
         return json.dumps(head)[:-1] + ', "images": [\n' + lines + "\n]}\n"
 
