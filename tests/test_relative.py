@@ -104,6 +104,18 @@ def test_a_moved_tree_reads_back_bit_exact(scanned: Path, tmp_path: Path) -> Non
     np.testing.assert_array_equal(image.get_fdata(), expected)
 
 
+def test_parquet_references_move_too(tmp_path: Path) -> None:
+    """fsspec's lazy Parquet references hold the same relative names (Zarr v2, as Parquet needs)."""
+    tree = _make_tree(tmp_path / "before" / "tree")
+    virtnii.scan([str(tree)], str(tree / MANIFEST), relative_sources=True, zarr_format=2, ref_format="parquet")
+    tree = _move(tree, tmp_path)
+    manifest = str(tree / MANIFEST)
+    _assert_reads_back(virtnii.open(manifest), tree)
+    _assert_reads_back(zarr.open_group("reference://", mode="r",
+                                       storage_options=virtnii.reference_options(manifest)), tree)
+    assert virtnii.verify(manifest) == (4, [])
+
+
 def test_a_manifest_opened_from_another_working_directory(scanned: Path, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Relative sources resolve against the manifest folder, never the reader's working directory."""
