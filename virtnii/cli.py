@@ -24,7 +24,7 @@ from .bids import find, index
 from .manifest.combine import combine
 from .errors import ManifestError, VirtniiError, redact
 from .export import export
-from .manifest import manifest_options_for, read_index
+from .manifest import manifest_options_for, manifest_url, read_index
 from .pyramid import CODECS, DEFAULT_CODEC, METHODS, build_pyramids
 from .scan import scan
 from .verified import verify
@@ -134,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_scan.add_argument("--write-url-secrets", action="store_true",
                         help="index URLs whose query holds credentials (presigned URLs), writing them into the "
                              "manifest; refused otherwise")
+    p_scan.add_argument("--relative-sources", action="store_true",
+                        help="name sources by paths relative to the manifest folder, which must be on their "
+                             "filesystem (e.g. -o DATASET/derivatives/virtnii): the dataset and its manifest can "
+                             "then be moved, cloned or uploaded together")
     _storage_arguments(p_scan)
 
     p_index = commands.add_parser(
@@ -266,7 +270,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     result = scan(args.sources, args.out, zarr_format=args.zarr_format, ref_format=args.ref_format,
                   storage_options=storage, manifest_options=manifest_options, progress=not args.quiet,
                   content_hash=args.content_hash, extensions=args.extensions,
-                  write_url_secrets=args.write_url_secrets)
+                  write_url_secrets=args.write_url_secrets, relative_sources=args.relative_sources)
     for failure in result.failures:
         print(f"virtnii: error: {failure}", file=sys.stderr)
     if result.manifest is None:
@@ -305,6 +309,7 @@ def cmd_find(args: argparse.Namespace) -> int:
 
 def print_info(manifest: str, manifest_options: dict[str, Any]) -> None:
     index = read_index(manifest, manifest_options)
+    base = manifest_url(manifest, manifest_options)
     images = index.images
     print(f"manifest {manifest}: {len(images)} image(s), Zarr v{index.zarr_format}, references {index.references}")
     width = max((len(image.name) for image in images), default=4)
@@ -313,7 +318,7 @@ def print_info(manifest: str, manifest_options: dict[str, Any]) -> None:
         dtype = image.dtype if isinstance(image.dtype, str) else "rgb" + str(8 * len(image.dtype))
         gz = " (gzip index)" if image.gzip_index else ""
         print(f"  {image.name:<{width}}  {image.axes:<5} {_dims(image.shape):<22} {dtype:<10} "
-              f"{_dims(image.chunks):<22} {_human(image.nbytes):>10}  {redact(image.source)}{gz}")
+              f"{_dims(image.chunks):<22} {_human(image.nbytes):>10}  {redact(image.resolved(base).source)}{gz}")
         if image.pyramid:
             pyramid = image.pyramid
             for level in pyramid.levels:

@@ -50,11 +50,15 @@ from isal import igzip, isal_zlib
 
 from . import fingerprint
 from .errors import InvalidGzip, ManifestError, StaleSource, from_os_error, storage_errors
+from .manifest.entry import is_url, relative_source
 
 #: Bytes of output kept with each seek point: the largest distance a deflate back-reference can reach.
 WINDOW_SIZE = 32768
 #: Version of the JSON descriptor written beside each index (``virtnii_gzip_index`` field).
 DESCRIPTOR_VERSION = 1
+#: Version written instead when the descriptor names its source relative to the manifest folder (``scan
+#: relative_sources``): a version-1 reader would resolve that path against its working directory.
+RELATIVE_DESCRIPTOR_VERSION = 2
 DESCRIPTOR_SUFFIX = ".gzidx.json"
 INDEX_SUFFIX = ".gzidx.gz"
 
@@ -942,11 +946,16 @@ def _stream(fs: fsspec.AbstractFileSystem, path: str, url: str, size: int, prefi
 # ---------------------------------------------------------------------------------------------- sidecars
 
 
-def descriptor(index: GzipIndex, index_file: str) -> dict[str, Any]:
-    """The JSON descriptor of an index whose GZIDX file is ``index_file`` (relative to the descriptor)."""
+def descriptor(index: GzipIndex, index_file: str, source: str | None = None) -> dict[str, Any]:
+    """The JSON descriptor of an index whose GZIDX file is ``index_file`` (relative to the descriptor).
+
+    ``source`` is how the descriptor names the gzip file: ``index.source`` by default, or its path relative to
+    the manifest folder for a manifest that moves with its sources.
+    """
+    source = index.source if source is None else source
     return {
-        "virtnii_gzip_index": DESCRIPTOR_VERSION,
-        "source": index.source,
+        "virtnii_gzip_index": DESCRIPTOR_VERSION if is_url(source) else RELATIVE_DESCRIPTOR_VERSION,
+        "source": source,
         "index": index_file,
         "fingerprint": index.fingerprint,
         "compressed_size": index.compressed_size,
@@ -958,10 +967,12 @@ def descriptor(index: GzipIndex, index_file: str) -> dict[str, Any]:
     }
 
 
-def write_sidecar(index: GzipIndex, fs: fsspec.AbstractFileSystem, folder_path: str, name: str) -> str:
+def write_sidecar(index: GzipIndex, fs: fsspec.AbstractFileSystem, folder_path: str, name: str,
+                  source: str | None = None) -> str:
     """Write ``<name>.gzidx.gz`` (GZIDX v1, gzipped whole) and ``<name>.gzidx.json`` into ``folder_path``.
 
-    Returns the descriptor's file name.  The GZIDX bytes are gzip-compressed as a whole because the windows
+    Returns the descriptor's file name.  ``source``: the descriptor's name for the gzip file (see
+    :func:`descriptor`).  The GZIDX bytes are gzip-compressed as a whole because the windows
     are most of the size and compress like the data; indexed_gzip's ``import_index`` takes the decompressed
     bytes (``io.BytesIO(gzip.decompress(...))``, not a ``gzip.open`` object: it would read the raw file
     through ``fileno()``).
@@ -970,17 +981,24 @@ def write_sidecar(index: GzipIndex, fs: fsspec.AbstractFileSystem, folder_path: 
     index_file = f"{name}{INDEX_SUFFIX}"
     fs.pipe_file(f"{folder_path}/{index_file}", gzip.compress(index.to_gzidx(), compresslevel=6, mtime=0))
     descriptor_file = f"{name}{DESCRIPTOR_SUFFIX}"
-    fs.pipe_file(f"{folder_path}/{descriptor_file}", json.dumps(descriptor(index, index_file)).encode())
+    fs.pipe_file(f"{folder_path}/{descriptor_file}", json.dumps(descriptor(index, index_file, source)).encode())
     return descriptor_file
 
 
 def read_sidecar(fs: fsspec.AbstractFileSystem, descriptor_path: str) -> GzipIndex:
-    """Load the index a descriptor written by :func:`write_sidecar` points to; problems are ManifestErrors."""
+    """Load the index a descriptor written by :func:`write_sidecar` points to; problems are ManifestErrors.
+
+    The index's ``source`` is the descriptor's: a path relative to the manifest folder (version 2) is
+    resolved by whoever knows where the manifest is (:class:`virtnii.gzipfs.GzipIndexFileSystem`).
+    """
     url = fs.unstrip_protocol(descriptor_path)
     try:
         meta = json.loads(fs.cat_file(descriptor_path))
-        if meta.get("virtnii_gzip_index") != DESCRIPTOR_VERSION:
-            raise ManifestError(url, f"unsupported gzip index descriptor version {meta.get('virtnii_gzip_index')!r}")
+        version = meta.get("virtnii_gzip_index")
+        if version not in (DESCRIPTOR_VERSION, RELATIVE_DESCRIPTOR_VERSION):
+            raise ManifestError(url, f"unsupported gzip index descriptor version {version!r}")
+        if version == RELATIVE_DESCRIPTOR_VERSION:
+            relative_source(meta["source"])
         folder = descriptor_path.rsplit("/", 1)[0] if "/" in descriptor_path else ""
         # ISA-L inflates the windows in half zlib's time: the largest part of a cold first read
         if not isinstance(meta["index"], str) or "/" in meta["index"] or meta["index"] in ("", ".", ".."):

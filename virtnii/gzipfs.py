@@ -7,9 +7,11 @@ span it needs (from the seek point before the range to the compressed position t
 inflate in a worker thread, so concurrent chunk reads use every core.
 
 ``gzidx://gzindex/sub-01_T1w.gzidx.json`` names a descriptor written by :func:`virtnii.gzindex.write_sidecar`,
-relative to ``root`` (the manifest folder).  The descriptor names the source; before its bytes are read, its
-size and ETag/mtime are compared with those recorded at indexing time (:class:`~virtnii.errors.StaleSource` if
-they differ; see :class:`virtnii.fingerprint.Checker` for how often).  See docs/gzip.md.
+relative to ``root`` (the manifest folder).  The descriptor names the source: by URL, or by a path relative to
+``root``, read with ``root_options`` (a source that moves with its manifest is on the manifest's filesystem).
+Before its bytes are read, its size and ETag/mtime are compared with those recorded at indexing time
+(:class:`~virtnii.errors.StaleSource` if they differ; see :class:`virtnii.fingerprint.Checker` for how often).
+See docs/gzip.md.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from fsspec.asyn import AsyncFileSystem
 from fsspec.spec import AbstractBufferedFile
 
 from . import fingerprint, gzindex
-from .manifest.entry import GZIP_INDEX_FOLDER, inside
+from .manifest.entry import GZIP_INDEX_FOLDER, inside, is_url, resolve
 from .errors import ManifestError, SourceNotFound, from_os_error, storage_errors
 from .verified import call, exact_range
 
@@ -37,8 +39,9 @@ class _Source:
     """A descriptor's index, checked against its source, and where to fetch the compressed bytes."""
 
     index: gzindex.GzipIndex
-    fs: fsspec.AbstractFileSystem  # fsspec's ordinary cached instance for the source, created with target_options
+    fs: fsspec.AbstractFileSystem  # fsspec's ordinary cached instance for the source
     path: str
+    url: str  # the source's URL (a relative source resolved against root), which errors name
 
 
 # Per process: parsed indexes by descriptor URL (with the descriptor's own fingerprint, so a manifest re-written
@@ -140,18 +143,22 @@ class GzipIndexFileSystem(AsyncFileSystem):
                     _INDEXES[url] = (descriptor_fp, index)
                     while len(_INDEXES) > _MAX_INDEXES:
                         _INDEXES.popitem(last=False)
-        fs, source_path = fsspec.core.url_to_fs(index.source, **self.target_options)
-        return _Source(index, fs, source_path)
+        if is_url(index.source):
+            fs, source_path = fsspec.core.url_to_fs(index.source, **self.target_options)
+            return _Source(index, fs, source_path, index.source)
+        source_url = resolve(self._root_fs.unstrip_protocol(self._root_path), index.source)
+        fs, source_path = fsspec.core.url_to_fs(source_url, **self.root_options)
+        return _Source(index, fs, source_path, source_url)
 
     async def _fetch(self, source: _Source, start: int, end: int) -> bytes:
         """Compressed bytes ``[start, end)`` of the source, in one ranged read (from any loop: see ``call``), once
         the source is known to be the one indexed."""
-        await _CHECKER.ensure(source.fs, source.path, source.index.source, source.index.fingerprint)
+        await _CHECKER.ensure(source.fs, source.path, source.url, source.index.fingerprint)
         try:
             data = await call(source.fs, "cat_file", source.path, start=start, end=end)
         except storage_errors() as err:
-            raise from_os_error(source.index.source, err, f"read bytes {start}-{end}") from err
-        return exact_range(source.index.source, start, end, data)
+            raise from_os_error(source.url, err, f"read bytes {start}-{end}") from err
+        return exact_range(source.url, start, end, data)
 
     # -- reading ------------------------------------------------------------------------------------------
 
@@ -240,7 +247,7 @@ class GzipIndexFileSystem(AsyncFileSystem):
     async def _info(self, path: str, **kwargs: Any) -> dict[str, Any]:
         source = await self._source(path)
         return {"name": self._strip_protocol(path), "size": source.index.uncompressed_size, "type": "file",
-                "source": source.index.source}
+                "source": source.url}
 
     def _open(self, path: str, mode: str = "rb", block_size: int | None = None, autocommit: bool = True,
               cache_options: dict[str, Any] | None = None, **kwargs: Any) -> _GzipIndexFile:

@@ -58,6 +58,7 @@ def reference_options(manifest: str, manifest_options: dict[str, Any] | None = N
     if not allow_local_sources and _protocol(manifest) not in ("file", "local"):
         _refuse_local_sources(manifest, index)
     expected: dict[str, dict[str, dict[str, Any]]] = {}  # protocol -> {data url: fingerprint}
+    inside: dict[str, dict[str, Any]] = {}  # data files named relative to the manifest -> fingerprint
     trusted: dict[str, list[str]] = {}  # protocol -> level stores given by URL
     relative: list[str] = []  # level stores inside the manifest folder
     for image in index.images:
@@ -68,14 +69,18 @@ def reference_options(manifest: str, manifest_options: dict[str, Any] | None = N
                 trusted.setdefault(_protocol(image.pyramid.store), []).append(image.pyramid.store)
         if image.gzip_index:
             continue  # read through gzidx://, which checks its source itself
-        expected.setdefault(_protocol(image.data_url), {})[image.data_url] = image.data_fp
+        if image.has_relative_sources:
+            inside[image.data_url] = image.data_fp
+        else:
+            expected.setdefault(_protocol(image.data_url), {})[image.data_url] = image.data_fp
     fss: dict[str | None, Any] = {
         protocol: VerifiedFileSystem(fsspec.filesystem(protocol, **storage_options), expected.get(protocol, {}),
                                      trusted.get(protocol, ()))
         for protocol in {**expected, **trusted}}
-    # references without a protocol are files of the manifest folder (pyramid levels): only those it lists
+    # references without a protocol are files of the manifest folder (pyramid levels) or sources on its
+    # filesystem named relative to it: only those it lists
     manifest_fs, manifest_path = fsspec.core.url_to_fs(manifest, **manifest_options)
-    fss[None] = VerifiedFileSystem(manifest_fs, {}, relative, root=manifest_path)
+    fss[None] = VerifiedFileSystem(manifest_fs, inside, relative, root=manifest_path)
     # always, even with no .nii.gz listed: references may outlive an interrupted replacement of the index file
     fss["gzidx"] = fsspec.filesystem("gzidx", root=manifest, root_options=manifest_options,
                                      target_options=storage_options, asynchronous=True, skip_instance_cache=True)
@@ -88,9 +93,10 @@ def _protocol(url: str) -> str:
 
 
 def _refuse_local_sources(manifest: str, index: Index) -> None:
-    """A remote manifest naming local files, or hosts of the reader's own network, is refused."""
+    """A remote manifest naming local files, or hosts of the reader's own network, is refused (sources named
+    relative to it are on its own filesystem: never the reader's)."""
     for image in index.images:
-        urls = [url for url, _ in image.checked_files]
+        urls = [] if image.has_relative_sources else [url for url, _ in image.checked_files]
         if image.pyramid and not image.pyramid.is_relative:
             urls.append(image.pyramid.store)
         for url in urls:

@@ -25,7 +25,8 @@ from .manifest import GZIP_INDEX_FOLDER, ImageEntry
 from .errors import InvalidGzip, InvalidNifti, ManifestError, VirtniiError, from_os_error, storage_errors
 from .header import (HEAD_BYTES, MAX_HEADER_BYTES, NiftiHeader, check_data_size, header_extent, parse, parse_many,
                      without_extensions)
-from .manifest import REF_FILES, ManifestWriter
+from .manifest import REF_FILES, ManifestWriter, manifest_url
+from .manifest.entry import relative_to
 from .manifest.writer import SidecarFolder
 from .references import ZARR_FORMATS, ImageRefs, image_refs
 from .sources import CONCURRENT_READS, Source, assign_names, expand, is_local
@@ -53,7 +54,7 @@ class ScanResult:
 def scan(sources: Iterable[str] | str, out: str, *, zarr_format: int = 3, ref_format: str = "json",
          storage_options: dict[str, Any] | None = None, manifest_options: dict[str, Any] | None = None,
          progress: bool = False, content_hash: bool = False, extensions: bool = True,
-         write_url_secrets: bool = False) -> ScanResult:
+         write_url_secrets: bool = False, relative_sources: bool = False) -> ScanResult:
     """Index NIfTI ``sources`` in place and write one manifest folder at ``out``.
 
     Parameters
@@ -83,6 +84,11 @@ def scan(sources: Iterable[str] | str, out: str, *, zarr_format: int = 3, ref_fo
     write_url_secrets
         Index URLs whose query holds credentials (presigned URLs), which then appear in the manifest; refused
         by default.
+    relative_sources
+        Name every source by its path relative to ``out`` (``../../sub-01/anat/sub-01_T1w.nii.gz``), so that a
+        manifest written inside its dataset still opens once both are moved, cloned or uploaded together.  Every
+        source must then be on ``out``'s filesystem (same protocol; same bucket or host): one that is not is a
+        :class:`~virtnii.errors.ManifestError` naming it, before anything is indexed.
     """
     if not str(out).strip():
         raise ManifestError(repr(out), "is not a manifest folder name (give the folder to write, e.g. -o OUT)")
@@ -102,6 +108,7 @@ def scan(sources: Iterable[str] | str, out: str, *, zarr_format: int = 3, ref_fo
 
         found, failures = expand(sources, options, listed, write_url_secrets=write_url_secrets)
     assign_names(found)
+    names = _relative_names(out, manifest_options, found) if relative_sources else {}
     images: list[ImageRefs] = []
     entries: list[ImageEntry] = []
     plain = [s for s in found if not s.is_gzip]
@@ -122,7 +129,7 @@ def scan(sources: Iterable[str] | str, out: str, *, zarr_format: int = 3, ref_fo
                 if content_hash:
                     _record_hashes(batch, outcomes, _gzip_workers(batch))
                 for source, outcome in zip(batch, outcomes):
-                    _collect(source, outcome, images, entries, failures, bar)
+                    _collect(source, outcome, names, images, entries, failures, bar)
         stop = threading.Event()
 
         def advance(consumed: int) -> None:
@@ -134,7 +141,7 @@ def scan(sources: Iterable[str] | str, out: str, *, zarr_format: int = 3, ref_fo
         with ThreadPoolExecutor(max_workers=_gzip_workers(gzipped)) as pool:
             try:  # from the first submission: an interrupt while submitting must stop the passes already running
                 jobs = {pool.submit(index_gzip_source, s, writer, zarr_format, advance, extensions=extensions,
-                                    content_hash=content_hash): s for s in gzipped}
+                                    content_hash=content_hash, names=names): s for s in gzipped}
                 for job in as_completed(jobs):
                     try:
                         outcome = job.result()
@@ -142,7 +149,7 @@ def scan(sources: Iterable[str] | str, out: str, *, zarr_format: int = 3, ref_fo
                         raise
                     except VirtniiError as err:
                         outcome = err
-                    _collect(jobs[job], outcome, images, entries, failures, bar)
+                    _collect(jobs[job], outcome, names, images, entries, failures, bar)
             except BaseException:  # Ctrl-C or a bug: do not index the rest of an archive before giving up
                 stop.set()
                 pool.shutdown(cancel_futures=True)
@@ -165,15 +172,40 @@ def _gzip_workers(sources: list[Source]) -> int:
     return GZIP_REMOTE_WORKERS
 
 
-def _collect(source: Source, outcome: tuple[ImageRefs, ImageEntry] | VirtniiError,
+def _collect(source: Source, outcome: tuple[ImageRefs, ImageEntry] | VirtniiError, names: dict[str, str],
              images: list[ImageRefs], entries: list[ImageEntry], failures: list[VirtniiError], bar: tqdm) -> None:
-    """Add one finished source to the results (or to the failures) and advance the progress bar."""
+    """Add one finished source to the results (or to the failures) and advance the progress bar.
+
+    Sources are indexed (and errors name them) by URL; ``names`` then gives the manifest's name for each
+    (:func:`_relative_names`), in its entry and in the chunk references of an uncompressed file.
+    """
     bar.update(1)
     if isinstance(outcome, VirtniiError):
         failures.append(outcome)
         return
-    images.append(outcome[0])
-    entries.append(outcome[1])
+    refs, entry = outcome
+    if names:
+        if not entry.gzip_index:
+            refs.url = names[refs.url]
+        entry = replace(entry, source=names[entry.source], data=None if entry.data is None else names[entry.data])
+    images.append(refs)
+    entries.append(entry)
+
+
+def _relative_names(out: str, manifest_options: dict[str, Any] | None, found: list[Source]) -> dict[str, str]:
+    """Each source file's path relative to the manifest folder ``out``, by URL; a ManifestError for the first
+    one not on ``out``'s filesystem, which no relative path can name."""
+    base = manifest_url(out, manifest_options)
+    names = {}
+    for source in found:
+        for url in (source.url, source.data_url):
+            name = relative_to(base, url)
+            if name is None:
+                raise ManifestError(url, f"is not on the filesystem of the manifest folder {base} (another "
+                                         "protocol, bucket or host), so it cannot be named relative to it: scan "
+                                         "without relative sources, or write the manifest beside the sources")
+            names[url] = name
+    return names
 
 
 # ---------------------------------------------------------------------------------------------------- headers
@@ -348,10 +380,11 @@ def _gunzip_members(data: bytes, limit: int) -> tuple[bytes, bool]:
 
 def index_gzip_source(source: Source, writer: SidecarFolder, zarr_format: int,
                       advance: Callable[[int], Any] = lambda n: None, *, extensions: bool = True,
-                      content_hash: bool = False) -> tuple[ImageRefs, ImageEntry]:
+                      content_hash: bool = False, names: dict[str, str] | None = None) -> tuple[ImageRefs, ImageEntry]:
     """Header, seek-point index and references of a ``.nii.gz`` (or gzipped pair), indexed in place.
 
-    ``advance(n)`` is told of every ``n`` more compressed bytes indexed (a progress bar's ``update``).  The data
+    ``advance(n)`` is told of every ``n`` more compressed bytes indexed (a progress bar's ``update``).
+    ``names`` maps source URLs to the manifest's names for them (relative sources), which the sidecar uses.  The data
     file's fingerprint is the index's: with the gzip trailer, and the content hash if asked for.
     """
     fs, url = source.fs, source.url
@@ -380,7 +413,8 @@ def index_gzip_source(source: Source, writer: SidecarFolder, zarr_format: int,
     folder, _, base = source.name.rpartition("/")
     relative = f"{GZIP_INDEX_FOLDER}/{folder}".rstrip("/")
     with writer.writing():
-        written = gzindex.write_sidecar(index, writer.fs, f"{writer.tmp}/{relative}", f"{base}.{_version_tag(index)}")
+        written = gzindex.write_sidecar(index, writer.fs, f"{writer.tmp}/{relative}", f"{base}.{_version_tag(index)}",
+                                        (names or {}).get(index.source))
     descriptor = f"{relative}/{written}"
     layout_refs.url = f"gzidx://{descriptor}"
     entry = _entry(source, header, layout_refs, descriptor, index.uncompressed_size)

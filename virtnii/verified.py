@@ -22,7 +22,8 @@ from fsspec.asyn import AsyncFileSystem
 from . import fingerprint
 from .manifest import integrity
 from .errors import ManifestError, SourceAccessError, StaleSource, VirtniiError, from_os_error, storage_errors
-from .manifest import manifest_options_for, read_index
+from .manifest import manifest_options_for, manifest_url, read_index
+from .manifest.entry import is_url, resolve
 
 
 async def call(fs: fsspec.AbstractFileSystem, method: str, *args: Any, **kwargs: Any) -> Any:
@@ -68,7 +69,10 @@ class VerifiedFileSystem(AsyncFileSystem):
 
     Sources (``expected``: URL → fingerprint) are checked against their fingerprints before reads; files inside
     the ``trusted`` folders (pyramid level stores, which virtnii wrote) are read as they are.  With ``root``,
-    references are paths relative to that folder of ``fs`` (the manifest folder), and must stay inside it.
+    references are paths relative to that folder of ``fs`` (the manifest folder), and must stay inside it —
+    but for the sources ``expected`` names relative to it (a manifest that moves with its dataset), which may
+    climb out of it with ``..`` on ``fs`` itself (never above its root or bucket: see
+    :func:`~virtnii.manifest.entry.resolve`), and only to the files the index file lists.
     Anything else a reference names is refused: a manifest is data, never a key to other files.
     """
 
@@ -80,7 +84,11 @@ class VerifiedFileSystem(AsyncFileSystem):
         self.fs = fs
         self.protocol = fs.protocol
         self.root = None if root is None else root.rstrip("/")
-        self.expected = {fs._strip_protocol(url): fp for url, fp in expected.items()}
+        #: relative source name -> its path on fs
+        self.sources = {} if self.root is None else {
+            name: fs._strip_protocol(resolve(fs.unstrip_protocol(self.root), name))
+            for name in expected if not is_url(name)}
+        self.expected = {self._path(url): fp for url, fp in expected.items()}
         self.trusted = tuple(self._path(folder).rstrip("/") + "/" for folder in trusted)
         self._checker = fingerprint.Checker()
 
@@ -88,6 +96,8 @@ class VerifiedFileSystem(AsyncFileSystem):
         """The path on ``fs`` a reference names (joined to ``root`` for relative references)."""
         if self.root is None:
             return self.fs._strip_protocol(url)
+        if url in self.sources:
+            return self.sources[url]
         if "://" in url or url.startswith("/") or posixpath.normpath(url) != url or url.startswith(".."):
             raise ManifestError(f"{self.fs.unstrip_protocol(self.root)}/{url}", "a reference relative to the "
                                 "manifest folder must name a file inside it (no '..', no absolute path)")
@@ -145,12 +155,13 @@ def verify(manifest: str, manifest_options: dict[str, Any] | None = None, *, con
     options = manifest_options_for(manifest, manifest_options, storage_options)
     index = read_index(manifest, options)
     problems = integrity.check_manifest(manifest, index, options)
-    checks = [item for image in index.images for item in image.checked_files]
+    base = manifest_url(manifest, options)
+    checks = [item for image in index.images for item in image.files_to_check(base, options, storage_options)]
 
-    def check(item: tuple[str, fingerprint.Fingerprint]) -> VirtniiError | None:
-        url, recorded = item
+    def check(item: tuple[str, fingerprint.Fingerprint, dict[str, Any]]) -> VirtniiError | None:
+        url, recorded, source_options = item
         try:
-            fs, path = fsspec.core.url_to_fs(url, **storage_options)
+            fs, path = fsspec.core.url_to_fs(url, **source_options)
             fingerprint.check(fs, path, url, recorded, trailer=True)
             if content:
                 integrity.check_content(fs, path, url, recorded)
@@ -158,7 +169,7 @@ def verify(manifest: str, manifest_options: dict[str, Any] | None = None, *, con
             return err
         return None
 
-    local = all((fsspec.core.split_protocol(url)[0] or "file") in ("file", "local") for url, _ in checks)
+    local = all((fsspec.core.split_protocol(url)[0] or "file") in ("file", "local") for url, _, _ in checks)
     workers = (os.cpu_count() or 2) if content and local else 16
     with ThreadPoolExecutor(max_workers=workers) as pool:
         problems += [problem for problem in pool.map(check, checks) if problem is not None]

@@ -13,12 +13,13 @@ what ``virtnii verify`` checks of the manifest's own files.
 """
 
 from .entry import GZIP_INDEX_FOLDER, LEVELS_FOLDER, ImageEntry, Level, Pyramid
-from .index import INDEX_FILE, MANIFEST_VERSION, READABLE_VERSIONS, Index, manifest_options_for, read_index
+from .index import (INDEX_FILE, MANIFEST_VERSION, READABLE_VERSIONS, RELATIVE_SOURCES_VERSION, Index,
+                    manifest_options_for, manifest_url, read_index)
 from .refs import METADATA_KEYS, load_refs
 from .writer import REF_FILES, ManifestWriter, build_refs, update_manifest, write_references
 
 __all__ = [
     "GZIP_INDEX_FOLDER", "LEVELS_FOLDER", "ImageEntry", "Level", "Pyramid", "INDEX_FILE", "MANIFEST_VERSION",
-    "READABLE_VERSIONS", "Index", "manifest_options_for", "read_index", "METADATA_KEYS", "load_refs", "REF_FILES",
-    "ManifestWriter", "build_refs", "update_manifest", "write_references",
+    "READABLE_VERSIONS", "RELATIVE_SOURCES_VERSION", "Index", "manifest_options_for", "manifest_url", "read_index",
+    "METADATA_KEYS", "load_refs", "REF_FILES", "ManifestWriter", "build_refs", "update_manifest", "write_references",
 ]

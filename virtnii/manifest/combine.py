@@ -4,8 +4,10 @@ Merging works on typed entries: each image of each input is one :class:`~virtnii
 references under its group, moved as a unit — renamed (``prefix/name``), its gzip sidecar copied into the new
 manifest (they are small: 0.7 % of the compressed file) and its ``gzidx://`` URLs pointed at the copy, its
 pyramid level store (which is not copied: levels are the only voxel bytes virtnii writes) referenced by
-absolute URL.  Names that clash — the same image twice, or an image where another's folder should be — are
-refused with the list of clashes, before anything is written; ``prefixes`` keep inputs apart.
+absolute URL, and so are sources an input names relative to itself (in its entry, its references and its gzip
+descriptor): the combined manifest is elsewhere, and a path relative to it would name other files.  Names that
+clash — the same image twice, or an image where another's folder should be — are refused with the list of
+clashes, before anything is written; ``prefixes`` keep inputs apart.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from typing import Any, Sequence
 
 import fsspec
 
-from .entry import GZIP_INDEX_FOLDER, ImageEntry
+from .. import gzindex
+from .entry import GZIP_INDEX_FOLDER, ImageEntry, resolve
 from ..errors import ManifestError, storage_errors
 from .index import Index, manifest_options_for, read_index
 from .refs import load_refs
@@ -110,6 +113,8 @@ def _move(entry: ImageEntry, refs: dict[str, Any], prefix: str, fs: fsspec.Abstr
     """One image's entry and references as the combined manifest holds them."""
     name = _joined(prefix, entry.name)
     old_gzidx = new_gzidx = None
+    old_data = entry.data_url
+    entry = entry.resolved(fs.unstrip_protocol(root))
     gzip_index = entry.gzip_index
     if entry.gzip_index:
         gzip_index = _copy_sidecar(entry.gzip_index, prefix, fs, root, writer)
@@ -128,6 +133,8 @@ def _move(entry: ImageEntry, refs: dict[str, Any], prefix: str, fs: fsspec.Abstr
             url = value[0]
             if url == old_gzidx:
                 value = [new_gzidx, *value[1:]]
+            elif url == old_data:
+                value = [entry.data_url, *value[1:]]
             elif old_store is not None and url.startswith(f"{old_store}/"):
                 value = [new_store + url[len(old_store):], *value[1:]]
         moved[f"{name}/{key[len(head):]}"] = value
@@ -136,12 +143,19 @@ def _move(entry: ImageEntry, refs: dict[str, Any], prefix: str, fs: fsspec.Abstr
 
 def _copy_sidecar(descriptor: str, prefix: str, fs: fsspec.AbstractFileSystem, root: str,
                   writer: ManifestWriter) -> str:
-    """Copy a gzip index descriptor and its index file into the new manifest; returns the descriptor's path."""
+    """Copy a gzip index descriptor and its index file into the new manifest; returns the descriptor's path.
+
+    A source the descriptor names relative to its manifest is named by its URL in the copy."""
     target = f"{GZIP_INDEX_FOLDER}/{prefix}/{descriptor[len(GZIP_INDEX_FOLDER) + 1:]}" if prefix else descriptor
     source_folder, target_folder = posixpath.dirname(f"{root}/{descriptor}"), posixpath.dirname(target)
     try:
         text = fs.cat_file(f"{root}/{descriptor}")
-        index_file = json.loads(text)["index"]
+        meta = json.loads(text)
+        index_file = meta["index"]
+        if meta["virtnii_gzip_index"] == gzindex.RELATIVE_DESCRIPTOR_VERSION:
+            meta.update(virtnii_gzip_index=gzindex.DESCRIPTOR_VERSION,
+                        source=resolve(fs.unstrip_protocol(root), meta["source"]))
+            text = json.dumps(meta).encode()
         data = fs.cat_file(f"{source_folder}/{index_file}")
     except (*storage_errors(), ValueError, KeyError, TypeError) as err:
         raise ManifestError(fs.unstrip_protocol(f"{root}/{descriptor}"),

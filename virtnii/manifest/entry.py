@@ -97,8 +97,11 @@ class ImageEntry:
     """One image of a manifest: where its voxels are, what they looked like when indexed, what the group holds.
 
     ``source`` is the header file (``.nii``, ``.nii.gz``, ``.hdr``); ``data``/``data_fingerprint`` the voxel
-    file of a ``.hdr/.img`` pair.  ``gzip_index`` is the sidecar descriptor (relative to the manifest) of a
-    gzipped source, whose uncompressed size is ``uncompressed_size``.  ``dtype`` is numpy's ``str`` (``"<i2"``)
+    file of a ``.hdr/.img`` pair.  Both are absolute URLs, or POSIX paths relative to the manifest folder
+    (``../../sub-01/anat/sub-01_T1w.nii``, see :func:`relative_source`) in a manifest scanned with
+    ``relative_sources``: readers resolve those against where the manifest is now (:meth:`resolved`).
+    ``gzip_index`` is the sidecar descriptor (relative to the manifest) of a gzipped source, whose uncompressed
+    size is ``uncompressed_size``.  ``dtype`` is numpy's ``str`` (``"<i2"``)
     or, for RGB, its ``descr`` list.
     """
 
@@ -136,6 +139,27 @@ class ImageEntry:
         if self.data is not None:
             files.append((self.data, self.data_fp))
         return files
+
+    @property
+    def has_relative_sources(self) -> bool:
+        """Whether the files are named relative to the manifest folder (and move with it)."""
+        return not is_url(self.source)
+
+    def resolved(self, manifest: str) -> "ImageEntry":
+        """This entry with relative source names resolved against ``manifest``, the manifest folder's absolute
+        URL (``file:///…``, ``s3://bucket/…``): where the files are for a manifest that is there now."""
+        if not self.has_relative_sources:
+            return self
+        return replace(self, source=resolve(manifest, self.source),
+                       data=None if self.data is None else resolve(manifest, self.data))
+
+    def files_to_check(self, manifest: str, manifest_options: dict[str, Any], storage_options: dict[str, Any]
+                       ) -> list[tuple[str, Fingerprint, dict[str, Any]]]:
+        """Every source file as ``(URL, recorded fingerprint, storage options to read it with)`` for a manifest
+        at absolute URL ``manifest``: files named relative to it are on its filesystem, so they are read with
+        the manifest folder's options; the others with the sources' options."""
+        options = manifest_options if self.has_relative_sources else storage_options
+        return [(url, recorded, options) for url, recorded in self.resolved(manifest).checked_files]
 
     @property
     def numpy_dtype(self) -> np.dtype:
@@ -182,14 +206,14 @@ class ImageEntry:
             known = {"name", "source", "fingerprint", "nifti_version", "shape", "axes", "chunks", "dtype", "nbytes",
                      "gzip_index", "uncompressed_size", "data", "data_fingerprint", "pyramid", "zooms", "bids"}
             entry = cls(
-                name=_text(doc["name"]), source=_text(doc["source"]), fingerprint=_fingerprint(doc["fingerprint"]),
+                name=_text(doc["name"]), source=_source(doc["source"]), fingerprint=_fingerprint(doc["fingerprint"]),
                 nifti_version=int(doc["nifti_version"]), shape=_ints(doc["shape"]), axes=_text(doc["axes"]),
                 chunks=_ints(doc["chunks"]),
                 dtype=dtype if isinstance(dtype, str) else tuple((str(n), str(t)) for n, t in dtype),
                 nbytes=int(doc["nbytes"]),
                 gzip_index=None if doc.get("gzip_index") is None else inside(_text(doc["gzip_index"]), f"{GZIP_INDEX_FOLDER}/"),
                 uncompressed_size=None if doc.get("uncompressed_size") is None else int(doc["uncompressed_size"]),
-                data=None if doc.get("data") is None else _text(doc["data"]),
+                data=None if doc.get("data") is None else _source(doc["data"]),
                 data_fingerprint=None if doc.get("data_fingerprint") is None
                 else _fingerprint(doc["data_fingerprint"]),
                 pyramid=None if doc.get("pyramid") is None else Pyramid.from_json(doc["pyramid"]),
@@ -202,6 +226,9 @@ class ImageEntry:
             name = doc.get("name") if isinstance(doc, dict) else None
             raise ManifestError(manifest, f"index file entry {name or '?'!s} is damaged ({type(err).__name__}: "
                                           f"{err}); re-run `virtnii scan`") from err
+        if entry.data is not None and is_url(entry.data) != is_url(entry.source):
+            raise ManifestError(manifest, f"index file entry {entry.name}: names one of its files by URL and the "
+                                          "other relative to the manifest")
         if len(entry.shape) != len(entry.axes) or len(entry.chunks) != len(entry.shape):
             raise ManifestError(manifest, f"index file entry {entry.name}: shape, axes and chunks disagree")
         return entry
@@ -220,6 +247,70 @@ def inside(path: str, folder: str) -> str:
             or ".." in path.split("/"):
         raise ValueError(f"{path!r} is not a path inside the manifest's {folder} folder")
     return path
+
+
+def relative_source(name: str) -> str:
+    """``name`` if it is a source path relative to a manifest folder in normal form, else a ValueError.
+
+    Normal form (``posixpath.normpath`` leaves it unchanged: ``..`` only leading, no empty or ``.`` part) keeps
+    one spelling per file, so a reference matches the index file's name for it exactly.
+    """
+    if is_url(name) or posixpath.normpath(name) != name or name.rsplit("/", 1)[-1] in (".", ".."):
+        raise ValueError(f"{name!r} is neither a URL nor a normalised path relative to the manifest folder")
+    return name
+
+
+def resolve(manifest: str, name: str) -> str:
+    """The URL of source ``name`` (relative to the manifest folder) for a manifest at absolute URL ``manifest``.
+
+    ``..`` climbs the manifest's own filesystem but never above its root: for an object store or web server
+    the first part of the path (the bucket or host) is the root, so a relative source always stays where its
+    manifest is (the trust model relies on it).
+    """
+    anchor, parts = _anchored(manifest)
+    for part in relative_source(name).split("/"):
+        if part != "..":
+            parts.append(part)
+        elif parts:
+            parts.pop()
+        else:
+            raise ManifestError(manifest, f"source {name!r} climbs above {anchor}, the root of the manifest's "
+                                          "filesystem (or its bucket); re-run `virtnii scan`")
+    return anchor + "/".join(parts)
+
+
+def relative_to(manifest: str, url: str) -> str | None:
+    """``url`` as a path relative to the manifest folder at absolute URL ``manifest``, or None if it is not on
+    the manifest's filesystem (another protocol, bucket or host), and so cannot move with it."""
+    anchor, folders = _anchored(manifest)
+    if "://" not in url:
+        return None
+    url_anchor, parts = _anchored(url)
+    if url_anchor != anchor or not parts:
+        return None
+    common = 0
+    while common < min(len(folders), len(parts) - 1) and folders[common] == parts[common]:
+        common += 1
+    name = "/".join([".."] * (len(folders) - common) + parts[common:])
+    try:
+        return relative_source(name)
+    except ValueError:  # a URL whose path has "." or ".." parts: no single relative spelling
+        return None
+
+
+def _anchored(url: str) -> tuple[str, list[str]]:
+    """``(root, folders)`` of an absolute URL: ``file:///`` (or ``memory:///``) and the path's parts, or
+    ``s3://bucket/`` (a bucket, host or container: the first part) and the parts after it."""
+    protocol, _, rest = url.partition("://")
+    if rest.startswith("/"):
+        return f"{protocol}:///", [part for part in rest.split("/") if part]
+    top, _, path = rest.partition("/")
+    return f"{protocol}://{top}/", [part for part in path.split("/") if part]
+
+
+def _source(value: Any) -> str:
+    name = _text(value)
+    return name if is_url(name) else relative_source(name)
 
 
 def _ints(values: Any) -> tuple[int, ...]:

@@ -20,8 +20,12 @@ INDEX_FILE = "virtnii.json"
 #: Version written.  2 added pyramid levels (references relative to the manifest folder, which a version-1
 #: reader would resolve against its working directory): version-1 readers refuse it instead.
 MANIFEST_VERSION = 2
+#: Version written instead by manifests whose sources are named relative to the manifest folder (``scan
+#: relative_sources``), which a version-2 reader would also resolve against its working directory; other
+#: manifests keep version 2, so older readers still open them.
+RELATIVE_SOURCES_VERSION = 3
 #: Versions read.
-READABLE_VERSIONS = (1, 2)
+READABLE_VERSIONS = (1, 2, 3)
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,9 @@ class Index:
     def text(self) -> str:
         """The index file's text: one image per line, readable and diffable, each through the C JSON encoder
         (``indent=`` falls back to the pure-Python encoder: a quarter of a 2000-file scan)."""
-        head = {"virtnii_manifest": MANIFEST_VERSION, "zarr_format": self.zarr_format, "references": self.references}
+        relative = any(entry.has_relative_sources for entry in self.images)
+        head = {"virtnii_manifest": RELATIVE_SOURCES_VERSION if relative else MANIFEST_VERSION,
+                "zarr_format": self.zarr_format, "references": self.references}
         lines = ",\n".join(json.dumps(entry.to_json()) for entry in self.images)
         return json.dumps(head)[:-1] + ', "images": [\n' + lines + "\n]}\n"
 
@@ -58,6 +64,13 @@ def manifest_options_for(manifest: str, manifest_options: dict[str, Any] | None,
         return manifest_options
     remote = (fsspec.core.split_protocol(manifest)[0] or "file") not in ("file", "local")
     return dict(storage_options) if remote else {}
+
+
+def manifest_url(manifest: str, storage_options: dict[str, Any] | None = None) -> str:
+    """The manifest folder's absolute URL (``file:///…`` for a local path), which relative sources resolve
+    against: never the reader's working directory."""
+    fs, path = fsspec.core.url_to_fs(manifest, **(storage_options or {}))
+    return fs.unstrip_protocol(path.rstrip("/"))
 
 
 def read_index(manifest: str, storage_options: dict[str, Any] | None = None) -> Index:

@@ -20,6 +20,7 @@ import collections
 import contextlib
 import json
 import os
+import posixpath
 import uuid
 from typing import Any, Iterable, Iterator
 
@@ -60,6 +61,8 @@ class ManifestWriter(SidecarFolder):
         with self.writing():
             recovery.recover(self.fs, self.out, INDEX_FILE)  # what a killed earlier run left here
             self._refuse_to_replace_other_data()
+            if getattr(self.fs, "local_file", False):  # OUT's parent too (DATASET/derivatives/virtnii)
+                self.fs.makedirs(posixpath.dirname(self.tmp), exist_ok=True)
             recovery.claim(self.fs, self.tmp)
             self.fs.makedirs(self.tmp, exist_ok=True)
 

@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from .. import __version__, ome
 from ..manifest.entry import LEVELS_FOLDER, ImageEntry, is_url as _is_url
 from ..errors import ManifestError, VirtniiError, storage_errors
-from ..manifest import METADATA_KEYS, Index, load_refs, manifest_options_for, read_index, update_manifest
+from ..manifest import (METADATA_KEYS, Index, load_refs, manifest_options_for, manifest_url, read_index,
+                        update_manifest)
 from .build import CODECS, DEFAULT_CODEC, MARKER, Settings, build_image, method_for, plan_levels, tag
 from .downsample import METHODS
 
@@ -76,6 +77,7 @@ def build_pyramids(manifest: str, images: Sequence[str] | None = None, *, method
     if shards and index.zarr_format != 3:
         raise ManifestError(manifest, "sharding (--shards) needs a Zarr v3 manifest (scan with --zarr-format 3)")
     chosen = _choose(manifest, index, images)
+    base = manifest_url(manifest, options)
     group = open_manifest(manifest, manifest_options, allow_local_sources=allow_local_sources, **storage_options)
     store_options = dict(out_options if out_options is not None else options) if out else options
     root = _absolute_url(out, store_options) if out else f"{manifest}/{LEVELS_FOLDER}"
@@ -102,7 +104,8 @@ def build_pyramids(manifest: str, images: Sequence[str] | None = None, *, method
             before = bar.n
             try:
                 pyramid, was_built = build_image(entry, image["0"], store_url, store_ref, store_tag, chosen_method, settings,
-                                      index.zarr_format, store_options, storage_options, advance)
+                                      index.zarr_format, store_options,
+                                      entry.files_to_check(base, options, storage_options), advance)
             except VirtniiError as err:
                 failures.append(err)
                 bar.update(entry.nbytes - (bar.n - before))

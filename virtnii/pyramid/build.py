@@ -145,10 +145,12 @@ def read_marker(fs: fsspec.AbstractFileSystem, path: str) -> Pyramid | None:
 
 def build_image(entry: ImageEntry, level0: zarr.Array, store_url: str, store_ref: str, store_tag: str,
                 method: str, settings: Settings, zarr_format: int, store_options: dict[str, Any],
-                source_options: dict[str, Any], progress: Callable[[int], Any] = lambda n: None
-                ) -> tuple[Pyramid, bool]:
+                sources: list[tuple[str, fingerprint.Fingerprint, dict[str, Any]]],
+                progress: Callable[[int], Any] = lambda n: None) -> tuple[Pyramid, bool]:
     """Write the levels of one image into ``store_url`` (``store_ref``: how the manifest names it), or reuse them.
 
+    ``sources`` are the image's files as :meth:`~virtnii.manifest.ImageEntry.files_to_check` gives them,
+    checked again once the levels are written.
     Returns the store's :class:`Pyramid` and whether it was built (False: a finished store was reused).
     ``progress(n)`` hears of every ``n`` level-0 bytes consumed.
     """
@@ -173,7 +175,7 @@ def build_image(entry: ImageEntry, level0: zarr.Array, store_url: str, store_ref
                                         dtype=out_dtype, compressors=_compressor(settings.codec, zarr_format),
                                         fill_value=fill, zarr_format=zarr_format, **kwargs))
     _stream_levels(entry, level0, arrays, method, out_dtype, progress)
-    for url, recorded in entry.checked_files:  # a source changed mid-build: these levels may mix versions
+    for url, recorded, source_options in sources:  # a source changed mid-build: these levels may mix versions
         source_fs, source_path = fsspec.core.url_to_fs(url, **source_options)
         fingerprint.check(source_fs, source_path, url, recorded)
     levels = tuple(Level(str(k), shape, tuple(a.chunks), None if a.shards is None else tuple(a.shards), total,
