@@ -101,8 +101,10 @@ def test_rerun_reads_only_what_changed_and_drops_what_was_removed(dataset: Path,
     out = tmp_path / "out"
     first = virtnii.index(str(tree), str(out))
     images, refs = manifest_state(out)
+    index_file = (out / "virtnii.json").read_bytes()
     again = virtnii.index(str(tree), str(out))
     assert again.report.indexed == 0 and again.report.reused == len(images)
+    assert (out / "virtnii.json").read_bytes() == index_file  # nothing to do: nothing rewritten
     assert manifest_state(out) == (images, refs)
     # one image replaced, one removed, one sidecar changed
     changed = "sub-01/ses-1/anat/sub-01_ses-1_T1w.nii"
@@ -217,11 +219,20 @@ def test_out_holding_other_data_is_refused(dataset: Path, tmp_path: Path) -> Non
     assert (tmp_path / "out" / "thesis.tex").read_text() == "precious"
 
 
-def test_a_manifest_inside_the_dataset_is_not_indexed_itself(dataset: Path, tmp_path: Path) -> None:
+def test_a_manifest_inside_the_dataset_moves_with_it(dataset: Path, tmp_path: Path) -> None:
     tree = tmp_path / "ds"
     shutil.copytree(dataset, tree, symlinks=True)
     out = tree / "derivatives" / "virtnii"
     first = virtnii.index(str(tree), str(out), derivatives=True)
     second = virtnii.index(str(tree), str(out), derivatives=True)
     assert sorted(e.name for e in first.images) == sorted(e.name for e in second.images) == sorted(image_names())
-    assert second.report.indexed == 0
+    assert second.report.indexed == 0  # the manifest itself was not taken for data
+    assert all(e.has_relative_sources and e.source.startswith("../") for e in second.images)
+    moved = tmp_path / "elsewhere" / "ds"
+    moved.parent.mkdir()
+    shutil.move(tree, moved)
+    group = virtnii.open(str(moved / "derivatives" / "virtnii"))
+    for name, relative in image_names().items():
+        assert_same_voxels(group[name]["0"][...], file_to_zarr_order(nibabel_raw(dataset / relative)))
+    third = virtnii.index(str(moved), str(moved / "derivatives" / "virtnii"), derivatives=True)
+    assert third.report.indexed == 0 and third.report.removed == 0

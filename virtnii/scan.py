@@ -108,7 +108,7 @@ def scan(sources: Iterable[str] | str, out: str, *, zarr_format: int = 3, ref_fo
 
         found, failures = expand(sources, options, listed, write_url_secrets=write_url_secrets)
     assign_names(found)
-    names = _relative_names(out, manifest_options, found) if relative_sources else {}
+    names = relative_names(out, manifest_options, found) if relative_sources else {}
     images: list[ImageRefs] = []
     entries: list[ImageEntry] = []
     plain = [s for s in found if not s.is_gzip]
@@ -177,22 +177,29 @@ def _collect(source: Source, outcome: tuple[ImageRefs, ImageEntry] | VirtniiErro
     """Add one finished source to the results (or to the failures) and advance the progress bar.
 
     Sources are indexed (and errors name them) by URL; ``names`` then gives the manifest's name for each
-    (:func:`_relative_names`), in its entry and in the chunk references of an uncompressed file.
+    (:func:`relative_names`), in its entry and in the chunk references of an uncompressed file.
     """
     bar.update(1)
     if isinstance(outcome, VirtniiError):
         failures.append(outcome)
         return
+    refs, entry = named(outcome, names)
+    images.append(refs)
+    entries.append(entry)
+
+
+def named(outcome: tuple[ImageRefs, ImageEntry], names: dict[str, str]) -> tuple[ImageRefs, ImageEntry]:
+    """An indexed source's references and entry with its files named as ``names`` says (relative sources):
+    in the entry, and in the chunk references of an uncompressed file (a gzip sidecar names its own)."""
     refs, entry = outcome
     if names:
         if not entry.gzip_index:
             refs.url = names[refs.url]
         entry = replace(entry, source=names[entry.source], data=None if entry.data is None else names[entry.data])
-    images.append(refs)
-    entries.append(entry)
+    return refs, entry
 
 
-def _relative_names(out: str, manifest_options: dict[str, Any] | None, found: list[Source]) -> dict[str, str]:
+def relative_names(out: str, manifest_options: dict[str, Any] | None, found: list[Source]) -> dict[str, str]:
     """Each source file's path relative to the manifest folder ``out``, by URL; a ManifestError for the first
     one not on ``out``'s filesystem, which no relative path can name."""
     base = manifest_url(out, manifest_options)

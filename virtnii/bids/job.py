@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..errors import InvalidNifti, ManifestError, error_class, storage_errors
 from ..fingerprint import from_info
 from ..manifest import GZIP_INDEX_FOLDER, INDEX_FILE, LEVELS_FOLDER, ImageEntry, load_refs, read_index
-from ..manifest.index import Index, manifest_options_for
+from ..manifest.index import Index, manifest_options_for, manifest_url
 from ..manifest.writer import REF_FILES, publish
 from ..references import ZARR_FORMATS, hierarchy_docs
 from ..sources import assign_names
@@ -74,10 +74,11 @@ def index(root: str, out: str, *, pyramid: bool = False, derivatives: bool = Fal
     except (ValueError, ImportError, TypeError) as err:
         raise ManifestError(out, f"cannot open this URL: {err}") from err
     out_path = out_path.rstrip("/")
-    listing = list_dataset(root, options, derivatives=derivatives,
-                           exclude=_inside(out_fs, out_path, root, options))
+    inside = _inside(out_fs, out_path, root, options)
+    listing = list_dataset(root, options, derivatives=derivatives, exclude=inside)
     report = Report(listing.url, out_fs.unstrip_protocol(out_path))
-    settings = units.Settings(listing.url, zarr_format, extensions)
+    # a manifest inside its dataset names the sources relative to itself: the two move (clone, upload) together
+    settings = units.Settings(listing.url, zarr_format, extensions, relative=bool(inside))
     report.settings = {**settings.to_json(), "ref_format": ref_format, "derivatives": derivatives}
     sources, problems = nifti_sources(listing)
     for err in listing.problems + problems:
@@ -124,15 +125,43 @@ def index(root: str, out: str, *, pyramid: bool = False, derivatives: bool = Fal
             image_refs[name] = old_refs[name]
     names = sorted(entries)
     report.images = len(names)
-    report.removed = len({e.source for e in previous.index.images} - {entries[n].source for n in names}) \
-        if previous else 0
+    report.removed = len({e.name for e in previous.index.images} - set(names)) if previous else 0
 
-    # BIDS metadata: entities from the names, sidecars by inheritance, read in one batch
+    report.metadata_files = {r: from_info(i) for r, i in listing.files.items() if r.endswith((".json", ".tsv"))}
+    if previous is not None and previous.entries and len(kept) == len(names) and not report.removed \
+            and previous.metadata_files == report.metadata_files:
+        # nothing changed: the listing and a comparison were the whole job
+        final = [entries[name] for name in names]
+        new_index = previous.index
+        report.bytes_referenced = sum(int(fp["size"]) for e in final for _, fp in e.checked_files)
+    else:
+        final, refs = _with_metadata(names, relative, entries, image_refs, listing, zarr_format, report)
+        if not final and not previous:
+            report.seconds = time.perf_counter() - started
+            return IndexResult(report.manifest, [], report.skipped, report)
+        new_index = publish(out_fs, out_path, out, zarr_format, ref_format, final, refs,
+                            previous.index.references if previous else None)
+        _remove_unreferenced(out_fs, out_path, new_index)
+        units.keep_lasting_failures(out_fs, out_path, list(records.values()))
+    if pyramid:
+        _pyramids(out, final, out_options, options, report)
+        new_index = read_index(out, out_options)
+    report.bytes_written = _folder_bytes(out_fs, out_path)
+    report.seconds = time.perf_counter() - started
+    _write_report(out_fs, out_path, out, report)
+    return IndexResult(report.manifest, list(new_index.images), report.skipped, report)
+
+
+def _with_metadata(names: list[str], relative: dict[str, str], entries: dict[str, ImageEntry],
+                   image_refs: dict[str, dict[str, Any]], listing: Listing, zarr_format: int,
+                   report: Report) -> tuple[list[ImageEntry], dict[str, Any]]:
+    """The entries with their BIDS path and entities, and the whole hierarchy's references with each image
+    group's entities and inherited sidecars, and each (sub-)dataset's description and participants."""
     roots = {n: metadata.dataset_root(relative[n], listing) for n in names}
     chains = {n: metadata.sidecar_chain(relative[n], listing, roots[n]) for n in names}
     datasets = {""} | set(roots.values())
-    dataset_files = [f"{r}/{f}" if r else f for r in datasets for f in (metadata.DESCRIPTION, metadata.PARTICIPANTS)
-                     if (f"{r}/{f}" if r else f) in listing.files]
+    dataset_files = [path for r in datasets for f in (metadata.DESCRIPTION, metadata.PARTICIPANTS)
+                     if (path := f"{r}/{f}" if r else f) in listing.files]
     texts, bad = metadata.read_texts(listing, [p for chain in chains.values() for p in chain] + dataset_files)
     for err in bad:
         report.warn(err)
@@ -141,29 +170,15 @@ def index(root: str, out: str, *, pyramid: bool = False, derivatives: bool = Fal
         _set_group_attributes(refs, ds, zarr_format, {"bids": metadata.dataset_attributes(texts, ds)})
     final = []
     for name in names:
-        ents = metadata.entities(relative[name])
-        bids = {"path": relative[name], "entities": ents, **({"dataset": roots[name]} if roots[name] else {})}
+        bids = {"path": relative[name], "entities": metadata.entities(relative[name]),
+                **({"dataset": roots[name]} if roots[name] else {})}
         entry = replace(entries[name], bids=bids)
         refs.update(image_refs[name])
-        _set_group_attributes(refs, name, zarr_format,
-                              {"bids": {**bids, "sidecars": chains[name], "metadata": metadata.merged(chains[name], texts)}})
+        _set_group_attributes(refs, name, zarr_format, {"bids": {**bids, "sidecars": chains[name],
+                                                                 "metadata": metadata.merged(chains[name], texts)}})
         final.append(entry)
         report.bytes_referenced += sum(int(fp["size"]) for _, fp in entry.checked_files)
-
-    if not final and not previous:
-        report.seconds = time.perf_counter() - started
-        return IndexResult(report.manifest, [], report.skipped, report)
-    new_index = publish(out_fs, out_path, out, zarr_format, ref_format, final, refs,
-                        previous.index.references if previous else None)
-    _remove_unreferenced(out_fs, out_path, new_index)
-    units.keep_lasting_failures(out_fs, out_path, list(records.values()))
-    if pyramid:
-        _pyramids(out, final, out_options, options, report)
-        new_index = read_index(out, out_options)
-    report.bytes_written = _folder_bytes(out_fs, out_path)
-    report.seconds = time.perf_counter() - started
-    _write_report(out_fs, out_path, out, report)
-    return IndexResult(report.manifest, list(new_index.images), report.skipped, report)
+    return final, refs
 
 
 def journal_used(records: dict[str, dict[str, Any]], journal: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -178,6 +193,7 @@ class _Previous:
     index: Index
     entries: dict[str, ImageEntry]  # by source URL
     load: Any
+    metadata_files: dict[str, Any]  # fingerprints of the JSON/TSV files it was made with
 
     def refs(self) -> dict[str, dict[str, Any]]:
         """Its references, split by image group."""
@@ -201,16 +217,18 @@ def _previous(fs: fsspec.AbstractFileSystem, path: str, out: str, options: dict[
                 raise ManifestError(out, "exists and is not a virtnii manifest; refusing to write into it (choose "
                                          "an empty or new folder for -o)")
             return None
-        old_settings = json.loads(fs.cat_file(f"{path}/{REPORT_FILE}")).get("settings") \
-            if fs.exists(f"{path}/{REPORT_FILE}") else None
+        old_report = json.loads(fs.cat_file(f"{path}/{REPORT_FILE}")) if fs.exists(f"{path}/{REPORT_FILE}") else {}
+        old_settings, old_metadata = old_report.get("settings"), old_report.get("metadata_files")
     except storage_errors() as err:
         raise ManifestError(out, f"cannot read what is there: {err}") from err
-    except ValueError:
-        old_settings = None
+    except (ValueError, AttributeError):
+        old_settings = old_metadata = None
     index = read_index(out, options)
     if old_settings != settings:
-        return _Previous(index, {}, lambda: {})
-    return _Previous(index, {e.source: e for e in index.images}, lambda: load_refs(out, index, options))
+        return _Previous(index, {}, lambda: {}, {})
+    here = manifest_url(out, options)
+    return _Previous(index, {e.resolved(here).source: e for e in index.images}, lambda: load_refs(out, index, options),
+                     old_metadata or {})
 
 
 def _unchanged(old: ImageEntry, source: Any) -> bool:

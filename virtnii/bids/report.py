@@ -66,6 +66,7 @@ class Report:
     pyramids_reused: int = 0
     seconds: float = 0.0
     settings: dict[str, Any] = field(default_factory=dict)
+    metadata_files: dict[str, Any] = field(default_factory=dict)  # JSON/TSV fingerprints: was metadata changed?
 
     def skip(self, err: VirtniiError) -> None:
         code = reason(err)
@@ -80,7 +81,7 @@ class Report:
                 "skipped": self.skipped, "warnings": self.warnings, "bytes_referenced": self.bytes_referenced,
                 "bytes_written": self.bytes_written, "pyramids_built": self.pyramids_built,
                 "pyramids_reused": self.pyramids_reused, "seconds": round(self.seconds, 3),
-                "settings": self.settings}
+                "settings": self.settings, "metadata_files": self.metadata_files}
 
     def summary(self) -> str:
         """A few lines for the terminal."""

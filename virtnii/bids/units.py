@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +21,8 @@ import fsspec
 from ..errors import InvalidGzip, InvalidNifti, ManifestError, UnsupportedNifti, VirtniiError, storage_errors
 from ..fingerprint import from_info
 from ..manifest.writer import SidecarFolder
-from ..scan import _plain_images, index_gzip_source, read_plain_headers
-from ..sources import Source, with_s3_pool
+from ..scan import _plain_images, index_gzip_source, named, read_plain_headers, relative_names
+from ..sources import Source, is_local, with_s3_pool
 
 JOURNAL = ".journal"
 #: The journal file kept after a run: its lasting failures (see :func:`keep_lasting_failures`).
@@ -30,6 +31,8 @@ LASTING_FILE = "lasting-failures.json"
 PLAIN_BATCH = 256
 #: A ``.nii.gz`` is one streaming pass; small ones are grouped up to this many compressed bytes per batch.
 GZIP_BATCH_BYTES = 64 * 2**20
+#: ``.nii.gz`` files of one batch indexed at once from remote storage (each pass mostly waits on requests).
+REMOTE_GZIP_THREADS = 8
 #: Failures that stay true until the file changes, so a re-run takes them from the journal instead of reading
 #: the file again; the others (network, permissions) are tried again.
 LASTING = (InvalidNifti, InvalidGzip, UnsupportedNifti)
@@ -47,8 +50,9 @@ class Spec:
 
     @property
     def key(self) -> str:
-        """What a journal record is valid for: this file (and data file) as listed."""
-        return json.dumps([self.path, from_info(self.info), self.data_path, from_info(self.data_info)],
+        """What a journal record is valid for: this file (and data file) as listed, by image name (so a dataset
+        moved with its manifest keeps its records)."""
+        return json.dumps([self.name, from_info(self.info), self.data_path != self.path, from_info(self.data_info)],
                           sort_keys=True)
 
 
@@ -59,9 +63,10 @@ class Settings:
     root: str  # the dataset's URL: sources are opened with it and the storage options
     zarr_format: int = 3
     extensions: bool = True
+    relative: bool = False  # sources named relative to the manifest (it lies inside the dataset)
 
     def to_json(self) -> dict[str, Any]:
-        return {"zarr_format": self.zarr_format, "extensions": self.extensions}
+        return {"zarr_format": self.zarr_format, "extensions": self.extensions, "relative_sources": self.relative}
 
 
 @dataclass(frozen=True)
@@ -105,20 +110,28 @@ def run_batch(batch: Batch, settings: Settings, out: str, out_options: dict[str,
     sources = [Source(fs, s.path, s.info, s.data_path, s.data_info, name=s.name) for s in batch.specs]
     out_fs, out_path = fsspec.core.url_to_fs(out, **out_options)
     out_path = out_path.rstrip("/")
+    names = relative_names(out, out_options, sources) if settings.relative else {}
     if batch.gzip:
         sidecars = SidecarFolder(out_fs, out_path, out)
-        outcomes: list[Any] = []
-        for source in sources:
+
+        def one(source: Source) -> Any:
             try:
-                outcomes.append(index_gzip_source(source, sidecars, settings.zarr_format,
-                                                  extensions=settings.extensions))
+                return index_gzip_source(source, sidecars, settings.zarr_format, extensions=settings.extensions,
+                                         names=names)
             except ManifestError:
                 raise  # the manifest cannot be written: every other batch would fail the same way
             except VirtniiError as err:
-                outcomes.append(err)
+                return err
+
+        # locally a pass is inflating (a core each, and batches run one per core); remotely it is mostly
+        # waiting on requests, so a batch of small files runs them together
+        threads = 1 if is_local(fs) else min(REMOTE_GZIP_THREADS, len(sources))
+        with ThreadPoolExecutor(threads, thread_name_prefix="virtnii-gzip") as pool:
+            outcomes: list[Any] = list(pool.map(one, sources))
     else:
         outcomes = _plain_images(sources, read_plain_headers(sources), settings.zarr_format, settings.extensions)
-    records = [record(spec, outcome) for spec, outcome in zip(batch.specs, outcomes)]
+    records = [record(spec, outcome if isinstance(outcome, VirtniiError) else named(outcome, names))
+               for spec, outcome in zip(batch.specs, outcomes)]
     try:
         out_fs.makedirs(f"{out_path}/{JOURNAL}", exist_ok=True)
         out_fs.pipe_file(f"{out_path}/{JOURNAL}/{batch.key}.json", json.dumps(records).encode())
