@@ -38,6 +38,7 @@ import nibabel as nib
 import numpy as np
 
 import virtnii
+from benchkit import phantom, scanner_image, serial_headers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from conftest import LocalS3, clear_fsspec_caches, running_s3  # noqa: E402  (the tests' S3 server)
@@ -72,22 +73,6 @@ KINDS = [
 EXTENSION_EVERY = 25
 
 
-def _phantom(shape: tuple[int, ...], dtype: str, rng: np.random.Generator) -> np.ndarray:
-    """A smooth head-like ellipsoid with a bias field plus noise, in the dtype's usual range."""
-    nx, ny, nz = shape[:3]
-    x, y, z = np.meshgrid(*(np.linspace(-1, 1, n, dtype=np.float32) for n in (nx, ny, nz)), indexing="ij")
-    radius = np.sqrt((x / 0.8) ** 2 + (y / 0.9) ** 2 + (z / 0.85) ** 2)
-    signal = np.where(radius < 1, (600 + 250 * np.sin(9 * radius)) * (1 + 0.2 * x), 0).astype(np.float32)
-    if len(shape) == 4:
-        signal = signal[..., None] * (1 + 0.01 * np.arange(shape[3], dtype=np.float32))
-    data = np.abs(signal + rng.standard_normal(signal.shape, dtype=np.float32) * 20)
-    if dtype == "|u1":
-        return (radius < 1).astype(np.uint8)
-    if dtype == "<f4":
-        return (data / 1000).astype(np.float32)
-    return np.rint(data).astype(np.dtype(dtype))
-
-
 def generate(folder: Path, count: int, suffix: str = ".nii") -> list[Path]:
     """Write ``count`` files as a BIDS-like tree under ``folder`` (reused when already there), as ``suffix``
     (``.nii`` or ``.nii.gz``)."""
@@ -96,25 +81,15 @@ def generate(folder: Path, count: int, suffix: str = ".nii") -> list[Path]:
         return sorted(folder.rglob(f"*{suffix}"))
     shutil.rmtree(folder, ignore_errors=True)
     rng = np.random.default_rng(0)
-    bases = {kind: _phantom(kind.shape, kind.dtype, rng) for kind in KINDS}
-    angle = np.deg2rad(7)  # slightly oblique, as acquired
-    rotation = np.array([[1, 0, 0], [0, np.cos(angle), -np.sin(angle)], [0, np.sin(angle), np.cos(angle)]])
+    bases = {kind: phantom(kind.shape, kind.dtype, rng) for kind in KINDS}
     paths = []
     for i in range(count):
         kind = KINDS[i % len(KINDS)]
         sub = f"sub-{i // (len(KINDS) * 2) + 1:04d}"
         path = folder / sub / f"{kind.suffix.format(sub=sub, run=(i // len(KINDS)) % 2 + 1)}{suffix}"
-        affine = np.eye(4)
-        affine[:3, :3] = rotation @ np.diag(kind.zooms[:3])
-        affine[:3, 3] = [-96.0, -120.0, -70.0]
         data = bases[kind].copy()
         data.flat[i % data.size] += 1  # files differ, so ETags differ as on a real bucket
-        img = nib.Nifti1Image(data, affine)
-        img.header.set_zooms(kind.zooms)
-        img.header.set_xyzt_units("mm", "sec")
-        img.header["descrip"] = b"virtnii bench_scan"
-        img.set_qform(affine, code=1)
-        img.set_sform(affine, code=2)
+        img = scanner_image(data, kind.zooms, b"virtnii bench_scan")
         if i % EXTENSION_EVERY == 0:
             xml = b"<AFNI_attributes>" + b"<x>" * (24 * 1024 // 3) + b"</AFNI_attributes>"
             img.header.extensions.append(nib.nifti1.Nifti1Extension(4, xml))
@@ -126,15 +101,6 @@ def generate(folder: Path, count: int, suffix: str = ".nii") -> list[Path]:
 
 
 # ------------------------------------------------------------------------------------------ the two sides
-
-def baseline(fs: fsspec.AbstractFileSystem, root: str) -> int:
-    """What a user writes today: list, then open each file and parse its header with nibabel, one by one."""
-    paths = [p for p in fs.find(root) if p.endswith((".nii", ".nii.gz"))]
-    for path in paths:
-        with fs.open(path, compression="infer") as f:  # gunzips .nii.gz on the fly
-            nib.Nifti1Header.from_fileobj(f)
-    return len(paths)
-
 
 def scan(source: str, out: str, storage_options: dict[str, Any] | None = None) -> int:
     result = virtnii.scan(source, out, storage_options=storage_options)
@@ -244,7 +210,7 @@ def compare_s3(args: argparse.Namespace, work: Path) -> bool:
         for latency in args.latency_ms:
             profile = cProfile.Profile() if args.profile else None
             with s3.latency(latency / 1000):
-                theirs = metered(s3, lambda: baseline(s3.filesystem(), root))
+                theirs = metered(s3, lambda: serial_headers(s3.filesystem(), root))
                 ours = metered(s3, lambda: scan(root, str(work / "s3"), s3.storage_options), profile)
             ok &= report(f"S3 (local moto server in another process, {latency:g} ms per request)", ours, theirs,
                          None if args.gzip else TARGET_S3)
@@ -277,7 +243,7 @@ def main() -> None:
     try:
         local = fsspec.filesystem("file")
         profile = cProfile.Profile() if args.profile else None
-        theirs = timed(lambda: baseline(local, str(args.dir)), args.repeat)
+        theirs = timed(lambda: serial_headers(local, str(args.dir)), args.repeat)
         ours = timed(lambda: scan(str(args.dir), str(work / "local")), args.repeat, profile)
         ok &= report("local disk (warm page cache)", ours, theirs, None if args.gzip else TARGET_LOCAL)
         if not args.gzip:
