@@ -205,6 +205,9 @@ def test_pyramid_uses_mode_for_label_images(dataset: Path, tmp_path: Path) -> No
     assert methods[LABELS.removesuffix(".nii.gz")] == "mode"
     assert methods["sub-02/ses-1/anat/sub-02_ses-1_T1w"] == "mean"
     labels = virtnii.open(str(out))[LABELS.removesuffix(".nii.gz")]
+    assert labels.attrs["bids"]["entities"]["suffix"] == "dseg"  # the levels kept the BIDS attributes
+    entry = next(e for e in result.images if e.name == LABELS.removesuffix(".nii.gz"))
+    assert len(labels.attrs["ome"]["multiscales"][0]["datasets"]) == len(entry.levels) + 1 > 1
     values = set(np.unique(labels["0"][...]))
     assert set(np.unique(labels["1"][...])) <= values
     again = virtnii.index(str(dataset), str(out), derivatives=True, pyramid=True)

@@ -247,3 +247,24 @@ def test_pyramid_combine_export_commands(tmp_path: Path, capsys) -> None:
     os.utime(source, (1, 1))
     assert main(["pyramid", str(tmp_path / "m"), "--chunks", "4", "-q"]) == 2  # the only image failed
     assert "changed since it was indexed" in capsys.readouterr().err
+
+
+def test_index_exit_codes_and_summary(tmp_path: Path, capsys) -> None:
+    from bids_samples import build, image_names
+
+    import virtnii
+
+    root = build(tmp_path / "ds")
+    out = tmp_path / "out"
+    assert main(["index", str(root), "-o", str(out), "-q", "--derivatives"]) == 1  # the placeholders were skipped
+    text = capsys.readouterr().out
+    assert f"index: {len(image_names())} image(s)" in text and "skipped 1 × zero-byte" in text
+    assert sorted(e.name for e in virtnii.manifest.read_index(str(out)).images) == sorted(image_names())
+    for placeholder in (root / "sub-03").rglob("*"):
+        if placeholder.is_file() or placeholder.is_symlink():
+            placeholder.unlink()
+    assert main(["index", str(root), "-o", str(out), "-q", "--derivatives"]) == 0
+    assert "(0 read," in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()
+    assert main(["index", str(tmp_path / "empty"), "-o", str(tmp_path / "out2"), "-q"]) == 2
+    assert "nothing indexed" in capsys.readouterr().err

@@ -6,7 +6,7 @@ size and source, so a table of a 10,000-image manifest is one small JSON read.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from ..manifest import read_index
 from ..manifest.index import manifest_options_for
@@ -33,16 +33,22 @@ def rows(manifest: str, storage_options: dict[str, Any] | None = None) -> list[d
     return out
 
 
-def table(manifest: str, storage_options: dict[str, Any] | None = None) -> Any:
+def table(manifest: str | Sequence[str], storage_options: dict[str, Any] | None = None) -> Any:
     """The images of a manifest as a pandas DataFrame, one row per image: ``name``, the BIDS entity columns
     (``sub``, ``ses``, ``task``, ``run``, …, ``datatype``, ``suffix``, ``ext`` as bids2table names them), then
     ``path``, ``dataset``, ``source``, ``shape``, ``axes``, ``dtype``, ``zooms``, ``nbytes``, ``gzip``, ``levels``.
-    ``df.to_arrow()``-style conversion is ``pyarrow.Table.from_pandas(df)``."""
+
+    Given several manifests (one per dataset of an archive), the rows of all of them, with a ``manifest``
+    column first: the archive's catalogue (``table([...]).to_parquet("catalogue.parquet")``).
+    """
     import pandas as pd
 
-    found = rows(manifest, storage_options)
-    entities = sorted({k for row in found for k in row} - set(_FIRST) - set(_LAST))
-    return pd.DataFrame(found, columns=[*_FIRST, *entities, *_LAST])
+    many = not isinstance(manifest, str)
+    found = [{"manifest": m, **row} for m in manifest for row in rows(m, storage_options)] if many else \
+        rows(manifest, storage_options)
+    first = ("manifest", *_FIRST) if many else _FIRST
+    entities = sorted({k for row in found for k in row} - set(first) - set(_LAST))
+    return pd.DataFrame(found, columns=[*first, *entities, *_LAST])
 
 
 def find(manifest: str, storage_options: dict[str, Any] | None = None, **entities: Any) -> list[str]:
