@@ -26,7 +26,7 @@ from ..manifest import GZIP_INDEX_FOLDER, INDEX_FILE, LEVELS_FOLDER, ImageEntry,
 from ..manifest.index import Index, manifest_options_for, manifest_url
 from ..manifest.writer import REF_FILES, publish
 from ..references import ZARR_FORMATS, hierarchy_docs
-from ..sources import assign_names
+from ..sources import assign_names, is_local
 from . import metadata, units
 from .listing import Listing, list_dataset, nifti_sources
 from .report import REPORT_FILE, Report
@@ -118,11 +118,7 @@ def index(root: str, out: str, *, pyramid: bool = False, derivatives: bool = Fal
             image_refs[name] = rec["refs"]
         else:
             report.skip(error_class(rec["error"])(rec["source"], rec["message"]))
-    if kept:
-        old_refs = previous.refs()
-        for name, entry in kept.items():
-            entries[name] = entry
-            image_refs[name] = old_refs[name]
+    entries.update(kept)
     names = sorted(entries)
     report.images = len(names)
     report.removed = len({e.name for e in previous.index.images} - set(names)) if previous else 0
@@ -135,6 +131,9 @@ def index(root: str, out: str, *, pyramid: bool = False, derivatives: bool = Fal
         new_index = previous.index
         report.bytes_referenced = sum(int(fp["size"]) for e in final for _, fp in e.checked_files)
     else:
+        if kept:  # their references, as the last run wrote them
+            old_refs = previous.refs()
+            image_refs.update({name: old_refs[name] for name in kept})
         final, refs = _with_metadata(names, relative, entries, image_refs, listing, zarr_format, report)
         if not final and not previous:
             report.seconds = time.perf_counter() - started
@@ -364,15 +363,19 @@ def _pyramids(out: str, entries: list[ImageEntry], out_options: dict[str, Any], 
 
 
 def _folder_bytes(fs: fsspec.AbstractFileSystem, path: str) -> int:
+    """Bytes stored under ``path`` (a local walk where possible: fsspec's costs two stats per file)."""
     try:
+        if is_local(fs):
+            return sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in os.walk(path)
+                       for name in names)
         return sum(int(info.get("size") or 0) for info in fs.find(path, detail=True).values())
-    except storage_errors():
+    except (*storage_errors(), OSError):
         return 0
 
 
 def _write_report(fs: fsspec.AbstractFileSystem, path: str, out: str, report: Report) -> None:
     try:
-        fs.pipe_file(f"{path}/{REPORT_FILE}", json.dumps(report.to_json(), indent=1).encode())
+        fs.pipe_file(f"{path}/{REPORT_FILE}", json.dumps(report.to_json()).encode())
     except storage_errors() as err:
         raise ManifestError(out, f"cannot write {REPORT_FILE}: {err}") from err
 

@@ -12,6 +12,7 @@ sidecars are fetched in one concurrent batch.  ``tests/test_bids.py`` holds the 
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import posixpath
@@ -32,7 +33,13 @@ LABEL_SUFFIXES = ("dseg", "mask")
 
 def entities(relative: str) -> dict[str, str]:
     """The BIDS entities of a file at ``relative`` (to its dataset root), with datatype, suffix and ext."""
-    return {k: str(v) for k, v in parse_bids_entities(relative).items()}
+    return dict(_entities(relative))
+
+
+@functools.lru_cache(maxsize=2**16)
+def _entities(relative: str) -> tuple[tuple[str, str], ...]:
+    # a dataset's sidecars are matched against every image below them: parse each name once
+    return tuple((k, str(v)) for k, v in parse_bids_entities(relative).items())
 
 
 def dataset_root(relative: str, listing: Listing) -> str:
