@@ -365,6 +365,18 @@ def show(label: str, m: Measure) -> None:
     print(f"    {label:<52} {m.seconds:8.2f} s {m.rate:9.1f} files/s{traffic}{each}")
 
 
+def fetch_floor(fs: fsspec.AbstractFileSystem, root: str) -> int:
+    """Fetch concurrently what an index must read and nothing more (each ``.nii`` header's 352 bytes, each
+    ``.nii.gz`` whole, each JSON sidecar), doing nothing with it: the fastest any client can go through this
+    server.  On the local emulator each request costs it CPU on the same two cores, which bounds every
+    client; a real S3 does not take the client's cores."""
+    listing = fs.find(root, detail=True)
+    paths = sorted(p for p in listing if p.endswith((".nii", ".nii.gz", ".json")))
+    ends = [352 if p.endswith(".nii") else int(listing[p]["size"]) for p in paths]
+    fs.cat_ranges(paths, [0] * len(paths), ends, batch_size=64)
+    return sum(1 for p in paths if not p.endswith(".json"))
+
+
 def list_images(fs: fsspec.AbstractFileSystem, root: str) -> int:
     """List the dataset with sizes and ETags/mtimes, the least a re-run must do to see that nothing changed;
     the number of NIfTI files in it."""
@@ -383,6 +395,7 @@ class Location:
     resume: Measure
     listing: Measure
     b2t: Bids2Table
+    floor: Measure | None
 
 
 def compare(name: str, root: str, fs: Callable[[], fsspec.AbstractFileSystem], images: int, work: Path,
@@ -425,10 +438,12 @@ def compare(name: str, root: str, fs: Callable[[], fsspec.AbstractFileSystem], i
     print(f"      (the last re-run read {reports[-1].indexed} images, took {reports[-1].reused} unchanged)")
     listing = measure("fs.find(root, detail=True) (a bare listing)", lambda: list_images(fs(), root), repeat,
                       s3=s3)
+    floor = None if s3 is None else measure("the same bytes fetched, 64 at once, no work (server floor)",
+                                            lambda: fetch_floor(fs(), root), repeat, s3=s3)
     for m in (ours, one, dask, resume):
         if m.files != images:
             print(f"    note: an index found {m.files} images, the dataset has {images}")
-    return Location(name, serial, ours, one, dask, resume, listing, b2t)
+    return Location(name, serial, ours, one, dask, resume, listing, b2t, floor)
 
 
 @dataclass
@@ -516,6 +531,10 @@ def location_rows(where: Location, target: float | None) -> list[Row]:
         speedup(f"{tag}: virtnii.index vs bids2table + sidecars, x", where.ours, where.b2t.total),
         speedup(f"{tag}: virtnii.index vs workers=1, x", where.ours, where.one_worker),
         speedup(f"{tag}: dask LocalCluster(2) vs virtnii.index, x", where.dask, where.ours),
+        *([Row(f"{tag}: virtnii.index / server floor (1 = as fast as this server serves)",
+                where.ours.seconds / where.floor.seconds),
+           speedup(f"{tag}: the most any client could reach vs serial here, x", where.floor, where.serial)]
+          if where.floor else []),
         Row(f"{tag}: resume / first run", where.resume.seconds / where.ours.seconds),
         Row(f"{tag}: resume / bare listing", where.resume.seconds / where.listing.seconds),
     ]
