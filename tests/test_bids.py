@@ -163,6 +163,21 @@ def test_a_killed_run_resumes_to_the_same_manifest_and_never_shows_a_half_one(da
     assert manifest_state(out) == manifest_state(indexed[0])
 
 
+def test_a_killed_runs_journal_is_not_used_with_other_settings(dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_CHILD, str(dataset), str(out)], stdout=subprocess.PIPE,
+                             text=True)
+    assert child.stdout is not None and child.stdout.readline() == "batch\n"
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    result = virtnii.index(str(dataset), str(out), derivatives=True, zarr_format=2)
+    assert result.report.reused == 0
+    group = virtnii.open(str(out))
+    for name, relative in image_names().items():
+        assert_same_voxels(group[name]["0"][...], file_to_zarr_order(nibabel_raw(dataset / relative)))
+    assert read_index(str(out)).zarr_format == 2
+
+
 def test_a_dask_cluster_gives_the_same_manifest(dataset: Path, indexed: tuple[Path, Any], tmp_path: Path) -> None:
     distributed = pytest.importorskip("distributed")
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as c, \

@@ -91,7 +91,7 @@ def index(root: str, out: str, *, pyramid: bool = False, derivatives: bool = Fal
     relative = {s.name: s.path[len(listing.root) + 1:] for s in sources}
 
     previous = _previous(out_fs, out_path, out, out_options, report.settings)
-    journal = units.read_journal(out_fs, out_path)
+    journal = units.read_journal(out_fs, out_path, settings)
     specs = [units.spec_of(s) for s in sources]
     records: dict[str, dict[str, Any]] = {}
     kept: dict[str, ImageEntry] = {}
@@ -141,7 +141,7 @@ def index(root: str, out: str, *, pyramid: bool = False, derivatives: bool = Fal
         new_index = publish(out_fs, out_path, out, zarr_format, ref_format, final, refs,
                             previous.index.references if previous else None)
         _remove_unreferenced(out_fs, out_path, new_index)
-        units.keep_lasting_failures(out_fs, out_path, list(records.values()))
+        units.keep_lasting_failures(out_fs, out_path, settings, list(records.values()))
     if pyramid:
         _pyramids(out, final, out_options, options, report)
         new_index = read_index(out, out_options)

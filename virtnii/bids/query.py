@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from ..manifest import read_index
-from ..manifest.index import manifest_options_for
+import numpy as np
+
+from ..errors import ManifestError
+from ..manifest.index import INDEX_FILE, manifest_options_for, read_index_document
 
 #: Columns that come before the entities, and after them (bids2table's names for the BIDS part).
 _FIRST = ("name",)
@@ -19,18 +21,25 @@ _LAST = ("datatype", "suffix", "ext", "path", "dataset", "source", "shape", "axe
 
 def rows(manifest: str, storage_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """One dict per image: its group name, BIDS entities, and the virtual array's facts."""
-    index = read_index(manifest, manifest_options_for(manifest, None, storage_options or {}))
+    index = read_index_document(manifest, manifest_options_for(manifest, None, storage_options or {}))
     out = []
-    for entry in index.images:
-        bids = entry.bids or {}
-        row: dict[str, Any] = {"name": entry.name, **bids.get("entities", {}), "path": bids.get("path"),
-                               "dataset": bids.get("dataset", ""), "source": entry.source, "shape": list(entry.shape),
-                               "axes": entry.axes,
-                               "dtype": entry.dtype if isinstance(entry.dtype, str) else str(entry.numpy_dtype), "zooms": list(entry.zooms or ()),
-                               "nbytes": entry.nbytes, "gzip": entry.gzip_index is not None,
-                               "levels": len(entry.levels)}
-        out.append(row)
+    try:
+        for doc in index["images"]:
+            bids = doc.get("bids") or {}
+            dtype = doc["dtype"]
+            out.append({"name": doc["name"], **bids.get("entities", {}), "path": bids.get("path"),
+                        "dataset": bids.get("dataset", ""), "source": doc["source"], "shape": doc["shape"],
+                        "axes": doc["axes"], "dtype": dtype if isinstance(dtype, str) else _record_dtype(dtype),
+                        "zooms": doc.get("zooms") or [], "nbytes": doc["nbytes"],
+                        "gzip": doc.get("gzip_index") is not None,
+                        "levels": len((doc.get("pyramid") or {}).get("levels", []))})
+    except (KeyError, TypeError, AttributeError) as err:
+        raise ManifestError(manifest, f"{INDEX_FILE} has a damaged entry ({type(err).__name__}: {err})") from err
     return out
+
+
+def _record_dtype(descr: list[list[str]]) -> str:
+    return str(np.dtype([tuple(field) for field in descr]))
 
 
 def table(manifest: str | Sequence[str], storage_options: dict[str, Any] | None = None) -> Any:

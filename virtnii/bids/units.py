@@ -134,7 +134,8 @@ def run_batch(batch: Batch, settings: Settings, out: str, out_options: dict[str,
                for spec, outcome in zip(batch.specs, outcomes)]
     try:
         out_fs.makedirs(f"{out_path}/{JOURNAL}", exist_ok=True)
-        out_fs.pipe_file(f"{out_path}/{JOURNAL}/{batch.key}.json", json.dumps(records).encode())
+        out_fs.pipe_file(f"{out_path}/{JOURNAL}/{batch.key}.json",
+                         json.dumps({"settings": settings.to_json(), "records": records}).encode())
     except storage_errors() as err:
         raise ManifestError(out, f"cannot write the manifest here: {err}") from err
     return records
@@ -149,7 +150,8 @@ def record(spec: Spec, outcome: Any) -> dict[str, Any]:
     return {"key": spec.key, "entry": entry.to_json(), "refs": refs.kerchunk()}
 
 
-def keep_lasting_failures(out_fs: fsspec.AbstractFileSystem, out_path: str, records: list[dict[str, Any]]) -> None:
+def keep_lasting_failures(out_fs: fsspec.AbstractFileSystem, out_path: str, settings: Settings,
+                          records: list[dict[str, Any]]) -> None:
     """Journal this run's lasting failures (a placeholder stays one until it changes) so that the next run
     takes them as they are: a re-run with nothing changed then reads no file at all."""
     lasting = [r for r in records if r.get("error") in {e.__name__ for e in LASTING}]
@@ -157,14 +159,15 @@ def keep_lasting_failures(out_fs: fsspec.AbstractFileSystem, out_path: str, reco
         return
     try:
         out_fs.makedirs(f"{out_path}/{JOURNAL}", exist_ok=True)
-        out_fs.pipe_file(f"{out_path}/{JOURNAL}/{LASTING_FILE}", json.dumps(lasting).encode())
+        out_fs.pipe_file(f"{out_path}/{JOURNAL}/{LASTING_FILE}",
+                         json.dumps({"settings": settings.to_json(), "records": lasting}).encode())
     except storage_errors():
         pass  # they are read again next time: slower, not wrong
 
 
-def read_journal(out_fs: fsspec.AbstractFileSystem, out_path: str) -> dict[str, dict[str, Any]]:
-    """Records of the batches finished by earlier runs, by source key (unreadable journal files are skipped:
-    a batch killed while writing its record simply runs again)."""
+def read_journal(out_fs: fsspec.AbstractFileSystem, out_path: str, settings: Settings) -> dict[str, dict[str, Any]]:
+    """Records of the batches finished by earlier runs with the same settings, by source key (unreadable journal
+    files are skipped: a batch killed while writing its record simply runs again)."""
     folder = f"{out_path}/{JOURNAL}"
     try:
         files = out_fs.find(folder) if out_fs.exists(folder) else []
@@ -176,9 +179,12 @@ def read_journal(out_fs: fsspec.AbstractFileSystem, out_path: str) -> dict[str, 
         if isinstance(data, Exception):
             continue
         try:
-            for rec in json.loads(data):
+            doc = json.loads(data)
+            if doc.get("settings") != settings.to_json():
+                continue  # made for another zarr format, extension rule or naming of sources
+            for rec in doc["records"]:
                 if "entry" in rec or rec.get("error") in {e.__name__ for e in LASTING}:
                     records[rec["key"]] = rec
-        except (ValueError, TypeError, KeyError):
+        except (ValueError, TypeError, KeyError, AttributeError):
             continue
     return records

@@ -75,6 +75,14 @@ def manifest_url(manifest: str, storage_options: dict[str, Any] | None = None) -
 
 def read_index(manifest: str, storage_options: dict[str, Any] | None = None) -> Index:
     """The index file of a manifest folder, checked for a version this code understands and parsed."""
+    index = read_index_document(manifest, storage_options)
+    return Index(index["zarr_format"], index["references"],
+                 tuple(ImageEntry.from_json(doc, manifest) for doc in index["images"]))
+
+
+def read_index_document(manifest: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The index file as JSON, its version and layout checked but its entries not parsed: for queries over
+    many images, which read a few keys of each (parsing 10,000 typed entries costs 0.4 s)."""
     fs, path = fsspec.core.url_to_fs(manifest, **(storage_options or {}))
     index_path = f"{path.rstrip('/')}/{INDEX_FILE}"
     try:
@@ -101,5 +109,4 @@ def read_index(manifest: str, storage_options: dict[str, Any] | None = None) -> 
     if not isinstance(images, list) or index.get("zarr_format") not in (2, 3) \
             or not isinstance(index.get("references"), str):
         raise ManifestError(manifest, f"{INDEX_FILE} is damaged (no images, zarr_format or references)")
-    return Index(index["zarr_format"], index["references"],
-                 tuple(ImageEntry.from_json(doc, manifest) for doc in images))
+    return index
