@@ -365,7 +365,7 @@ def show(label: str, m: Measure) -> None:
     print(f"    {label:<52} {m.seconds:8.2f} s {m.rate:9.1f} files/s{traffic}{each}")
 
 
-def fetch_floor(fs: fsspec.AbstractFileSystem, root: str) -> int:
+def fetch_plain(fs: fsspec.AbstractFileSystem, root: str) -> int:
     """Fetch what an index must read and nothing more (each ``.nii`` header's 352 bytes, each ``.nii.gz`` whole,
     each JSON sidecar) with one fsspec ``cat_ranges``, 64 at a time, doing nothing with it: what a plain
     concurrent client pays this server for the same requests.  On the local emulator each request costs it
@@ -396,7 +396,7 @@ class Location:
     resume: Measure
     listing: Measure
     b2t: Bids2Table
-    floor: Measure | None
+    plain: Measure | None
 
 
 def compare(name: str, root: str, fs: Callable[[], fsspec.AbstractFileSystem], images: int, work: Path,
@@ -439,12 +439,12 @@ def compare(name: str, root: str, fs: Callable[[], fsspec.AbstractFileSystem], i
     print(f"      (the last re-run read {reports[-1].indexed} images, took {reports[-1].reused} unchanged)")
     listing = measure("fs.find(root, detail=True) (a bare listing)", lambda: list_images(fs(), root), repeat,
                       s3=s3)
-    floor = None if s3 is None else measure("the same bytes by fs.cat_ranges, 64 at a time, no work",
-                                            lambda: fetch_floor(fs(), root), repeat, s3=s3)
+    plain = None if s3 is None else measure("the same bytes by fs.cat_ranges, 64 at a time, no work",
+                                            lambda: fetch_plain(fs(), root), repeat, s3=s3)
     for m in (ours, one, dask, resume):
         if m.files != images:
             print(f"    note: an index found {m.files} images, the dataset has {images}")
-    return Location(name, serial, ours, one, dask, resume, listing, b2t, floor)
+    return Location(name, serial, ours, one, dask, resume, listing, b2t, plain)
 
 
 @dataclass
@@ -533,9 +533,9 @@ def location_rows(where: Location, target: float | None) -> list[Row]:
         speedup(f"{tag}: virtnii.index vs workers=1, x", where.ours, where.one_worker),
         speedup(f"{tag}: dask LocalCluster(2) vs virtnii.index, x", where.dask, where.ours),
         *([Row(f"{tag}: virtnii.index / cat_ranges of the same bytes (no work)",
-                where.ours.seconds / where.floor.seconds),
-           speedup(f"{tag}: cat_ranges of the same bytes vs serial nibabel, x", where.floor, where.serial)]
-          if where.floor else []),
+                where.ours.seconds / where.plain.seconds),
+           speedup(f"{tag}: cat_ranges of the same bytes vs serial nibabel, x", where.plain, where.serial)]
+          if where.plain else []),
         Row(f"{tag}: resume / first run", where.resume.seconds / where.ours.seconds),
         Row(f"{tag}: resume / bare listing", where.resume.seconds / where.listing.seconds),
     ]
