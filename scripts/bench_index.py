@@ -64,7 +64,7 @@ import nibabel as nib
 import numpy as np
 
 import virtnii
-from benchkit import phantom, scanner_image, serial_headers
+from benchkit import Row, phantom, print_table, scanner_image, serial_headers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from conftest import LocalS3, clear_fsspec_caches, running_s3  # noqa: E402  (the tests' S3 server)
@@ -500,16 +500,6 @@ def manifest_benchmark(folder: Path, count: int, work: Path, repeat: int) -> Man
 
 # ----------------------------------------------------------------------------------------------- reporting
 
-@dataclass(frozen=True)
-class Row:
-    """One line of the closing table: a value, its target (None: reported only) and whether it is met."""
-
-    label: str
-    value: float | None
-    target: str | None = None
-    ok: bool | None = None
-
-
 def speedup(label: str, ours: Measure | float | None, theirs: Measure | float | None,
             at_least: float | None = None) -> Row:
     """How many times faster ``ours`` is than ``theirs`` (seconds or Measures of the same images), against
@@ -539,15 +529,6 @@ def location_rows(where: Location, target: float | None) -> list[Row]:
         Row(f"{tag}: resume / first run", where.resume.seconds / where.ours.seconds),
         Row(f"{tag}: resume / bare listing", where.resume.seconds / where.listing.seconds),
     ]
-
-
-def print_table(rows: list[Row]) -> None:
-    print(f"\n{'measure':<72} {'value':>9}  {'target':<8} result")
-    for row in rows:
-        value = "n/a" if row.value is None else f"{row.value:9.3f}"
-        result = "not measured" if row.value is None else "reported" if row.ok is None else \
-            "met" if row.ok else "NOT met"
-        print(f"{row.label:<72} {value:>9}  {row.target or '-':<8} {result}")
 
 
 def rel(path: Path) -> str:

@@ -43,7 +43,7 @@ from isal import igzip
 from zarr.codecs import BloscCodec, ZstdCodec
 
 import virtnii
-from benchkit import best_of, mri_slab
+from benchkit import Row, best_of, mri_slab, print_table
 from virtnii.pyramid import CODECS, DEFAULT_CODEC, build_pyramids
 from virtnii.pyramid.downsample import halved, plane_stream
 from virtnii.slabs import SLAB_BYTES as READ_AHEAD
@@ -383,35 +383,16 @@ def stages(scanned: Path, manifest: Path, pyramid: Pyramid, runs: Path, repeat: 
 
 # ----------------------------------------------------------------------------------------------- reporting
 
-@dataclass(frozen=True)
-class Ratio:
-    """One line of the closing table: a ratio, its target (None: reported only) and whether it is met."""
-
-    label: str
-    value: float | None
-    target: str | None = None
-    ok: bool | None = None
-
-
 def ratio(label: str, a: float | None, b: float | None, limit: float | None = None, strict: bool = False,
-          shown: str | None = None) -> Ratio:
+          shown: str | None = None) -> Row:
     """``a / b`` against ``<= limit`` (``< limit`` if ``strict``); None where a side was not measured."""
     if a is None or not b:
-        return Ratio(label, None, shown or (None if limit is None else f"{'<' if strict else '<='} {limit:g}"))
+        return Row(label, None, shown or (None if limit is None else f"{'<' if strict else '<='} {limit:g}"))
     value = a / b
     if limit is None:
-        return Ratio(label, value)
-    return Ratio(label, value, shown or f"{'<' if strict else '<='} {limit:g}",
+        return Row(label, value)
+    return Row(label, value, shown or f"{'<' if strict else '<='} {limit:g}",
                  value < limit if strict else value <= limit)
-
-
-def print_table(rows: list[Ratio]) -> None:
-    print(f"\n{'ratio':<52} {'value':>8}  {'target':<9} result")
-    for row in rows:
-        value = "n/a" if row.value is None else f"{row.value:8.3f}"
-        result = "not measured" if row.value is None else "reported" if row.ok is None else \
-            "met" if row.ok else "NOT met"
-        print(f"{row.label:<52} {value:>8}  {row.target or '-':<9} {result}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -525,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += [ratio("pyramid wall / ngff-zarr's", ours.run.wall, ngff[0].wall),
                  ratio("pyramid peak RSS / ngff-zarr's", ours.run.rss, ngff[0].rss),
                  ratio("bytes written / ngff-zarr's", ours.written, ngff[1])]
-    print_table(rows)
+    print_table(rows, "ratio")
     return 0
 
 

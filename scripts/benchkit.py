@@ -1,10 +1,11 @@
 """What the benchmark scripts share: the synthetic MRI volumes and small NIfTI images they write, the serial
-nibabel loop they compare against, and best-of-N / median-of-N timing."""
+nibabel loop they compare against, best-of-N / median-of-N timing, and the closing table of ratios."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import fsspec
@@ -97,3 +98,24 @@ def best_of(func: Callable[[], T], repeat: int) -> tuple[float, T]:
         result = func()
         best = min(best, time.perf_counter() - start)
     return best, result  # type: ignore[return-value]  # repeat >= 1
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of a benchmark's closing table: a value, its target (None: reported only) and whether it is met."""
+
+    label: str
+    value: float | None
+    target: str | None = None
+    ok: bool | None = None
+
+
+def print_table(rows: list[Row], heading: str = "measure") -> None:
+    """The closing table: every row's value, target and result (met, NOT met, reported, not measured)."""
+    width = max([len(heading), *(len(row.label) for row in rows)])
+    print(f"\n{heading:<{width}} {'value':>9}  {'target':<9} result")
+    for row in rows:
+        value = "n/a" if row.value is None else f"{row.value:9.3f}"
+        result = "not measured" if row.value is None else "reported" if row.ok is None else \
+            "met" if row.ok else "NOT met"
+        print(f"{row.label:<{width}} {value:>9}  {row.target or '-':<9} {result}")
