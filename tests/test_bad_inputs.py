@@ -88,6 +88,12 @@ def _long_path(folder: Path) -> list[str]:
     return [str(folder / ("a" * 300) / "x.nii")]
 
 
+def _extensionless_page(folder: Path) -> list[str]:
+    """What a wrong or expired blob URL serves, saved without a suffix (a DANDI blob is named by its uuid)."""
+    (folder / "d86055f6").write_bytes(b"<!DOCTYPE html><html><body>Access denied</body></html>")
+    return [str(folder / "d86055f6")]
+
+
 def _empty_folder(folder: Path) -> list[str]:
     (folder / "no_images").mkdir()
     return [str(folder / "no_images")]
@@ -113,6 +119,9 @@ CASES: dict[str, Case] = {
     "empty_out": Case(lambda f: [str(_good(f, "a.nii")), "-o", ""], 2, "''", "not a manifest folder name"),
     "truncated_30_byte_gzip": Case(_truncated_gzip, 2, "cut.nii.gz", "truncated: the gzip stream stops"),
     "path_too_long": Case(_long_path, 2, "a" * 300, "File name too long"),
+    # files known by their content, and names given on the command line
+    "extensionless_html_page": Case(_extensionless_page, 2, "d86055f6", "not a NIfTI file: an HTML/XML document"),
+    "name_climbing_out": Case(lambda f: [f"../up=file://{_good(f, 'a.nii')}"], 2, "a.nii", "'.', '..'"),
     # headers nibabel refuses to load (scanned once, they made manifests to_nibabel could not open)
     "magic_n+1A": Case(_patched_bytes("n1a.nii", 344, b"n+1A"), 2, "n1a.nii", "wrong magic"),
     "magic_n+2_in_348_bytes": Case(_patched_bytes("n2.nii", 344, b"n+2\0"), 2, "n2.nii", "wrong magic"),

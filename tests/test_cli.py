@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import pytest
 
-from virtnii.cli import main
+from virtnii.cli import main, named_source
 
 DATA = Path(nib.__file__).parent / "tests" / "data"
 
@@ -268,3 +269,36 @@ def test_index_exit_codes_and_summary(tmp_path: Path, capsys) -> None:
     (tmp_path / "empty").mkdir()
     assert main(["index", str(tmp_path / "empty"), "-o", str(tmp_path / "out2"), "-q"]) == 2
     assert "nothing indexed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("t1=https://host/blobs/d86/055/uuid", ("t1", "https://host/blobs/d86/055/uuid")),
+    ("sub-01/anat/T1w=s3://bucket/blobs/x?versionId=3", ("sub-01/anat/T1w", "s3://bucket/blobs/x?versionId=3")),
+    ("t1=file:///data/blob", ("t1", "file:///data/blob")),
+    ("https://host/x?X-Amz-Expires=300", "https://host/x?X-Amz-Expires=300"),  # '=' in the query
+    ("s3://bucket/key=value/a.nii", "s3://bucket/key=value/a.nii"),
+    ("/data/a=b/x.nii", "/data/a=b/x.nii"), ("a=b.nii", "a=b.nii"),  # local paths with '='
+])
+def test_name_equals_url_is_recognised_only_unambiguously(text: str, expected: object) -> None:
+    assert named_source(text) == expected
+
+
+def test_scan_names_images_as_given_on_the_command_line(tmp_path: Path, capsys) -> None:
+    (tmp_path / "a=b").mkdir()
+    blob, gz = tmp_path / "a=b" / "d86055f6", tmp_path / "4c1e2b9a"
+    shutil.copy(DATA / "anatomical.nii", blob)
+    shutil.copy(DATA / "example4d.nii.gz", gz)
+    out = tmp_path / "out"
+    assert main(["scan", f"sub-01/anat/sub-01_T1w=file://{blob}", str(gz), "-o", str(out), "-q"]) == 0
+    assert sorted(image["name"] for image in json.loads((out / "virtnii.json").read_text())["images"]) == \
+        ["4c1e2b9a", "sub-01/anat/sub-01_T1w"]
+    assert main(["scan", str(blob), "--name", "t1", "-o", str(out), "-q"]) == 0  # a path with '=' is a path
+    assert [image["name"] for image in json.loads((out / "virtnii.json").read_text())["images"]] == ["t1"]
+    capsys.readouterr()
+
+    for argv, words in ((["--name", "t1", str(blob), str(gz)], "--name: names the one file given, not 2"),
+                        ([f"x=file://{blob}", "--name", "t1"], "is named twice"),
+                        ([f"../up=file://{blob}"], "no part of a group name may be '.', '..'")):
+        assert main(["scan", *argv, "-o", str(tmp_path / "refused"), "-q"]) == 2
+        assert words in capsys.readouterr().err
+        assert not (tmp_path / "refused").exists()

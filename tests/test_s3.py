@@ -326,3 +326,33 @@ def test_pyramid_of_a_manifest_on_s3_and_levels_written_to_s3(s3: LocalS3, datas
     for group in (virtnii.open(remote, **opts)["sub-01_T1w"], virtnii.open(str(sent), **opts)["sub-01_T1w"]):
         for level in result.images[0].levels:
             np.testing.assert_array_equal(group[level.path][...], expected[level.path][...])
+
+
+def test_extensionless_keys_are_told_by_content(s3: LocalS3, tmp_path: Path) -> None:
+    """Blobs stored by uuid (as DANDI does), a .nii and a .nii.gz, given with and without names."""
+    bucket = s3.create_bucket("dandi")
+    blobs = {"blobs/d86/055/d86055f6-0dde-4f4b-aa6c-1c6d1ae2a0a6": DATA / "anatomical.nii",
+             "blobs/4c1/e2b/4c1e2b9a-7f3d-4e8a-9b1c-6a5d2e8f0c11": DATA / "example4d.nii.gz"}
+    fs = s3.filesystem()
+    for key, original in blobs.items():
+        fs.put_file(str(original), f"{bucket}/{key}")
+    fs.pipe_file(f"{bucket}/blobs/0aa/0bb/notes", b"not an image\n" * 40)
+    plain, gzipped = (f"s3://{bucket}/{key}" for key in blobs)
+    out = tmp_path / "out"
+    result = virtnii.scan([("sub-01/anat/sub-01_T1w", plain), gzipped, f"s3://{bucket}/blobs/0aa/0bb/notes"],
+                          str(out), storage_options=s3.storage_options)
+    uuid = gzipped.rsplit("/", 1)[1]
+    assert sorted(e.name for e in result.images) == sorted(["sub-01/anat/sub-01_T1w", uuid])
+    entries = {e.name: e for e in result.images}
+    assert entries["sub-01/anat/sub-01_T1w"].gzip_index is None and entries[uuid].gzip_index
+    [error] = result.failures
+    assert isinstance(error, virtnii.InvalidNifti) and error.source == f"s3://{bucket}/blobs/0aa/0bb/notes"
+    group = virtnii.open(str(out), **s3.storage_options)
+    for name, original in zip(["sub-01/anat/sub-01_T1w", uuid], blobs.values()):
+        _assert_same_image(group, name, original)
+    _assert_no_secrets(s3, ((str(p), p.read_bytes()) for p in out.rglob("*") if p.is_file()))
+
+    # a folder listing still selects by suffix: the blobs are not sniffed
+    [nothing] = virtnii.scan(f"s3://{bucket}/blobs", str(tmp_path / "listed"),
+                             storage_options=s3.storage_options).failures
+    assert isinstance(nothing, virtnii.SourceNotFound) and "folder holds no NIfTI files" in str(nothing)

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 import virtnii
-from nifti_samples import bids_tree, nibabel_raw, patch_header, voxels, write_nifti
+from nifti_samples import (assert_same_voxels, bids_tree, file_to_zarr_order, nibabel_raw, patch_header, voxels,
+                           write_nifti)
 
 DATA = Path(nib.__file__).parent / "tests" / "data"
 
@@ -173,6 +174,50 @@ def test_gzip_header_claiming_a_huge_vox_offset_is_refused_without_inflating_it(
     (tmp_path / "huge.nii.gz").write_bytes(gzip.compress(plain.read_bytes() + bytes(2**21)))
     [error] = virtnii.scan([str(tmp_path / "huge.nii.gz")], str(tmp_path / "out")).failures
     assert isinstance(error, virtnii.InvalidNifti) and "vox_offset corrupt" in str(error)
+
+
+# -------------------------------------------------------------------------------- files known by content
+
+def test_extensionless_files_are_told_by_their_first_bytes(tmp_path: Path) -> None:
+    """NIfTI-1 and NIfTI-2, plain and gzipped, without a suffix: each indexed as what it is, read bit-exact."""
+    originals = {"blob-n1": DATA / "anatomical.nii", "blob-n1-gz": DATA / "example4d.nii.gz",
+                 "blob-n2-gz": DATA / "example_nifti2.nii.gz",
+                 "blob-n2": write_nifti(tmp_path / "n2.nii", voxels((7, 6, 5), ">f4"), version=2, endian=">")}
+    (tmp_path / "blobs").mkdir()
+    for name, original in originals.items():
+        shutil.copy(original, tmp_path / "blobs" / name)
+    result = virtnii.scan([str(tmp_path / "blobs" / name) for name in originals], str(tmp_path / "out"))
+    assert not result.failures, [str(f) for f in result.failures]
+    assert {e.name: bool(e.gzip_index) for e in result.images} == {name: name.endswith("-gz") for name in originals}
+    assert {e.name: e.nifti_version for e in result.images} == {name: int(name[6]) for name in originals}
+    group = virtnii.open(str(tmp_path / "out"))
+    for name, original in originals.items():
+        assert_same_voxels(group[name]["0"][...], file_to_zarr_order(nibabel_raw(original)))
+
+
+@pytest.mark.parametrize("kind, content, error, words", [
+    ("empty", b"", virtnii.InvalidNifti, "not a NIfTI file: an empty file"),
+    ("text", b"subject,age\n" * 40, virtnii.InvalidNifti, "not a NIfTI file: no NIfTI-1/NIfTI-2 magic"),
+    ("analyze-header", (DATA / "analyze.hdr").read_bytes(), virtnii.InvalidNifti, "no NIfTI-1/NIfTI-2 magic"),
+    ("pair-header", (DATA / "nifti2.hdr").read_bytes(), virtnii.InvalidNifti, "the header of a .hdr/.img pair"),
+    # a gzip header, then a deflate block of the reserved type 3
+    ("corrupt-gzip", b"\x1f\x8b\x08" + bytes(6) + b"\xff" * 64, virtnii.InvalidGzip, "corrupt gzip data"),
+    ("gzipped-html", gzip.compress(b"<html>" + b" " * 400), virtnii.InvalidNifti,
+     "gzip-compressed, and inside it an HTML"),
+])
+def test_extensionless_files_that_are_not_nifti_are_reported(tmp_path: Path, kind: str, content: bytes,
+                                                             error: type, words: str) -> None:
+    (tmp_path / kind).write_bytes(content)
+    result = virtnii.scan([str(DATA / "anatomical.nii"), str(tmp_path / kind)], str(tmp_path / "out"))
+    assert [e.name for e in result.images] == ["anatomical"]
+    [failure] = result.failures
+    assert type(failure) is error and words in str(failure) and failure.source.endswith(f"/{kind}")
+
+
+def test_the_data_file_of_a_pair_given_alone_is_refused_by_name(tmp_path: Path) -> None:
+    nib.save(nib.Nifti1Pair(np.zeros((3, 2, 2), "i2"), np.eye(4)), tmp_path / "p.img")
+    [failure] = virtnii.scan([str(tmp_path / "p.img")], str(tmp_path / "out")).failures
+    assert isinstance(failure, virtnii.InvalidNifti) and "give its .hdr" in str(failure)
 
 
 # ------------------------------------------------------------------------------------------- naming edges

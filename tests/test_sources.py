@@ -7,6 +7,7 @@ must end as one source with a stable name, or as one failure naming the file, wi
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -199,3 +200,58 @@ def test_a_url_naming_no_bucket_is_refused_clearly(url: str) -> None:
     assert not found
     [error] = failures
     assert isinstance(error, virtnii.SourceAccessError) and error.source == url and "names no bucket" in str(error)
+
+
+# ------------------------------------------------------------------------------------------------ given names
+
+@pytest.mark.parametrize("names, words", [
+    (["", "b"], "no empty parts"), (["/abs", "b"], "no empty parts"), (["a/", "b"], "no empty parts"),
+    (["a//b", "c"], "no empty parts"), (["a/../b", "c"], "'.', '..'"), ([".", "b"], "'.', '..'"),
+    (["a/__meta", "b"], "reserves names starting with '__'"), (["same", "same"], "given to"),
+    (["a", "a/b"], "inside the image 'a'"),
+])
+def test_unusable_names_are_refused_before_anything_is_read(tmp_path: Path, names: list[str], words: str) -> None:
+    urls = [str(DATA / "anatomical.nii"), str(DATA / "functional.nii")]
+    with pytest.raises(virtnii.ManifestError, match=re.escape(words)) as caught:
+        virtnii.scan(list(zip(names, urls)), str(tmp_path / "out"))
+    assert caught.value.source in urls
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("how", ["folder", "glob"])
+def test_a_name_names_one_file_not_a_folder_or_glob(tmp_path: Path, how: str) -> None:
+    bids_tree(tmp_path / "ds")
+    given = str(tmp_path / "ds") if how == "folder" else str(tmp_path / "ds" / "sub-01" / "*" / "*.nii")
+    with pytest.raises(virtnii.ManifestError, match="names one file"):
+        expand([("t1", given)], {})
+
+
+def test_found_names_make_way_for_given_ones(tmp_path: Path) -> None:
+    """A given name is used verbatim: a found file whose name it takes (or would hold inside it) is renamed."""
+    files = bids_tree(tmp_path / "ds")
+    (tmp_path / "x").mkdir()
+    shutil.copy(DATA / "anatomical.nii", tmp_path / "x" / "anatomical.nii")
+    t1 = files["sub-01/anat/sub-01_T1w"]
+    sources = [str(tmp_path / "ds"), ("sub-02/anat/sub-02_T1w", str(t1)),  # taken from the folder's sub-02
+               ("anatomical/t1", str(tmp_path / "x" / "anatomical.nii")), str(DATA / "anatomical.nii")]
+    found, failures = expand(sources, {})
+    assert not failures
+    assign_names(found)
+    by_path = {s.path: s.name for s in found}
+    assert by_path[str(t1)] == "sub-02/anat/sub-02_T1w"  # given wins over the folder that found it
+    assert by_path[str(tmp_path / "x" / "anatomical.nii")] == "anatomical/t1"
+    assert by_path[str(files["sub-02/anat/sub-02_T1w"])] not in ("sub-02/anat/sub-02_T1w", "sub-02")
+    assert by_path[str(DATA / "anatomical.nii")] != "anatomical"  # it would hold the given anatomical/t1
+    assert len(set(by_path.values())) == len(found) == len(files) + 2
+
+
+def test_one_file_given_two_names_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(virtnii.ManifestError, match="given two names, 'a' and 'b'"):
+        expand([("a", str(DATA / "anatomical.nii")), ("b", str(DATA / ".." / "data" / "anatomical.nii"))], {})
+
+
+def test_named_sources_are_pairs_not_a_mapping(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="items"):
+        virtnii.scan({"t1": str(DATA / "anatomical.nii")}, str(tmp_path / "out"))
+    with pytest.raises(TypeError, match="pair of strings"):
+        virtnii.scan([("t1", str(DATA / "anatomical.nii"), "extra")], str(tmp_path / "out"))

@@ -61,6 +61,12 @@ examples:
   virtnii scan 's3://openneuro.org/ds000001/sub-*/anat/*.nii.gz' --anon -o manifests/ds1-anat
   virtnii scan a.nii b.nii.gz c.hdr -o out --zarr-format 2 --format parquet
   virtnii scan 's3://lab/raw/' -s endpoint_url=http://minio:9000 -s profile=lab -o s3://lab/manifests/raw
+  virtnii scan https://dandiarchive.s3.amazonaws.com/blobs/d86/055/d86055f6-… --name sub-01_T1w -o out   # no suffix
+  virtnii scan t1=https://host/blobs/1a2b… bold=s3://bucket/blobs/3c4d… -o out                  # NAME=URL
+
+A file given without a NIfTI suffix (a DANDI blob, a presigned URL) is told by its first bytes: .nii, .nii.gz,
+or refused as not NIfTI.  SRC is NAME=URL (image group NAME) when the text before its first '=' has no '://'
+and the text after it has one; anything else is a path or URL as given (name a local file by file://…).
 """
 
 
@@ -120,7 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Index NIfTI files, folders (recursively) and globs, in place, into "
                                              "one manifest folder.", parents=[common], epilog=SCAN_EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    p_scan.add_argument("sources", nargs="+", metavar="SRC", help="file, folder or glob; local path or fsspec URL")
+    p_scan.add_argument("sources", nargs="+", metavar="SRC",
+                        help="file, folder or glob; local path or fsspec URL; NAME=URL names a file's image group")
+    p_scan.add_argument("--name", help="image group name for the one file SRC (default: its path's stem, or an "
+                                       "extension-less URL's last segment)")
     p_scan.add_argument("-o", "--out", required=True, help="manifest folder to write (replaced if it exists)")
     p_scan.add_argument("--zarr-format", type=int, choices=(2, 3), default=3,
                         help="3: Zarr v3 + OME 0.5 (default); 2: Zarr v2 + OME 0.4")
@@ -265,9 +274,27 @@ def _human(nbytes: float) -> str:
     return f"{nbytes:.0f} B" if step == 0 else f"{nbytes:.1f} {units[step]}"
 
 
+def named_source(text: str) -> str | tuple[str, str]:
+    """``(NAME, URL)`` for a ``NAME=URL`` argument, else ``text`` itself.
+
+    A path or URL may hold ``=`` itself (``?X-Amz-Expires=300``, ``/data/a=b``), so the rule must not guess:
+    ``NAME=URL`` only when the text before the first ``=`` has no ``://`` and the text after it has one.  A
+    local file is named through its ``file://`` URL; the NAME is then checked like any given name.
+    """
+    name, sep, url = text.partition("=")
+    return (name, url) if sep and "://" not in name and "://" in url else text
+
+
 def cmd_scan(args: argparse.Namespace) -> int:
     storage, manifest_options = _options(args)
-    result = scan(args.sources, args.out, zarr_format=args.zarr_format, ref_format=args.ref_format,
+    sources = [named_source(text) for text in args.sources]
+    if args.name is not None:
+        if len(sources) != 1:
+            raise ManifestError("--name", f"names the one file given, not {len(sources)}: give NAME=URL for each")
+        if not isinstance(sources[0], str):
+            raise ManifestError(args.sources[0], "is named twice: as NAME=URL and by --name")
+        sources = [(args.name, sources[0])]
+    result = scan(sources, args.out, zarr_format=args.zarr_format, ref_format=args.ref_format,
                   storage_options=storage, manifest_options=manifest_options, progress=not args.quiet,
                   content_hash=args.content_hash, extensions=args.extensions,
                   write_url_secrets=args.write_url_secrets, relative_sources=args.relative_sources)

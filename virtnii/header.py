@@ -95,12 +95,26 @@ def header_size(url: str, head: bytes) -> tuple[int, str]:
             return size, order
     if head[344:348] in (MAGICS[348, False], MAGICS[348, True]):
         return 348, "<" if 1 <= struct.unpack_from("<h", head, 40)[0] <= 7 else ">"
-    start = head[:256].lstrip().lower()
-    if start.startswith((b"<!doctype", b"<html", b"<?xml", b"<")):
+    if is_markup(head):
         raise InvalidNifti(url, "is an HTML/XML document, not NIfTI (wrong URL, or an error/login page?)")
     if head[:2] == b"\x1f\x8b":
         raise InvalidNifti(url, "is gzip-compressed data: give it a .gz name (e.g. .nii.gz)")
     raise InvalidNifti(url, "bad sizeof_hdr (expected 348 for NIfTI-1 or 540 for NIfTI-2): not a NIfTI file")
+
+
+def is_markup(head: bytes) -> bool:
+    """Whether a file's first bytes are an HTML/XML document: what a wrong URL, an expired link or a login page
+    serves in place of the file, worth saying so."""
+    return head[:256].lstrip().startswith(b"<")
+
+
+def single_file_magic(head: bytes) -> bool | None:
+    """Whether the first bytes of a file hold the magic of a single-file NIfTI (``n+1``, ``n+2``) — True — or of
+    a pair's ``.hdr`` (``ni1``, ``ni2``) — False —, or None for neither."""
+    for is_pair in (False, True):
+        if any(head[at:at + 4] == MAGICS[size, is_pair] for size, at in _MAGIC_AT.items()):
+            return not is_pair
+    return None
 
 
 def header_extent(url: str, head: bytes, is_pair: bool, file_size: int) -> int:

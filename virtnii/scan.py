@@ -15,7 +15,7 @@ import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import fsspec
 from tqdm.auto import tqdm
@@ -23,13 +23,13 @@ from tqdm.auto import tqdm
 from . import fingerprint, gzindex
 from .manifest import GZIP_INDEX_FOLDER, ImageEntry
 from .errors import InvalidGzip, InvalidNifti, ManifestError, VirtniiError, from_os_error, storage_errors
-from .header import (HEAD_BYTES, MAX_HEADER_BYTES, NiftiHeader, check_data_size, header_extent, parse, parse_many,
-                     without_extensions)
+from .header import (HEAD_BYTES, MAX_HEADER_BYTES, NiftiHeader, check_data_size, header_extent, is_markup, parse,
+                     parse_many, single_file_magic, without_extensions)
 from .manifest import REF_FILES, ManifestWriter, manifest_url
 from .manifest.entry import relative_to
 from .manifest.writer import SidecarFolder
 from .references import ZARR_FORMATS, ImageRefs, image_refs
-from .sources import CONCURRENT_READS, Source, assign_names, expand, is_local
+from .sources import CONCURRENT_READS, Source, SourceSpec, assign_names, expand, is_local
 from .verified import ranges_ignored
 
 #: Uncompressed sources whose headers are fetched together (concurrently on object stores).
@@ -51,7 +51,7 @@ class ScanResult:
     failures: list[VirtniiError]
 
 
-def scan(sources: Iterable[str] | str, out: str, *, zarr_format: int = 3, ref_format: str = "json",
+def scan(sources: Iterable[SourceSpec] | str, out: str, *, zarr_format: int = 3, ref_format: str = "json",
          storage_options: dict[str, Any] | None = None, manifest_options: dict[str, Any] | None = None,
          progress: bool = False, content_hash: bool = False, extensions: bool = True,
          write_url_secrets: bool = False, relative_sources: bool = False) -> ScanResult:
@@ -61,7 +61,14 @@ def scan(sources: Iterable[str] | str, out: str, *, zarr_format: int = 3, ref_fo
     ----------
     sources
         Files (``.nii``, ``.nii.gz``, ``.hdr``, ``.hdr.gz``), folders (searched recursively) or globs, as local
-        paths or fsspec URLs (``s3://…``, ``https://…``, ``memory://…``).
+        paths or fsspec URLs (``s3://…``, ``https://…``, ``memory://…``).  Folders and globs select files by
+        those suffixes; a file given by itself without one (a DANDI blob, a presigned URL) is told by its first
+        bytes: NIfTI-1/NIfTI-2 single-file magic, or gzip holding one (:func:`sniff`; ``.hdr``/``.img`` pairs
+        need their names).  A ``(name, url)`` pair instead of a string names the file's image group
+        (``[("sub-01/anat/sub-01_T1w", "https://…/blobs/d86/055/…"), …]``, or ``list(mapping.items())``):
+        used verbatim, checked by :func:`~virtnii.sources.check_names` (a :class:`ManifestError` if unusable).
+        Without one an image is named by its path below the folder it was found in (a file by its stem, an
+        extension-less URL by its last segment; a query is never part of a name).
     out
         Manifest folder (local path or fsspec URL); replaced if it exists.
     zarr_format
@@ -100,6 +107,8 @@ def scan(sources: Iterable[str] | str, out: str, *, zarr_format: int = 3, ref_fo
         raise ManifestError(out, "Parquet references need --zarr-format 2 (fsspec's Parquet reference reader "
                                  "understands only Zarr v2 metadata)")
     options = dict(storage_options or {})
+    if isinstance(sources, Mapping):  # list() of it would scan its names
+        raise TypeError("give named sources as (name, url) pairs: list(mapping.items())")
     sources = [sources] if isinstance(sources, str) else list(sources)
     with tqdm(total=len(sources), unit="source", desc="list", disable=not progress) as listing:
         def listed(count: int) -> None:
@@ -111,12 +120,12 @@ def scan(sources: Iterable[str] | str, out: str, *, zarr_format: int = 3, ref_fo
     names = relative_names(out, manifest_options, found) if relative_sources else {}
     images: list[ImageRefs] = []
     entries: list[ImageEntry] = []
-    plain = [s for s in found if not s.is_gzip]
+    plain = [s for s in found if not s.is_gzip]  # with the files known by content: their header read sniffs them
     gzipped = [s for s in found if s.is_gzip]
     with ManifestWriter(out, manifest_options) as writer, \
             tqdm(total=len(found), unit="file", desc="scan", disable=not progress) as bar, \
             tqdm(total=sum(s.data_info["size"] for s in gzipped), unit="B", unit_scale=True, desc="gzip index",
-                 disable=not (progress and gzipped), position=1) as gz_bar:
+                 disable=not (progress and (gzipped or any(s.by_content for s in plain))), position=1) as gz_bar:
         # In batches, so the bar moves on big archives; the next batch is fetched while this one is parsed.
         batches = [plain[i:i + HEADER_BATCH] for i in range(0, len(plain), HEADER_BATCH)]
         with ThreadPoolExecutor(max_workers=1) as prefetch:
@@ -125,6 +134,12 @@ def scan(sources: Iterable[str] | str, out: str, *, zarr_format: int = 3, ref_fo
                 heads = pending.pop().result()
                 if k + 1 < len(batches):
                     pending.append(prefetch.submit(read_plain_headers, batches[k + 1]))
+                sniffed = [s for s in batch if s.is_gzip]  # known by content, found compressed: indexed below
+                if sniffed:
+                    gzipped += sniffed
+                    gz_bar.total += sum(s.data_info["size"] for s in sniffed)
+                    kept = [i for i, s in enumerate(batch) if not s.is_gzip]
+                    batch, heads = [batch[i] for i in kept], [heads[i] for i in kept]
                 outcomes = _plain_images(batch, heads, zarr_format, extensions)
                 if content_hash:
                     _record_hashes(batch, outcomes, _gzip_workers(batch))
@@ -244,7 +259,13 @@ def _read_local(path: str, end: int) -> bytes | OSError:
 
 def read_plain_headers(sources: list[Source]) -> list[bytes | VirtniiError]:
     """Raw headers of uncompressed sources, one concurrent ranged read per file (a second for big extensions or a
-    ``.hdr`` over :data:`~virtnii.header.HEAD_BYTES`)."""
+    ``.hdr`` over :data:`~virtnii.header.HEAD_BYTES`).
+
+    A source known by its content (no NIfTI suffix) is sniffed from that same read (:func:`sniff`), which sets
+    its ``gzip``: one found compressed gets back its first compressed bytes, for the caller to index it as a
+    ``.nii.gz`` instead (:func:`index_gzip_source` reads it from the start), one found to be no NIfTI file its
+    error.
+    """
     outcomes: list[Any] = [None] * len(sources)
     by_fs: dict[int, list[int]] = {}
     for i, s in enumerate(sources):
@@ -263,6 +284,11 @@ def read_plain_headers(sources: list[Source]) -> list[bytes | VirtniiError]:
                 outcomes[i] = ranges_ignored(s.url, 0, want, len(head))
                 continue
             try:
+                if s.by_content and s.gzip is None:
+                    s.gzip = sniff(s.url, head)
+                    if s.gzip:
+                        outcomes[i] = head
+                        continue
                 extent = header_extent(s.url, head, s.is_pair, s.info["size"])
             except VirtniiError as err:
                 outcomes[i] = err
@@ -322,6 +348,43 @@ def _record_hashes(sources: list[Source], outcomes: list[Any], workers: int) -> 
             data_fp = {**entry.data_fingerprint, fingerprint.CONTENT_HASH: digests[1]} if len(digests) > 1 \
                 else entry.data_fingerprint
             outcomes[i] = (refs, replace(entry, fingerprint=header_fp, data_fingerprint=data_fp))
+
+
+def sniff(url: str, head: bytes) -> bool:
+    """Whether a file whose name does not say what it is (no NIfTI suffix) is a gzip-compressed NIfTI (True) or
+    an uncompressed single-file one (False), from its first bytes; an :class:`InvalidNifti` naming it otherwise.
+
+    NIfTI-1/NIfTI-2 single-file magic (``n+1``, ``n+2``) makes it plain; gzip magic makes it compressed if what
+    its first bytes inflate to has that magic (a gzipped tar or CSV is no image).  A pair's ``.hdr`` is refused:
+    its ``.img`` is found by name.
+    """
+    if head[:2] != b"\x1f\x8b":
+        problem = _not_single_file(head)
+        if problem:
+            raise InvalidNifti(url, f"not a NIfTI file: {problem}")
+        return False
+    try:
+        inflated, _ = _gunzip_members(head, 348)  # where NIfTI-1's magic ends (NIfTI-2's: at 8)
+    except zlib.error as err:
+        raise InvalidGzip(url, f"corrupt gzip data at the start of the file: {err}") from err
+    problem = _not_single_file(inflated)
+    if problem:
+        raise InvalidNifti(url, f"not a NIfTI file: gzip-compressed, and inside it {problem}")
+    return True
+
+
+def _not_single_file(head: bytes) -> str | None:
+    """What a file's first bytes are, when they are not a single-file NIfTI (else None)."""
+    magic = single_file_magic(head)
+    if magic:
+        return None
+    if magic is False:
+        return "the header of a .hdr/.img pair, whose .img is found by name: give it its .hdr name, beside the .img"
+    if not head:
+        return "an empty file"
+    if is_markup(head):
+        return "an HTML/XML document (wrong URL, an expired link, or an error/login page?)"
+    return "no NIfTI-1/NIfTI-2 magic in its first bytes"
 
 
 # ------------------------------------------------------------------------------------------------------- gzip

@@ -2,7 +2,10 @@
 
 Listing gives each source's size and ETag/mtime (its fingerprint) for free; ``.hdr`` files are paired with their
 ``.img``; names follow the paths below the folder a source was found under (BIDS ``sub-01/anat/sub-01_T1w``),
-unique within a manifest.  Problems are collected per source, so one bad file never stops a batch.
+unique within a manifest, unless the caller gives one (``(name, url)``).  Folders and globs select files by their
+NIfTI suffix; a file given by itself without one (a DANDI blob ``…/blobs/d86/055/<uuid>``, a presigned URL) is
+kept, and its first bytes tell the scan what it is.  Problems are collected per source, so one bad file never
+stops a batch.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ from typing import Any, Callable
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from .errors import (InvalidNifti, SourceAccessError, SourceNotFound, VirtniiError, from_os_error, is_secret_name,
-                     storage_errors)
+from .errors import (InvalidNifti, ManifestError, SourceAccessError, SourceNotFound, VirtniiError, from_os_error,
+                     is_secret_name, storage_errors)
 
 #: File names the scanner picks up in folders; ``.img``/``.img.gz`` are found through their ``.hdr``.
 NIFTI_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".hdr.gz")
@@ -43,6 +46,9 @@ class Source:
     data_info: dict[str, Any] = field(default_factory=dict)
     base: str = ""
     name: str = ""
+    #: For a file whose name has no NIfTI suffix (:attr:`by_content`): None until the scan has read its first bytes,
+    #: then whether they are gzip (:func:`virtnii.scan.sniff`).
+    gzip: bool | None = None
 
     @functools.cached_property
     def url(self) -> str:
@@ -52,12 +58,23 @@ class Source:
     def data_url(self) -> str:
         return self.url if self.data_path == self.path else self.fs.unstrip_protocol(self.data_path)
 
+    @functools.cached_property
+    def by_content(self) -> bool:
+        """Whether the name does not say what the file is (no NIfTI suffix), so that its first bytes must: only for
+        files given by themselves (folders and globs select by suffix)."""
+        return not file_part(self.fs, self.path).lower().endswith(NIFTI_SUFFIXES)
+
     @property
     def is_pair(self) -> bool:
+        """A ``.hdr`` (with an ``.img``): known by name only, so a file known by its content never is one."""
         return file_part(self.fs, self.path).lower().endswith((".hdr", ".hdr.gz"))
 
     @property
     def is_gzip(self) -> bool:
+        """By name, or for a file known by its content by what its first bytes said: False until they are read,
+        so that it goes to the uncompressed files' header read, which reads them."""
+        if self.by_content:
+            return bool(self.gzip)
         return file_part(self.fs, self.data_path).lower().endswith(".gz")
 
 
@@ -67,7 +84,11 @@ def file_part(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return path.split("?", 1)[0] if _is_http(fs) else path
 
 
-def expand(sources: list[str], options: dict[str, Any],
+#: A source as :func:`expand` takes it: a file, folder or glob, or a ``(name, url)`` pair naming its image group.
+SourceSpec = str | tuple[str, str]
+
+
+def expand(sources: list[SourceSpec], options: dict[str, Any],
            listed: Callable[[int], Any] = lambda found: None, *,
            write_url_secrets: bool = False) -> tuple[list[Source], list[VirtniiError]]:
     """Resolve files, folders and globs to :class:`Source` objects with their listing info.
@@ -75,10 +96,15 @@ def expand(sources: list[str], options: dict[str, Any],
     ``listed(n)`` is called after each of ``sources``, with the number of NIfTI files found so far: listing a
     big bucket takes a while, with nothing else to show.  URLs whose query holds a secret (a presigned URL's
     signature) are refused unless ``write_url_secrets``: references must carry the whole URL to read it.
+    A ``(name, url)`` pair gives its file the group ``name`` (:func:`check_names`); a name that cannot be
+    used as given (or is given to a folder or glob) is a :class:`ManifestError`, raised: the caller asked for a
+    manifest that cannot be made.
     """
+    check_names([s for s in sources if isinstance(s, tuple)])
     found: dict[str, Source] = {}
     failures: list[VirtniiError] = []
-    for src in sources:
+    for spec in sources:
+        name, src = spec if isinstance(spec, tuple) else ("", spec)
         try:
             secrets = [] if write_url_secrets else url_secrets(src)
             if secrets:
@@ -87,7 +113,7 @@ def expand(sources: list[str], options: dict[str, Any],
                                                        "(anyone with the manifest can then read the file until "
                                                        "they expire), pass --write-url-secrets"))
                 continue
-            _expand_one(src, options, found, failures)
+            _expand_one(src, options, found, failures, name)
         finally:
             listed(len(found))
     sources_out = []
@@ -103,6 +129,39 @@ def expand(sources: list[str], options: dict[str, Any],
     return sources_out, failures
 
 
+def check_names(named: list[tuple[str, str]]) -> None:
+    """Refuse, as a :class:`ManifestError` naming the file, group names given for files (``(name, url)``) that a
+    manifest cannot hold as given — they are used verbatim, never adjusted as found names are.
+
+    A name is ``/``-separated parts, none empty (no leading, trailing or doubled ``/``), none ``.``/``..`` or
+    dots only (zarr refuses them, and they would climb out of the gzip sidecar folder), none starting with
+    ``__`` (reserved by Zarr v3); no two files may share a name, and no image may sit inside another image's
+    group (``a`` and ``a/b``).
+    """
+    owners: dict[str, str] = {}
+    for pair in named:
+        if len(pair) != 2 or not all(isinstance(text, str) for text in pair):
+            raise TypeError(f"a named source is a (name, url) pair of strings, not {pair!r}")
+        name, url = pair
+        parts = name.split("/")
+        if not all(parts):
+            raise ManifestError(url, f"cannot be named {name!r}: a group name has no empty parts (no leading, "
+                                     "trailing or doubled '/')")
+        if any(set(part) == {"."} for part in parts):
+            raise ManifestError(url, f"cannot be named {name!r}: no part of a group name may be '.', '..' or dots only")
+        if any(part.startswith("__") for part in parts):
+            raise ManifestError(url, f"cannot be named {name!r}: Zarr reserves names starting with '__'")
+        if owners.setdefault(name, url) != url:
+            raise ManifestError(url, f"cannot be named {name!r}: that name is given to {owners[name]} too")
+    for name, url in owners.items():
+        parts = name.split("/")
+        for k in range(1, len(parts)):
+            outer = "/".join(parts[:k])
+            if outer in owners:
+                raise ManifestError(url, f"cannot be named {name!r}: it would sit inside the image {outer!r} "
+                                         f"({owners[outer]})")
+
+
 def url_secrets(url: str) -> list[str]:
     """Names of the query parameters of ``url`` that carry secrets (none for local paths, where ``?`` is just a
     character of a file name)."""
@@ -112,9 +171,10 @@ def url_secrets(url: str) -> list[str]:
     return [name for name, _ in urllib.parse.parse_qsl(parts.query, keep_blank_values=True) if is_secret_name(name)]
 
 
-def _expand_one(src: str, options: dict[str, Any], found: dict[str, Source], failures: list[VirtniiError]) -> None:
+def _expand_one(src: str, options: dict[str, Any], found: dict[str, Source], failures: list[VirtniiError],
+                name: str = "") -> None:
     """Add the NIfTI files behind one file, folder or glob ``src`` to ``found`` (by URL), or its error to
-    ``failures``."""
+    ``failures``; a file given a ``name`` keeps it, even if a folder or glob found it too."""
     parts = urllib.parse.urlsplit(src)
     if parts.password is not None or (parts.username is not None and parts.scheme not in ("", "file")):
         hidden = parts._replace(netloc=(parts.hostname or "") + (f":{parts.port}" if parts.port else "")).geturl()
@@ -134,16 +194,23 @@ def _expand_one(src: str, options: dict[str, Any], found: dict[str, Source], fai
         return
     reported = len(failures)
     try:
-        listing, base, pattern = _list(fs, path, src, failures)
+        listing, base, kind = _list(fs, path, src, failures)
     except VirtniiError as err:
         failures.append(err)
         return
-    names = [p for p in sorted(listing) if file_part(fs, p).lower().endswith(NIFTI_SUFFIXES)]
-    for p in names:
-        source = Source(fs, p, listing[p], base=base)
-        found.setdefault(source.url, source)
-    if not names and len(failures) == reported:  # "nothing indexed" must always say why
-        where = "the pattern matches" if pattern else "the folder holds"
+    if name and kind != "file":
+        raise ManifestError(src, f"is a {kind}: a name ({name!r}) names one file, not the files of a {kind}")
+    # a file given by itself is kept whatever its name (its first bytes tell); folders and globs select by suffix
+    paths = [p for p in sorted(listing) if kind == "file" or file_part(fs, p).lower().endswith(NIFTI_SUFFIXES)]
+    for p in paths:
+        source = Source(fs, p, listing[p], base=base, name=name)
+        known = found.setdefault(source.url, source)
+        if name and known.name != name:
+            if known.name:
+                raise ManifestError(src, f"is given two names, {known.name!r} and {name!r}")
+            found[source.url] = source  # a name given wins over a glob or folder that found the file too
+    if not paths and len(failures) == reported:  # "nothing indexed" must always say why
+        where = "the pattern matches" if kind == "pattern" else "the folder holds"
         failures.append(SourceNotFound(src, f"{where} no NIfTI files ({', '.join(NIFTI_SUFFIXES)})"))
 
 
@@ -176,8 +243,9 @@ def with_s3_pool(url: str, options: dict[str, Any]) -> dict[str, Any]:
 
 
 def _list(fs: fsspec.AbstractFileSystem, path: str, src: str,
-          failures: list[VirtniiError]) -> tuple[dict[str, dict[str, Any]], str, bool]:
-    """``({path: info}, base folder, whether src was a pattern)`` for a file, a folder (recursive) or a glob.
+          failures: list[VirtniiError]) -> tuple[dict[str, dict[str, Any]], str, str]:
+    """``({path: info}, base folder, what src is)`` for a ``"file"``, a ``"folder"`` (recursive) or a
+    ``"pattern"`` (glob).
 
     The base folder is what group names are made relative to: the folder itself, the glob's fixed leading
     folder, or a file's parent.  A path that exists is taken literally even if it holds glob characters
@@ -190,23 +258,23 @@ def _list(fs: fsspec.AbstractFileSystem, path: str, src: str,
             if is_local(fs):  # fingerprints as fs.info() gives them (see _stat_local)
                 infos = {p: _stat_local(p, fs, failures) for p in matches if p.lower().endswith(NIFTI_SUFFIXES)}
                 matches = {p: info for p, info in infos.items() if info is not None}
-            return matches, base, True
+            return matches, base, "pattern"
         info = fs.info(path)
         if info.get("type") == "directory":
             listing = _walk_local(path, fs, failures) if is_local(fs) else fs.find(path, detail=True)
-            return listing, path.rstrip("/"), False
+            return listing, path.rstrip("/"), "folder"
     except storage_errors() as err:
         raise from_os_error(src, err, "list") from err
     except ValueError as err:  # what fsspec backends raise for paths they cannot list (s3fs: "all of S3")
         raise SourceAccessError(src, f"cannot list: {err}") from err
-    if not file_part(fs, path).lower().endswith(NIFTI_SUFFIXES):
-        raise InvalidNifti(src, f"not a NIfTI file name (expected one of {', '.join(NIFTI_SUFFIXES)})")
+    if file_part(fs, path).lower().endswith((".img", ".img.gz")):  # its header says what it holds, not itself
+        raise InvalidNifti(src, "is the data file of a .hdr/.img pair: give its .hdr, which is found with it")
     if is_local(fs):
         local = _stat_local(path, fs, failures)
-        return ({path: local} if local is not None else {}), posixpath.dirname(path), False
+        return ({path: local} if local is not None else {}), posixpath.dirname(path), "file"
     if info.get("type", "file") != "file":
         raise SourceAccessError(src, f"is not a regular file (the storage says {info['type']!r})")
-    return {path: info}, posixpath.dirname(file_part(fs, path)), False
+    return {path: info}, posixpath.dirname(file_part(fs, path).rstrip("/")), "file"  # …/download/ is "download"
 
 
 def _is_http(fs: fsspec.AbstractFileSystem) -> bool:
@@ -303,14 +371,20 @@ def _attach_data_file(source: Source) -> None:
 def assign_names(sources: list[Source]) -> None:
     """Group names: each path relative to the folder it was found under, extension dropped.
 
-    A file given by name is named by its stem; a folder's files keep their sub-paths (BIDS ``sub-01/anat/…``).
+    A file given by path is named by its stem (an extension-less URL by its last segment: a DANDI blob by its
+    uuid); a folder's files keep their sub-paths (BIDS ``sub-01/anat/…``).
     When two sources would share a name, both are named relative to the sources' common folder instead, and if
-    that still collides (``x.nii`` beside ``x.nii.gz``) the extension is kept.
+    that still collides (``x.nii`` beside ``x.nii.gz``) the extension is kept.  Sources that already have a
+    name (given by the caller, checked by :func:`check_names`) keep it, and the others avoid it.
     """
     def stem(rel: str) -> str:
         return re.sub(r"\.(nii|hdr)(\.gz)?$", "", rel, flags=re.IGNORECASE)
 
-    paths = [file_part(s.fs, s.path) for s in sources]  # a presigned URL's query is no part of a name
+    given = {s.name for s in sources if s.name}
+    # a found name may not be an image group holding a given one (a beside a/b): it is treated as taken
+    holding = {"/".join(parts[:k]) for parts in (n.split("/") for n in given) for k in range(1, len(parts))}
+    sources = [s for s in sources if not s.name]
+    paths = [file_part(s.fs, s.path).rstrip("/") for s in sources]  # a presigned URL's query is no part of a name
     names = [stem(_relative(p, s.base) if s.base else p) for s, p in zip(sources, paths)]
     clashing = {n for n, count in collections.Counter(names).items() if count > 1}
     if clashing:
@@ -320,8 +394,8 @@ def assign_names(sources: list[Source]) -> None:
                  for p, n in zip(paths, names)]
     # An image group may not sit inside another image group (s.nii beside s/0.nii would overwrite s/0): such
     # names are flattened; and any name still taken gets its extension, then a counter.
-    images = set(names)
-    taken: set[str] = set()
+    images = set(names) | given
+    taken = given | holding
     for source, path, name in zip(sources, paths, names):
         parts = name.split("/")
         if any("/".join(parts[:k]) in images for k in range(1, len(parts))):
