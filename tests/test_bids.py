@@ -254,3 +254,48 @@ def test_a_manifest_inside_the_dataset_moves_with_it(dataset: Path, tmp_path: Pa
         assert_same_voxels(group[name]["0"][...], file_to_zarr_order(nibabel_raw(dataset / relative)))
     third = virtnii.index(str(moved), str(moved / "derivatives" / "virtnii"), derivatives=True)
     assert third.report.indexed == 0 and third.report.removed == 0
+
+
+def test_the_settings_a_manifest_was_made_with_travel_with_its_index(dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    virtnii.index(str(dataset), str(out))
+    report_of_a_zarr3_run = (out / "index-report.json").read_text()
+    virtnii.index(str(dataset), str(out), zarr_format=2)
+    # as if that run had died after publishing, before writing its report
+    (out / "index-report.json").write_text(report_of_a_zarr3_run)
+    again = virtnii.index(str(dataset), str(out))
+    assert again.report.reused == 0 and read_index(str(out)).zarr_format == 3
+
+
+def test_a_folder_that_cannot_be_listed_keeps_its_images(dataset: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    tree = tmp_path / "ds"
+    shutil.copytree(dataset, tree, symlinks=True)
+    out = tmp_path / "out"
+    first = virtnii.index(str(tree), str(out), pyramid=True)
+    stores = sorted(str(p.parent) for p in (out / "levels").rglob("virtnii-pyramid.json"))
+    scandir = os.scandir
+
+    def flaky(path: Any) -> Any:
+        if str(path) == str(tree / "sub-02"):  # the dataset's folder, not the manifest's levels/sub-02
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", flaky)
+    again = virtnii.index(str(tree), str(out), pyramid=True)
+    assert sorted(e.name for e in again.images) == sorted(e.name for e in first.images)
+    assert again.report.removed == 0 and any(s["reason"] == "permission" for s in again.skipped)
+    assert sorted(str(p.parent) for p in (out / "levels").rglob("virtnii-pyramid.json")) == stores
+    group = virtnii.open(str(out))
+    assert_same_voxels(group["sub-02/ses-1/anat/sub-02_ses-1_T1w"]["0"][...],
+                       file_to_zarr_order(nibabel_raw(tree / "sub-02/ses-1/anat/sub-02_ses-1_T1w.nii.gz")))
+
+
+def test_a_dataset_that_lists_nothing_does_not_empty_its_manifest(dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    virtnii.index(str(dataset), str(out))
+    before = (out / "virtnii.json").read_bytes()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(virtnii.ManifestError, match="refusing to empty it"):
+        virtnii.index(str(tmp_path / "empty"), str(out))
+    assert (out / "virtnii.json").read_bytes() == before

@@ -14,13 +14,11 @@ import signal
 import sys
 import threading
 import traceback
-from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 
 from . import __version__, gzindex
-from .bids import find, index
+from .bids import index
 from .manifest.combine import combine
 from .errors import ManifestError, VirtniiError, redact
 from .export import export
@@ -87,6 +85,14 @@ def _option(text: str) -> tuple[str, Any]:
         return key, json.loads(value)
     except ValueError:
         return key, value
+
+
+def _entity(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` of a BIDS entity: the value is text, as in file names (``run=01`` is not ``run=1``)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
 
 
 def _storage_arguments(parser: argparse.ArgumentParser, sources: str = "sources") -> None:
@@ -186,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  virtnii find OUT sub=01 suffix=T1w\n  virtnii find OUT datatype=func task=rest --json",
         parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter)
     p_find.add_argument("manifest")
-    p_find.add_argument("entities", nargs="*", metavar="KEY=VALUE", type=_option,
+    p_find.add_argument("entities", nargs="*", metavar="KEY=VALUE", type=_entity,
                         help="entity (sub, ses, task, run, ..., datatype, suffix, ext) and value; "
                              "a value a,b matches either")
     p_find.add_argument("--json", action="store_true", help="print one JSON row per image (entities, shape, ...)")
@@ -326,10 +332,9 @@ def cmd_find(args: argparse.Namespace) -> int:
     from .bids.query import rows
 
     storage, _ = _options(args)
-    wanted = {key: str(value).split(",") for key, value in args.entities}
-    names = set(find(args.manifest, storage, **wanted))
+    wanted = {key: value.split(",") for key, value in args.entities}
     for row in rows(args.manifest, storage):
-        if row["name"] in names:
+        if all(str(row.get(key)) in values for key, values in wanted.items()):
             print(json.dumps(row) if args.json else row["name"])
     return EXIT_OK
 

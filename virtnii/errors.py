@@ -79,7 +79,6 @@ class ManifestError(VirtniiError):
     """A manifest folder is missing, unreadable, or was written by an incompatible version."""
 
 
-@functools.lru_cache(maxsize=None)
 def error_class(name: str) -> type[VirtniiError]:
     """The VirtniiError subclass called ``name`` (as recorded in a job journal), or VirtniiError itself."""
     for cls in (SourceNotFound, SourceAccessError, InvalidNifti, UnsupportedNifti, InvalidGzip, StaleSource,
@@ -89,6 +88,7 @@ def error_class(name: str) -> type[VirtniiError]:
     return VirtniiError
 
 
+@functools.lru_cache(maxsize=None)
 def storage_errors() -> tuple[type[BaseException], ...]:
     """What storage backends raise for a file they cannot reach or read, for ``except storage_errors():``.
 

@@ -74,12 +74,14 @@ def index(root: str, out: str, *, pyramid: bool = False, derivatives: bool = Fal
     except (ValueError, ImportError, TypeError) as err:
         raise ManifestError(out, f"cannot open this URL: {err}") from err
     out_path = out_path.rstrip("/")
+    out_url = out_fs.unstrip_protocol(out_path)  # absolute: Dask workers have their own working directory
     inside = _inside(out_fs, out_path, root, options)
     listing = list_dataset(root, options, derivatives=derivatives, exclude=inside)
     report = Report(listing.url, out_fs.unstrip_protocol(out_path))
     # a manifest inside its dataset names the sources relative to itself: the two move (clone, upload) together
     settings = units.Settings(listing.url, zarr_format, extensions, relative=bool(inside))
     report.settings = {**settings.to_json(), "ref_format": ref_format, "derivatives": derivatives}
+    problem_folders = _unlisted_folders(listing)
     sources, problems = nifti_sources(listing)
     for err in listing.problems + problems:
         report.skip(err)
@@ -90,7 +92,7 @@ def index(root: str, out: str, *, pyramid: bool = False, derivatives: bool = Fal
     assign_names(sources)
     relative = {s.name: s.path[len(listing.root) + 1:] for s in sources}
 
-    previous = _previous(out_fs, out_path, out, out_options, report.settings)
+    previous = _previous(out_fs, out_path, out, out_options, settings.to_json())
     journal = units.read_journal(out_fs, out_path, settings)
     specs = [units.spec_of(s) for s in sources]
     records: dict[str, dict[str, Any]] = {}
@@ -105,7 +107,7 @@ def index(root: str, out: str, *, pyramid: bool = False, derivatives: bool = Fal
         else:
             todo.append(spec)
     batches = units.plan(todo, {s.path: s.is_gzip for s in sources})
-    for name, rec in _run(batches, settings, out, out_options, options, workers, dask, listing, progress):
+    for name, rec in _run(batches, settings, out_url, out_options, options, workers, dask, listing, progress):
         records[name] = rec
     report.indexed = sum(len(b.specs) for b in batches)
     report.reused = len(kept) + sum("entry" in rec for rec in journal_used(records, journal))
@@ -119,13 +121,20 @@ def index(root: str, out: str, *, pyramid: bool = False, derivatives: bool = Fal
         else:
             report.skip(error_class(rec["error"])(rec["source"], rec["message"]))
     entries.update(kept)
+    if previous is not None and problem_folders:  # a folder that could not be listed now: keep what it held
+        here = manifest_url(out, out_options)
+        for entry in previous.index.images:
+            if entry.name not in entries and entry.resolved(here).source.startswith(problem_folders):
+                kept[entry.name] = entries[entry.name] = entry
+                relative[entry.name] = (entry.bids or {}).get("path", entry.name)
     names = sorted(entries)
     report.images = len(names)
     report.removed = len({e.name for e in previous.index.images} - set(names)) if previous else 0
 
     report.metadata_files = {r: from_info(i) for r, i in listing.files.items() if r.endswith((".json", ".tsv"))}
+    job = {"settings": settings.to_json(), "metadata_files": report.metadata_files}
     if previous is not None and previous.entries and len(kept) == len(names) and not report.removed \
-            and previous.metadata_files == report.metadata_files:
+            and previous.metadata_files == report.metadata_files and previous.index.ref_format == ref_format:
         # nothing changed: the listing and a comparison were the whole job
         final = [entries[name] for name in names]
         new_index = previous.index
@@ -138,8 +147,12 @@ def index(root: str, out: str, *, pyramid: bool = False, derivatives: bool = Fal
         if not final and not previous:
             report.seconds = time.perf_counter() - started
             return IndexResult(report.manifest, [], report.skipped, report)
+        if not final and previous.index.images:
+            raise ManifestError(out, f"{listing.url} holds no image now, and the manifest here holds "
+                                     f"{len(previous.index.images)}: refusing to empty it (is ROOT right? delete "
+                                     "OUT to start over)")
         new_index = publish(out_fs, out_path, out, zarr_format, ref_format, final, refs,
-                            previous.index.references if previous else None)
+                            previous.index.references if previous else None, job)
         _remove_unreferenced(out_fs, out_path, new_index)
         units.keep_lasting_failures(out_fs, out_path, settings, list(records.values()))
     if pyramid:
@@ -201,7 +214,8 @@ class _Previous:
 
 def _previous(fs: fsspec.AbstractFileSystem, path: str, out: str, options: dict[str, Any],
               settings: dict[str, Any]) -> _Previous | None:
-    """The earlier manifest at OUT (None if there is none, or it was made with other settings: all is redone).
+    """The earlier manifest at OUT (None if there is none).  Its entries are reused only if it was made with
+    the same settings, as its index file records them (written with it, so the two never disagree).
 
     OUT may be missing, empty, an earlier index's manifest, or what a killed first run left (a journal and
     sidecars); anything else is someone's data, and refused.
@@ -209,25 +223,26 @@ def _previous(fs: fsspec.AbstractFileSystem, path: str, out: str, options: dict[
     try:
         if not fs.exists(path):
             return None
-        has_index = fs.exists(f"{path}/{INDEX_FILE}")
-        if not has_index:
+        if not fs.exists(f"{path}/{INDEX_FILE}"):
             names = {posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)}
             if names - {units.JOURNAL, GZIP_INDEX_FOLDER, LEVELS_FOLDER, REPORT_FILE}:
                 raise ManifestError(out, "exists and is not a virtnii manifest; refusing to write into it (choose "
                                          "an empty or new folder for -o)")
             return None
-        old_report = json.loads(fs.cat_file(f"{path}/{REPORT_FILE}")) if fs.exists(f"{path}/{REPORT_FILE}") else {}
-        old_settings, old_metadata = old_report.get("settings"), old_report.get("metadata_files")
     except storage_errors() as err:
         raise ManifestError(out, f"cannot read what is there: {err}") from err
-    except (ValueError, AttributeError):
-        old_settings = old_metadata = None
     index = read_index(out, options)
-    if old_settings != settings:
+    job = index.job or {}
+    if job.get("settings") != settings:
         return _Previous(index, {}, lambda: {}, {})
     here = manifest_url(out, options)
     return _Previous(index, {e.resolved(here).source: e for e in index.images}, lambda: load_refs(out, index, options),
-                     old_metadata or {})
+                     job.get("metadata_files") or {})
+
+
+def _unlisted_folders(listing: Listing) -> tuple[str, ...]:
+    """URLs (with a trailing slash) of the folders the listing could not enter: their images are not gone."""
+    return tuple(url.rstrip("/") + "/" for url in listing.unlisted)
 
 
 def _unchanged(old: ImageEntry, source: Any) -> bool:
@@ -285,7 +300,11 @@ def _run_dask(batches: list[units.Batch], settings: units.Settings, out: str, ou
         import distributed
     except ImportError as err:
         raise ManifestError(out, "--dask needs the distributed package: pip install 'virtnii[dask]'") from err
-    client = dask if isinstance(dask, distributed.Client) else distributed.Client(dask)
+    try:
+        client = dask if isinstance(dask, distributed.Client) else distributed.Client(dask, timeout=30)
+    except (OSError, TimeoutError, ValueError) as err:
+        raise ManifestError(str(dask), f"cannot reach this Dask scheduler: {err}") from err
+    futures = []
     try:
         futures = client.map(units.run_batch, batches, settings=settings, out=out, out_options=out_options,
                              storage_options=options, pure=False)
@@ -293,6 +312,7 @@ def _run_dask(batches: list[units.Batch], settings: units.Settings, out: str, ou
         for future in distributed.as_completed(futures):
             yield from done(by_key[future.key], future.result())
     finally:
+        client.cancel(futures)  # after a failure, nothing more is written into OUT behind the caller's back
         if client is not dask:
             client.close()
 
@@ -389,7 +409,7 @@ def _inside(out_fs: fsspec.AbstractFileSystem, out_path: str, root: str, options
     if type(fs) is not type(out_fs):
         return ()
     if getattr(fs, "local_file", False):
-        path, out_path = os.path.abspath(path), os.path.abspath(out_path)
+        path, out_path = os.path.realpath(path), os.path.realpath(out_path)
     prefix = path.rstrip("/") + "/"
     return (out_path[len(prefix):],) if out_path.startswith(prefix) else ()
 

@@ -34,6 +34,7 @@ class Listing:
     url: str  # the root as a URL (fs.unstrip_protocol)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     problems: list[VirtniiError] = field(default_factory=list)
+    unlisted: list[str] = field(default_factory=list)  # URLs of sub-folders that could not be listed
 
     def path(self, relative: str) -> str:
         return f"{self.root}/{relative}"
@@ -53,7 +54,7 @@ def list_dataset(root: str, options: dict[str, Any], *, derivatives: bool = Fals
         if not fs.isdir(path):
             raise SourceNotFound(root, "is not a folder (a BIDS dataset is the folder holding "
                                        "dataset_description.json)")
-        found = _walk_local(path, fs, listing.problems) if is_local(fs) else \
+        found = _walk_local(path, fs, listing.problems, listing.unlisted) if is_local(fs) else \
             {p: info for p, info in fs.find(path, detail=True).items() if info.get("type") != "directory"}
     except storage_errors() as err:
         raise from_os_error(root, err, "list") from err
@@ -106,7 +107,8 @@ def _relative_url(url: str, listing: Listing) -> str:
     return url[len(prefix):] if url.startswith(prefix) else url
 
 
-def _walk_local(folder: str, fs: fsspec.AbstractFileSystem, problems: list[VirtniiError]) -> dict[str, dict[str, Any]]:
+def _walk_local(folder: str, fs: fsspec.AbstractFileSystem, problems: list[VirtniiError],
+                unlisted: list[str]) -> dict[str, dict[str, Any]]:
     """Every regular file under a local folder with ``fs.info``'s size and mtime (of a link's target).
 
     Links to folders are not entered; broken links and special files (FIFOs, devices) with a NIfTI name are
@@ -122,6 +124,7 @@ def _walk_local(folder: str, fs: fsspec.AbstractFileSystem, problems: list[Virtn
             if current == folder:
                 raise
             problems.append(from_os_error(fs.unstrip_protocol(current), err, "list"))
+            unlisted.append(fs.unstrip_protocol(current))
             continue
         with entries:
             for entry in entries:

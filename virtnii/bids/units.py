@@ -66,7 +66,10 @@ class Settings:
     relative: bool = False  # sources named relative to the manifest (it lies inside the dataset)
 
     def to_json(self) -> dict[str, Any]:
-        return {"zarr_format": self.zarr_format, "extensions": self.extensions, "relative_sources": self.relative}
+        """What a journal record or an earlier manifest must have been made with to be reused.  Absolute
+        source URLs name the dataset's location, so it is part of it unless sources are relative."""
+        doc = {"zarr_format": self.zarr_format, "extensions": self.extensions, "relative_sources": self.relative}
+        return doc if self.relative else {**doc, "root": self.root}
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,9 @@ class Index:
     zarr_format: int
     references: str
     images: tuple[ImageEntry, ...]
+    #: What made the manifest, for a tool that updates it in place (``virtnii index``: its settings and the
+    #: fingerprints of the metadata files it read), written with the index so the two never disagree.
+    job: dict[str, Any] | None = None
 
     @property
     def ref_format(self) -> str:
@@ -51,7 +54,8 @@ class Index:
         (``indent=`` falls back to the pure-Python encoder: a quarter of a 2000-file scan)."""
         relative = any(entry.has_relative_sources for entry in self.images)
         head = {"virtnii_manifest": RELATIVE_SOURCES_VERSION if relative else MANIFEST_VERSION,
-                "zarr_format": self.zarr_format, "references": self.references}
+                "zarr_format": self.zarr_format, "references": self.references,
+                **({"job": self.job} if self.job is not None else {})}
         lines = ",\n".join(json.dumps(entry.to_json()) for entry in self.images)
         return json.dumps(head)[:-1] + ', "images": [\n' + lines + "\n]}\n"
 
@@ -76,8 +80,10 @@ def manifest_url(manifest: str, storage_options: dict[str, Any] | None = None) -
 def read_index(manifest: str, storage_options: dict[str, Any] | None = None) -> Index:
     """The index file of a manifest folder, checked for a version this code understands and parsed."""
     index = read_index_document(manifest, storage_options)
+    job = index.get("job")
     return Index(index["zarr_format"], index["references"],
-                 tuple(ImageEntry.from_json(doc, manifest) for doc in index["images"]))
+                 tuple(ImageEntry.from_json(doc, manifest) for doc in index["images"]),
+                 job if isinstance(job, dict) else None)
 
 
 def read_index_document(manifest: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:

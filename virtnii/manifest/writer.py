@@ -171,11 +171,13 @@ def update_manifest(manifest: str, current: Index, images: Iterable[ImageEntry],
     """Update a manifest folder in place to ``images`` and ``refs``: the references under a new name, then the
     index file, atomically; returns the new index (see :func:`publish`)."""
     fs, path = fsspec.core.url_to_fs(manifest, **options)
-    return publish(fs, path, manifest, current.zarr_format, current.ref_format, images, refs, current.references)
+    return publish(fs, path, manifest, current.zarr_format, current.ref_format, images, refs, current.references,
+                   current.job)
 
 
 def publish(fs: fsspec.AbstractFileSystem, path: str, url: str, zarr_format: int, ref_format: str,
-            images: Iterable[ImageEntry], refs: dict[str, Any], old_references: str | None) -> Index:
+            images: Iterable[ImageEntry], refs: dict[str, Any], old_references: str | None,
+            job: dict[str, Any] | None = None) -> Index:
     """Make the manifest folder ``path`` hold ``images`` and ``refs``, in place: the references under a new name,
     then the index file, atomically, then the old references (``old_references``) go; returns the new index.
 
@@ -186,7 +188,7 @@ def publish(fs: fsspec.AbstractFileSystem, path: str, url: str, zarr_format: int
     """
     path = path.rstrip("/")
     name = f"refs.{uuid.uuid4().hex[:8]}.{'json' if ref_format == 'json' else 'parquet'}"
-    new = Index(zarr_format, name, tuple(images))
+    new = Index(zarr_format, name, tuple(images), job)
     try:
         write_references(fs, f"{path}/{name}", {"version": 1, "refs": refs}, ref_format)
         text = new.text().encode()
