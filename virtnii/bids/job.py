@@ -375,7 +375,9 @@ def _pyramids(out: str, entries: list[ImageEntry], out_options: dict[str, Any], 
     others = [e.name for e in entries if e.name not in set(labels)]
     for names, method in ((labels, "mode"), (others, None)):
         if names:
-            result = build_pyramids(out, names, method=method, manifest_options=out_options, **options)
+            # the sources are the ones this run was given and just listed, wherever the manifest is
+            result = build_pyramids(out, names, method=method, manifest_options=out_options, allow_local_sources=True,
+                                    **options)
             report.pyramids_built += len(result.built)
             report.pyramids_reused += len(result.reused)
             for err in result.failures:
