@@ -299,3 +299,19 @@ def test_a_dataset_that_lists_nothing_does_not_empty_its_manifest(dataset: Path,
     with pytest.raises(virtnii.ManifestError, match="refusing to empty it"):
         virtnii.index(str(tmp_path / "empty"), str(out))
     assert (out / "virtnii.json").read_bytes() == before
+
+
+def test_a_killed_runs_journal_is_not_used_once_the_dataset_moved(dataset: Path, tmp_path: Path) -> None:
+    tree = tmp_path / "ds"
+    shutil.copytree(dataset, tree, symlinks=True)
+    out = tmp_path / "out"  # outside the dataset: sources are absolute URLs, which name where it was
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_CHILD, str(tree), str(out)], stdout=subprocess.PIPE,
+                             text=True)
+    assert child.stdout is not None and child.stdout.readline() == "batch\n"
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    moved = tmp_path / "moved"
+    shutil.move(tree, moved)
+    result = virtnii.index(str(moved), str(out), derivatives=True)
+    assert result.report.reused == 0
+    assert all(e.source.startswith(moved.as_uri()) for e in result.images)

@@ -58,3 +58,12 @@ def test_cli_find(manifest: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["find", str(manifest), "suffix=T2w", "--json"]) == 0
     (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert row["name"] == "sub-01/ses-1/anat/sub-01_ses-1_run-1_T2w" and row["zooms"]
+
+
+def test_cli_find_takes_values_as_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    image = tmp_path / "ds" / "sub-1e3" / "anat" / "sub-1e3_T1w.nii"
+    image.parent.mkdir(parents=True)
+    shutil.copy(DATA / "anatomical.nii", image)
+    virtnii.index(str(tmp_path / "ds"), str(tmp_path / "out"))
+    assert main(["find", str(tmp_path / "out"), "sub=1e3"]) == 0  # not the number 1000.0
+    assert capsys.readouterr().out.split() == ["sub-1e3/anat/sub-1e3_T1w"]
