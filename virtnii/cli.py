@@ -329,13 +329,11 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_find(args: argparse.Namespace) -> int:
-    from .bids.query import rows
+    from .bids.query import matching
 
     storage, _ = _options(args)
-    wanted = {key: value.split(",") for key, value in args.entities}
-    for row in rows(args.manifest, storage):
-        if all(str(row.get(key)) in values for key, values in wanted.items()):
-            print(json.dumps(row) if args.json else row["name"])
+    for row in matching(args.manifest, storage, **{key: value.split(",") for key, value in args.entities}):
+        print(json.dumps(row) if args.json else row["name"])
     return EXIT_OK
 
 

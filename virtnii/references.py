@@ -14,7 +14,7 @@ import functools
 import json
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import zarr
@@ -106,6 +106,18 @@ def group_docs(path: str, attributes: dict[str, Any], zarr_format: int) -> dict[
     if zarr_format == 3:
         return {f"{prefix}zarr.json": json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attributes})}
     return {f"{prefix}.zgroup": json.dumps({"zarr_format": 2}), f"{prefix}.zattrs": json.dumps(attributes)}
+
+
+def edit_group_attributes(refs: dict[str, Any], group: str, zarr_format: int,
+                          edit: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    """Replace the attributes of the group at ``group`` in kerchunk ``refs`` by ``edit(attributes)``
+    (zarr.json's ``attributes`` for v3, the ``.zattrs`` document for v2)."""
+    key = f"{group}/zarr.json" if zarr_format == 3 else f"{group}/.zattrs"
+    doc = json.loads(refs[key])
+    if zarr_format == 3:
+        refs[key] = json.dumps({**doc, "attributes": edit(doc.get("attributes", {}))})
+    else:
+        refs[key] = json.dumps(edit(doc))
 
 
 def chunk_key(path: str, index: Iterable[int], zarr_format: int) -> str:

@@ -119,7 +119,7 @@ def expand(sources: list[SourceSpec], options: dict[str, Any],
     sources_out = []
     for source in found.values():
         try:
-            _attach_data_file(source)
+            attach_data_file(source)
             for url, info in ((source.url, source.info), (source.data_url, source.data_info)):
                 if info.get("size") is None:
                     raise _no_size(url)
@@ -261,7 +261,7 @@ def _list(fs: fsspec.AbstractFileSystem, path: str, src: str,
             return matches, base, "pattern"
         info = fs.info(path)
         if info.get("type") == "directory":
-            listing = _walk_local(path, fs, failures) if is_local(fs) else fs.find(path, detail=True)
+            listing = walk_local(path, fs, failures) if is_local(fs) else fs.find(path, detail=True)
             return listing, path.rstrip("/"), "folder"
     except storage_errors() as err:
         raise from_os_error(src, err, "list") from err
@@ -288,14 +288,17 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return type(fs) is LocalFileSystem
 
 
-def _walk_local(folder: str, fs: LocalFileSystem, failures: list[VirtniiError]) -> dict[str, dict[str, Any]]:
+def walk_local(folder: str, fs: LocalFileSystem, failures: list[VirtniiError], *, every_file: bool = False,
+               hidden: bool = True, unlisted: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """NIfTI-named files under a local ``folder``, as ``fs.find(folder, detail=True)`` lists them, at a third of
     the cost (fsspec builds each info dict through two ``stat`` calls and path normalisation; for a BIDS tree
     that was a fifth of a scan).
 
     Like fsspec, symbolic links to folders are not entered (a tree reached twice would index, and name, its
     images twice), and links to files are sources.  A sub-folder or file that cannot be listed or stat'ed is
-    reported in ``failures`` and the rest of the tree is still indexed.
+    reported in ``failures`` (and a sub-folder's URL added to ``unlisted``) and the rest of the tree is still
+    indexed.  ``every_file``: the other regular files too (a BIDS dataset's sidecars), passed over quietly
+    when they cannot be stat'ed; ``hidden=False``: folders named ``.*`` (``.git``, ``.datalad``) not entered.
     """
     root = folder.rstrip("/") or "/"
     found: dict[str, dict[str, Any]] = {}
@@ -308,15 +311,23 @@ def _walk_local(folder: str, fs: LocalFileSystem, failures: list[VirtniiError]) 
             if current == root:
                 raise
             failures.append(from_os_error(fs.unstrip_protocol(current), err, "list"))
+            if unlisted is not None:
+                unlisted.append(fs.unstrip_protocol(current))
             continue
         with entries:
             for entry in entries:
                 if entry.is_dir(follow_symlinks=False):
-                    pending.append(entry.path)
-                elif entry.name.lower().endswith(NIFTI_SUFFIXES):
+                    if hidden or not entry.name.startswith("."):
+                        pending.append(entry.path)
+                    continue
+                if entry.name.lower().endswith(NIFTI_SUFFIXES):
                     info = _stat_local(entry.path, fs, failures)
-                    if info is not None:
-                        found[entry.path] = info
+                elif every_file:
+                    info = _stat_local(entry.path, fs, [])
+                else:
+                    continue
+                if info is not None:
+                    found[entry.path] = info
     return found
 
 
@@ -348,8 +359,12 @@ def _stat_local(path: str, fs: LocalFileSystem, failures: list[VirtniiError]) ->
     return {"name": path, "size": st.st_size, "type": "file", "mtime": st.st_mtime}
 
 
-def _attach_data_file(source: Source) -> None:
-    """Point a ``.hdr`` at its ``.img`` (same folder, same compression); a ``.nii`` holds its own data."""
+def attach_data_file(source: Source, listed: dict[str, dict[str, Any]] | None = None) -> None:
+    """Point a ``.hdr`` at its ``.img`` (same folder, same compression); a ``.nii`` holds its own data.
+
+    ``listed``: the listing of the source's folder by path (a dataset listed whole), so a pair costs no request;
+    otherwise the data file is asked for with ``fs.info``.
+    """
     if not source.is_pair:
         source.data_path, source.data_info = source.path, source.info
         return
@@ -358,10 +373,10 @@ def _attach_data_file(source: Source) -> None:
     suffix = ".img.gz" if lower.endswith(".gz") else ".img"
     for candidate in (stem + suffix, stem + suffix.upper()):
         try:
-            source.data_info = source.fs.info(candidate)
+            source.data_info = source.fs.info(candidate) if listed is None else listed[candidate]
             source.data_path = candidate
             return
-        except FileNotFoundError:
+        except (FileNotFoundError, KeyError):
             continue
         except storage_errors() as err:
             raise SourceAccessError(source.url, f"cannot stat its data file {candidate}: {err}") from err

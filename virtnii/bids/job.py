@@ -25,7 +25,7 @@ from ..fingerprint import from_info
 from ..manifest import GZIP_INDEX_FOLDER, INDEX_FILE, LEVELS_FOLDER, ImageEntry, load_refs, read_index
 from ..manifest.index import Index, manifest_options_for, manifest_url
 from ..manifest.writer import REF_FILES, publish
-from ..references import ZARR_FORMATS, hierarchy_docs
+from ..references import ZARR_FORMATS, edit_group_attributes, hierarchy_docs
 from ..sources import assign_names, is_local
 from . import metadata, units
 from .listing import Listing, list_dataset, nifti_sources
@@ -106,7 +106,7 @@ def index(root: str, out: str, *, pyramid: bool = False, derivatives: bool = Fal
             kept[spec.name] = old
         else:
             todo.append(spec)
-    batches = units.plan(todo, {s.path: s.is_gzip for s in sources})
+    batches = units.plan(todo)
     for name, rec in _run(batches, settings, out_url, out_options, options, workers, dask, listing, progress):
         records[name] = rec
     report.indexed = sum(len(b.specs) for b in batches)
@@ -138,7 +138,6 @@ def index(root: str, out: str, *, pyramid: bool = False, derivatives: bool = Fal
         # nothing changed: the listing and a comparison were the whole job
         final = [entries[name] for name in names]
         new_index = previous.index
-        report.bytes_referenced = sum(int(fp["size"]) for e in final for _, fp in e.checked_files)
     else:
         if kept:  # their references, as the last run wrote them
             old_refs = previous.refs()
@@ -155,6 +154,7 @@ def index(root: str, out: str, *, pyramid: bool = False, derivatives: bool = Fal
                             previous.index.references if previous else None, job)
         _remove_unreferenced(out_fs, out_path, new_index)
         units.keep_lasting_failures(out_fs, out_path, settings, list(records.values()))
+    report.bytes_referenced = sum(int(fp["size"]) for entry in final for _, fp in entry.checked_files)
     if pyramid:
         _pyramids(out, final, out_options, options, report)
         new_index = read_index(out, out_options)
@@ -179,17 +179,17 @@ def _with_metadata(names: list[str], relative: dict[str, str], entries: dict[str
         report.warn(err)
     refs = hierarchy_docs(names, zarr_format, metadata.dataset_attributes(texts))
     for ds in sorted(datasets - {""}):
-        _set_group_attributes(refs, ds, zarr_format, {"bids": metadata.dataset_attributes(texts, ds)})
+        dataset_bids = metadata.dataset_attributes(texts, ds)
+        edit_group_attributes(refs, ds, zarr_format, lambda a: {**a, "bids": dataset_bids})
     final = []
     for name in names:
         bids = {"path": relative[name], "entities": metadata.entities(relative[name]),
                 **({"dataset": roots[name]} if roots[name] else {})}
         entry = replace(entries[name], bids=bids)
         refs.update(image_refs[name])
-        _set_group_attributes(refs, name, zarr_format, {"bids": {**bids, "sidecars": chains[name],
-                                                                 "metadata": metadata.merged(chains[name], texts)}})
+        group_bids = {**bids, "sidecars": chains[name], "metadata": metadata.merged(chains[name], texts)}
+        edit_group_attributes(refs, name, zarr_format, lambda a: {**a, "bids": group_bids})
         final.append(entry)
-        report.bytes_referenced += sum(int(fp["size"]) for _, fp in entry.checked_files)
     return final, refs
 
 
@@ -315,17 +315,6 @@ def _run_dask(batches: list[units.Batch], settings: units.Settings, out: str, ou
         client.cancel(futures)  # after a failure, nothing more is written into OUT behind the caller's back
         if client is not dask:
             client.close()
-
-
-def _set_group_attributes(refs: dict[str, Any], group: str, zarr_format: int, attributes: dict[str, Any]) -> None:
-    """Add ``attributes`` to the group document of ``group`` in ``refs`` (kept: what is there already)."""
-    key = f"{group}/zarr.json" if zarr_format == 3 else f"{group}/.zattrs"
-    doc = json.loads(refs[key])
-    if zarr_format == 3:
-        doc["attributes"] = {**doc.get("attributes", {}), **attributes}
-    else:
-        doc = {**doc, **attributes}
-    refs[key] = json.dumps(doc)
 
 
 def _remove_unreferenced(fs: fsspec.AbstractFileSystem, path: str, index: Index) -> None:

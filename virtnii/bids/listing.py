@@ -8,16 +8,15 @@ not BIDS data is left out: hidden folders (``.git``, ``.datalad``), ``sourcedata
 
 from __future__ import annotations
 
-import os
+import functools
 import posixpath
-import stat
 from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
 
 from ..errors import SourceAccessError, SourceNotFound, VirtniiError, from_os_error, storage_errors
-from ..sources import NIFTI_SUFFIXES, Source, file_part, is_local, with_s3_pool
+from ..sources import NIFTI_SUFFIXES, Source, attach_data_file, file_part, is_local, walk_local, with_s3_pool
 
 #: Top-level folders of a BIDS dataset that hold no data to index (the specification's "sourcedata", "code",
 #: "stimuli"); ``derivatives`` is indexed only when asked.
@@ -39,6 +38,16 @@ class Listing:
     def path(self, relative: str) -> str:
         return f"{self.root}/{relative}"
 
+    @functools.cached_property
+    def json_by_folder(self) -> dict[str, list[str]]:
+        """JSON file names by folder (relative to the root): where sidecar inheritance looks."""
+        folders: dict[str, list[str]] = {}
+        for relative in self.files:
+            if relative.endswith(".json"):
+                folder, _, name = relative.rpartition("/")
+                folders.setdefault(folder, []).append(name)
+        return folders
+
 
 def list_dataset(root: str, options: dict[str, Any], *, derivatives: bool = False,
                  exclude: tuple[str, ...] = ()) -> Listing:
@@ -54,7 +63,8 @@ def list_dataset(root: str, options: dict[str, Any], *, derivatives: bool = Fals
         if not fs.isdir(path):
             raise SourceNotFound(root, "is not a folder (a BIDS dataset is the folder holding "
                                        "dataset_description.json)")
-        found = _walk_local(path, fs, listing.problems, listing.unlisted) if is_local(fs) else \
+        found = walk_local(path, fs, listing.problems, every_file=True, hidden=False,
+                           unlisted=listing.unlisted) if is_local(fs) else \
             {p: info for p, info in fs.find(path, detail=True).items() if info.get("type") != "directory"}
     except storage_errors() as err:
         raise from_os_error(root, err, "list") from err
@@ -71,23 +81,16 @@ def nifti_sources(listing: Listing) -> tuple[list[Source], list[VirtniiError]]:
     """The images of a listing as scan :class:`~virtnii.sources.Source` objects (``.hdr`` paired with its
     ``.img`` from the same listing: no request per pair), and the pairs missing their data file."""
     sources, problems = [], []
-    files = listing.files
-    for relative in sorted(files):
-        name = file_part(listing.fs, relative).lower()
-        if not name.endswith(NIFTI_SUFFIXES):
+    by_path = {listing.path(relative): info for relative, info in listing.files.items()}
+    for relative in sorted(listing.files):
+        if not file_part(listing.fs, relative).lower().endswith(NIFTI_SUFFIXES):
             continue
-        source = Source(listing.fs, listing.path(relative), files[relative], base=listing.root)
-        if name.endswith((".hdr", ".hdr.gz")):
-            stem = relative[: -len(".hdr.gz")] if name.endswith(".gz") else relative[: -len(".hdr")]
-            suffix = ".img.gz" if name.endswith(".gz") else ".img"
-            data = next((c for c in (stem + suffix, stem + suffix.upper()) if c in files), None)
-            if data is None:
-                problems.append(SourceNotFound(source.url, f"no matching data file "
-                                                           f"{posixpath.basename(stem + suffix)} beside this .hdr"))
-                continue
-            source.data_path, source.data_info = listing.path(data), files[data]
-        else:
-            source.data_path, source.data_info = source.path, source.info
+        source = Source(listing.fs, listing.path(relative), listing.files[relative], base=listing.root)
+        try:
+            attach_data_file(source, by_path)
+        except VirtniiError as err:
+            problems.append(err)
+            continue
         sources.append(source)
     return sources, problems
 
@@ -105,53 +108,3 @@ def _wanted(relative: str, derivatives: bool, exclude: tuple[str, ...]) -> bool:
 def _relative_url(url: str, listing: Listing) -> str:
     prefix = listing.url + "/"
     return url[len(prefix):] if url.startswith(prefix) else url
-
-
-def _walk_local(folder: str, fs: fsspec.AbstractFileSystem, problems: list[VirtniiError],
-                unlisted: list[str]) -> dict[str, dict[str, Any]]:
-    """Every regular file under a local folder with ``fs.info``'s size and mtime (of a link's target).
-
-    Links to folders are not entered; broken links and special files (FIFOs, devices) with a NIfTI name are
-    reported, since they are images a user expects to see indexed; other such files are passed over.
-    """
-    found: dict[str, dict[str, Any]] = {}
-    pending = [folder]
-    while pending:
-        current = pending.pop()
-        try:
-            entries = os.scandir(current)
-        except OSError as err:
-            if current == folder:
-                raise
-            problems.append(from_os_error(fs.unstrip_protocol(current), err, "list"))
-            unlisted.append(fs.unstrip_protocol(current))
-            continue
-        with entries:
-            for entry in entries:
-                if entry.is_dir(follow_symlinks=False):
-                    if not entry.name.startswith("."):
-                        pending.append(entry.path)
-                    continue
-                nifti = entry.name.lower().endswith(NIFTI_SUFFIXES)
-                try:
-                    st = os.stat(entry.path)
-                except FileNotFoundError as err:
-                    if nifti and os.path.islink(entry.path):
-                        problems.append(SourceNotFound(fs.unstrip_protocol(entry.path),
-                                                       "is a broken symbolic link (a DataLad or git-annex file not "
-                                                       "fetched yet? `datalad get` it)"))
-                    elif nifti:
-                        problems.append(from_os_error(fs.unstrip_protocol(entry.path), err, "stat"))
-                    continue
-                except OSError as err:
-                    if nifti:
-                        problems.append(from_os_error(fs.unstrip_protocol(entry.path), err, "stat"))
-                    continue
-                if stat.S_ISREG(st.st_mode):
-                    found[entry.path] = {"name": entry.path, "size": st.st_size, "type": "file",
-                                         "mtime": st.st_mtime}
-                elif nifti:
-                    problems.append(SourceAccessError(fs.unstrip_protocol(entry.path),
-                                                      "is not a regular file: only regular files (and links to "
-                                                      "them) are indexed"))
-    return found

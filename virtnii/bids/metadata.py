@@ -62,7 +62,7 @@ def sidecar_chain(relative: str, listing: Listing, root: str) -> list[str]:
     chain: list[list[str]] = []
     folder = posixpath.dirname(relative)
     while True:
-        here = [name for name in _json_files(listing).get(folder, ()) if name.endswith(f"{suffix}.json")
+        here = [name for name in listing.json_by_folder.get(folder, ()) if name.endswith(f"{suffix}.json")
                 and _inherits(query, entities(f"{folder}/{name}" if folder else name))]
         # fewest entities first: a more specific sidecar at the same level wins
         chain.append([f"{folder}/{n}" if folder else n for n in sorted(here, key=lambda n: (n.count("_"), n))])
@@ -75,19 +75,6 @@ def sidecar_chain(relative: str, listing: Listing, root: str) -> list[str]:
 def _inherits(query: dict[str, str], found: dict[str, str]) -> bool:
     found = {k: v for k, v in found.items() if k != "datatype"}
     return set(found) <= set(query) and all(query[k] == v for k, v in found.items())
-
-
-def _json_files(listing: Listing) -> dict[str, list[str]]:
-    """JSON file names by folder, computed once per listing."""
-    cached = getattr(listing, "_json_by_folder", None)
-    if cached is None:
-        cached = {}
-        for relative in listing.files:
-            if relative.endswith(".json"):
-                folder, _, name = relative.rpartition("/")
-                cached.setdefault(folder, []).append(name)
-        listing._json_by_folder = cached  # type: ignore[attr-defined]
-    return cached
 
 
 def read_texts(listing: Listing, relatives: Iterable[str]) -> tuple[dict[str, Any], list[VirtniiError]]:

@@ -63,6 +63,11 @@ def table(manifest: str | Sequence[str], storage_options: dict[str, Any] | None 
 def find(manifest: str, storage_options: dict[str, Any] | None = None, **entities: Any) -> list[str]:
     """Names of the images whose entities (or ``datatype``/``suffix``/``ext``/``dataset``) equal every one given;
     a list or tuple value matches any of its items.  ``find(m, sub="01", suffix="T1w")``."""
+    return [row["name"] for row in matching(manifest, storage_options, **entities)]
+
+
+def matching(manifest: str, storage_options: dict[str, Any] | None = None, **entities: Any) -> list[dict[str, Any]]:
+    """The :func:`rows` of the images :func:`find` names."""
     wanted = {k: {str(x) for x in v} if isinstance(v, (list, tuple, set)) else {str(v)} for k, v in entities.items()}
-    return [row["name"] for row in rows(manifest, storage_options)
+    return [row for row in rows(manifest, storage_options)
             if all(str(row.get(k)) in values for k, values in wanted.items())]

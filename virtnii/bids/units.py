@@ -47,6 +47,7 @@ class Spec:
     info: dict[str, Any]
     data_path: str
     data_info: dict[str, Any]
+    gzip: bool  # the voxels are gzipped: indexed by a streaming pass, not a header read
 
     @property
     def key(self) -> str:
@@ -84,14 +85,14 @@ class Batch:
 
 
 def spec_of(source: Source) -> Spec:
-    return Spec(source.name, source.path, dict(source.info), source.data_path, dict(source.data_info))
+    return Spec(source.name, source.path, dict(source.info), source.data_path, dict(source.data_info), source.is_gzip)
 
 
-def plan(specs: list[Spec], gzip_of: dict[str, bool]) -> list[Batch]:
+def plan(specs: list[Spec]) -> list[Batch]:
     """Batches of at most :data:`PLAIN_BATCH` uncompressed sources, or of ``.nii.gz`` files up to
     :data:`GZIP_BATCH_BYTES` (a big one alone), biggest first so the long passes start early."""
-    plain = [s for s in specs if not gzip_of[s.path]]
-    gz = sorted((s for s in specs if gzip_of[s.path]), key=lambda s: -int(s.data_info["size"]))
+    plain = [s for s in specs if not s.gzip]
+    gz = sorted((s for s in specs if s.gzip), key=lambda s: -int(s.data_info["size"]))
     batches: list[Batch] = []
     current: list[Spec] = []
     size = 0

@@ -9,7 +9,6 @@ multiscales naming how each level was made.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -17,6 +16,7 @@ import fsspec
 from tqdm.auto import tqdm
 
 from .. import __version__, ome
+from ..references import edit_group_attributes
 from ..manifest.entry import LEVELS_FOLDER, ImageEntry, is_url as _is_url
 from ..errors import ManifestError, VirtniiError, storage_errors
 from ..manifest import (METADATA_KEYS, Index, load_refs, manifest_options_for, manifest_url, read_index,
@@ -151,12 +151,9 @@ def _replace_levels(refs: dict[str, Any], old: ImageEntry, new: ImageEntry, stor
         prefix = f"{name}/{level.path}/"
         for key in [k for k in refs if k.startswith(prefix)]:
             del refs[key]
-    attrs_key = f"{name}/zarr.json" if zarr_format == 3 else f"{name}/.zattrs"
-    doc = json.loads(refs[attrs_key])
-    attributes = doc.get("attributes", {}) if zarr_format == 3 else doc
     factors = [[1] * len(new.shape)] + [list(level.factors) for level in new.levels]
-    attributes = ome.with_levels(attributes, factors, new.pyramid.method, __version__)
-    refs[attrs_key] = json.dumps({**doc, "attributes": attributes} if zarr_format == 3 else attributes)
+    edit_group_attributes(refs, name, zarr_format,
+                          lambda attributes: ome.with_levels(attributes, factors, new.pyramid.method, __version__))
     fs, path = fsspec.core.url_to_fs(store_url, **store_options)
     for level in new.levels:
         level_path = f"{path}/{level.path}"
