@@ -29,7 +29,7 @@ from .manifest import REF_FILES, ManifestWriter, manifest_url
 from .manifest.entry import relative_to
 from .manifest.writer import SidecarFolder
 from .references import ZARR_FORMATS, ImageRefs, image_refs
-from .sources import CONCURRENT_READS, Source, SourceSpec, assign_names, expand, is_local
+from .sources import CONCURRENT_READS, Source, SourceSpec, assign_names, by_listed_name, expand, is_local
 from .verified import ranges_ignored
 
 #: Uncompressed sources whose headers are fetched together (concurrently on object stores).
@@ -170,10 +170,10 @@ def scan(sources: Iterable[SourceSpec] | str, out: str, *, zarr_format: int = 3,
                 pool.shutdown(cancel_futures=True)
                 raise
         if not images:
-            return ScanResult(None, [], failures)
+            return ScanResult(None, [], by_listed_name(failures, found))
         order = sorted(range(len(images)), key=lambda i: images[i].name)
         writer.commit([images[i] for i in order], [entries[i] for i in order], zarr_format, ref_format)
-    return ScanResult(out, [entries[i] for i in order], failures)
+    return ScanResult(out, [entries[i] for i in order], by_listed_name(failures, found))
 
 
 class _Abandoned(Exception):

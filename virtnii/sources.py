@@ -4,8 +4,9 @@ Listing gives each source's size and ETag/mtime (its fingerprint) for free; ``.h
 ``.img``; names follow the paths below the folder a source was found under (BIDS ``sub-01/anat/sub-01_T1w``),
 unique within a manifest, unless the caller gives one (``(name, url)``).  Folders and globs select files by their
 NIfTI suffix; a file given by itself without one (a DANDI blob ``…/blobs/d86/055/<uuid>``, a presigned URL) is
-kept, and its first bytes tell the scan what it is.  Problems are collected per source, so one bad file never
-stops a batch.
+kept, and its first bytes tell the scan what it is.  ``dandi://`` URLs are listed through the DANDI API
+(:mod:`virtnii.dandi`) and read at their blobs, known by their asset paths.  Problems are collected per source, so
+one bad file never stops a batch.
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ class Source:
     #: For a file whose name has no NIfTI suffix (:attr:`by_content`): None until the scan has read its first bytes,
     #: then whether they are gzip (:func:`virtnii.scan.sniff`).
     gzip: bool | None = None
+    #: The URL the file was listed under when its bytes are read at another that says nothing of it: a DANDI
+    #: asset (``dandi://…/sub-01/anat/sub-01_T1w.nii.gz``) read at its blob (``…/blobs/d86/055/<uuid>``).  Its
+    #: name then tells what the file is, names its image group, and errors name the file by it.
+    listed_as: str = ""
 
     @functools.cached_property
     def url(self) -> str:
@@ -62,12 +67,17 @@ class Source:
     def by_content(self) -> bool:
         """Whether the name does not say what the file is (no NIfTI suffix), so that its first bytes must: only for
         files given by themselves (folders and globs select by suffix)."""
-        return not file_part(self.fs, self.path).lower().endswith(NIFTI_SUFFIXES)
+        return not self.file_name.lower().endswith(NIFTI_SUFFIXES)
+
+    @property
+    def file_name(self) -> str:
+        """What the file is called: the URL it was listed under, or its path (without a web URL's query)."""
+        return self.listed_as or file_part(self.fs, self.path)
 
     @property
     def is_pair(self) -> bool:
         """A ``.hdr`` (with an ``.img``): known by name only, so a file known by its content never is one."""
-        return file_part(self.fs, self.path).lower().endswith((".hdr", ".hdr.gz"))
+        return self.file_name.lower().endswith((".hdr", ".hdr.gz"))
 
     @property
     def is_gzip(self) -> bool:
@@ -75,7 +85,7 @@ class Source:
         so that it goes to the uncompressed files' header read, which reads them."""
         if self.by_content:
             return bool(self.gzip)
-        return file_part(self.fs, self.data_path).lower().endswith(".gz")
+        return (self.listed_as or file_part(self.fs, self.data_path)).lower().endswith(".gz")  # a pair's .img too
 
 
 def file_part(fs: fsspec.AbstractFileSystem, path: str) -> str:
@@ -181,6 +191,9 @@ def _expand_one(src: str, options: dict[str, Any], found: dict[str, Source], fai
         failures.append(SourceAccessError(hidden, "credentials in a URL would be written into the manifest; "
                                                   "give them as storage options (-s KEY=VALUE) instead"))
         return
+    if src[:8].lower() == "dandi://":
+        _expand_dandi(src, options, found, failures, name)
+        return
     try:
         fs, path = fsspec.core.url_to_fs(src, **with_s3_pool(src, options))
     except (ValueError, ImportError, TypeError) as err:
@@ -212,6 +225,28 @@ def _expand_one(src: str, options: dict[str, Any], found: dict[str, Source], fai
     if not paths and len(failures) == reported:  # "nothing indexed" must always say why
         where = "the pattern matches" if kind == "pattern" else "the folder holds"
         failures.append(SourceNotFound(src, f"{where} no NIfTI files ({', '.join(NIFTI_SUFFIXES)})"))
+
+
+def _expand_dandi(src: str, options: dict[str, Any], found: dict[str, Source], failures: list[VirtniiError],
+                  name: str = "") -> None:
+    """:func:`_expand_one` for a ``dandi://`` URL: its assets are found by the URLs they are listed under (two
+    assets may share a blob), and a name given to one wins over a folder or glob that found it too."""
+    from . import dandi  # here, not at the top: it builds Sources (an import cycle)
+
+    try:
+        listed, problems = dandi.expand(src, options, name)
+    except ManifestError:
+        raise
+    except VirtniiError as err:
+        failures.append(err)
+        return
+    failures += problems
+    for source in listed:
+        known = found.setdefault(source.listed_as, source)
+        if name and known.name != name:
+            if known.name:
+                raise ManifestError(src, f"is given two names, {known.name!r} and {name!r}")
+            found[source.listed_as] = source
 
 
 def _no_size(url: str) -> SourceAccessError:
@@ -368,6 +403,8 @@ def attach_data_file(source: Source, listed: dict[str, dict[str, Any]] | None = 
     if not source.is_pair:
         source.data_path, source.data_info = source.path, source.info
         return
+    if source.data_path:  # found with it (a DANDI pair's .img is another blob of the same listing)
+        return
     lower = source.path.lower()
     stem = source.path[: -len(".hdr.gz")] if lower.endswith(".gz") else source.path[: -len(".hdr")]
     suffix = ".img.gz" if lower.endswith(".gz") else ".img"
@@ -399,7 +436,7 @@ def assign_names(sources: list[Source]) -> None:
     # a found name may not be an image group holding a given one (a beside a/b): it is treated as taken
     holding = {"/".join(parts[:k]) for parts in (n.split("/") for n in given) for k in range(1, len(parts))}
     sources = [s for s in sources if not s.name]
-    paths = [file_part(s.fs, s.path).rstrip("/") for s in sources]  # a presigned URL's query is no part of a name
+    paths = [s.file_name.rstrip("/") for s in sources]  # a presigned URL's query is no part of a name
     names = [stem(_relative(p, s.base) if s.base else p) for s, p in zip(sources, paths)]
     clashing = {n for n, count in collections.Counter(names).items() if count > 1}
     if clashing:
@@ -423,6 +460,14 @@ def assign_names(sources: list[Source]) -> None:
             unique = f"{name}_{count}"
         taken.add(unique)
         source.name = unique
+
+
+def by_listed_name(failures: list[VirtniiError], sources: list[Source]) -> list[VirtniiError]:
+    """``failures`` with each error about a file read at a URL other than the one it was listed under (a DANDI
+    asset's blob) naming the file by the URL it was listed under, the blob's URL kept in the problem."""
+    listed = {url: s.listed_as for s in sources if s.listed_as for url in (s.url, s.data_url)}
+    return [type(err)(listed[err.source], f"{err.problem} (its bytes: {err.source})") if err.source in listed
+            else err for err in failures]
 
 
 def _relative(path: str, folder: str) -> str:
