@@ -113,13 +113,15 @@ def parse(url: str) -> DandiLocation:
 
 @dataclass
 class Asset:
-    """One file asset of a dandiset version, as the listing gives it: where its bytes are and what they were."""
+    """One asset of a dandiset version, as the listing gives it: where its bytes are and what they were (a Zarr
+    asset is a folder of objects: no file)."""
 
     path: str
     size: int | None
     blob_url: str | None
     etag: str | None
     download_url: str | None
+    zarr: bool = False
 
     def info(self) -> dict[str, Any]:
         """fsspec-style listing info of its blob: the size, and the S3 ETag (``dandi:dandi-etag``), which a reader
@@ -130,11 +132,11 @@ class Asset:
         return info
 
 
-def _asset(record: dict[str, Any]) -> Asset | None:
-    """An :class:`Asset` from one listing record, or None for a Zarr asset (a folder of objects, no file)."""
+def _asset(record: dict[str, Any]) -> Asset:
+    """An :class:`Asset` from one listing record."""
     path = str(record.get("path", ""))
     if record.get("zarr") or path.lower().endswith(_ZARR_SUFFIXES):
-        return None
+        return Asset(path, None, None, None, None, zarr=True)
     metadata = record.get("metadata") or {}
     urls = [u for u in metadata.get("contentUrl") or [] if isinstance(u, str)]
     downloads = [u for u in urls if u.rstrip("/").endswith("/download")]
@@ -196,9 +198,8 @@ class DandiAPI:
         return "draft"
 
     def assets(self, dandiset: str, version: str, prefix: str, where: str) -> dict[str, Asset]:
-        """The file assets of a version whose path starts with ``prefix`` (case-insensitively, as the API filters),
-        by path: the first page gives the count, the others are then asked for together.  A Zarr asset at
-        exactly ``prefix`` is refused (it is no file); others are left out."""
+        """The assets of a version whose path starts with ``prefix`` (case-insensitively, as the API filters), by
+        path: the first page gives the count, the others are then asked for together."""
         query = {"metadata": "true", "order": "path", "page_size": str(PAGE_SIZE)}
         if prefix:
             query["path"] = prefix
@@ -216,25 +217,21 @@ class DandiAPI:
                 page = self.get(following, where)
                 records += page.get("results") or []
                 following = page.get("next")
-        assets = {}
-        for record in records:
-            asset = _asset(record)
-            if asset is not None:
-                assets[asset.path] = asset
-            elif prefix and record.get("path") == prefix:
-                raise SourceAccessError(where, "is a Zarr asset (a folder of chunks), not a NIfTI file")
-        return assets
+        return {asset.path: asset for asset in map(_asset, records)}
 
-    def resolve_downloads(self, assets: list[Asset]) -> list[BaseException | None]:
-        """Give assets listed with only the API's download URL their blob URL (and the blob's size and ETag), from
-        where that URL redirects, its presigned query dropped; one outcome per asset (None, or what failed)."""
-        async def resolve(asset: Asset, limit: asyncio.Semaphore) -> None:
-            async with limit:
-                info = await self.fs._info(asset.download_url)
-            final = urllib.parse.urlsplit(str(info.get("url") or asset.download_url))
-            asset.blob_url = final._replace(query="", fragment="").geturl()
-            asset.size = int(info["size"]) if info.get("size") is not None else asset.size
-            asset.etag = str(info["ETag"]).strip('"') if info.get("ETag") else asset.etag
+    def resolve_downloads(self, assets: list[Asset]) -> list[str | BaseException | None]:
+        """Give assets listed with only the API's download URL their blob URL: where that URL redirects (one
+        request each, not followed), its presigned query dropped; one outcome per asset: None, what the API
+        answered instead of a redirect, or the exception of a request that failed."""
+        async def resolve(asset: Asset, limit: asyncio.Semaphore) -> str | None:
+            session = await self.fs.set_session()
+            async with limit, session.get(asset.download_url, allow_redirects=False) as response:
+                location = response.headers.get("Location")
+                if response.status not in (301, 302, 303, 307, 308) or not location:
+                    return f"HTTP {response.status} instead of a redirect"
+            target = urllib.parse.urlsplit(urllib.parse.urljoin(str(asset.download_url), location))
+            asset.blob_url = target._replace(query="", fragment="").geturl()
+            return None
 
         async def resolve_all() -> list[Any]:
             limit = asyncio.Semaphore(REQUESTS_AT_ONCE)
@@ -264,6 +261,8 @@ def expand(url: str, options: dict[str, Any], name: str = "") -> tuple[list[Sour
     else:
         assets = api.assets(location.dandiset, version, path, url)
         if path in assets:
+            if assets[path].zarr:
+                raise SourceAccessError(url, "is a Zarr asset (a folder of chunks), not a NIfTI file")
             selected, base, kind = [path], posixpath.dirname(path), "file"
         else:
             base = path.rstrip("/")
@@ -277,7 +276,7 @@ def expand(url: str, options: dict[str, Any], name: str = "") -> tuple[list[Sour
     if kind == "file" and path.lower().endswith((".img", ".img.gz")):
         raise InvalidNifti(url, "is the data file of a .hdr/.img pair: give its .hdr, which is found with it")
     if kind != "file":
-        selected = [p for p in selected if p.lower().endswith(NIFTI_SUFFIXES)]
+        selected = [p for p in selected if p.lower().endswith(NIFTI_SUFFIXES) and not assets[p].zarr]
         if not selected:
             where = "the pattern matches" if kind == "pattern" else "the folder holds"
             raise SourceNotFound(url, f"{where} no NIfTI files ({', '.join(NIFTI_SUFFIXES)})")
@@ -330,9 +329,9 @@ def _data_file(header: str, assets: dict[str, Asset]) -> str | None:
     return next((c for c in (stem + suffix, stem + suffix.upper()) if c in assets), None)
 
 
-def _unresolved(listed_as: str, asset: Asset, err: BaseException) -> VirtniiError:
+def _unresolved(listed_as: str, asset: Asset, outcome: str | BaseException) -> VirtniiError:
     """The error for an asset whose download URL could not be resolved to its blob."""
-    if not isinstance(err, storage_errors()):
-        raise err
-    problem = from_os_error(str(asset.download_url), err, "resolve").problem
+    if isinstance(outcome, BaseException) and not isinstance(outcome, storage_errors()):
+        raise outcome
+    problem = outcome if isinstance(outcome, str) else from_os_error(str(asset.download_url), outcome, "get").problem
     return SourceAccessError(listed_as, f"its download URL {asset.download_url} does not lead to its blob: {problem}")

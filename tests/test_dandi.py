@@ -1,0 +1,244 @@
+"""DANDI sources (``dandi://…``) end to end against a fake archive on loopback (``fake_dandi.py``): its REST API,
+and its blobs on the local S3 server, holding real NIfTI files (nibabel's and ones nibabel writes).
+
+Scanned as one asset, a sub-path, a glob and a whole dandiset; read back bit for bit against nibabel; the
+manifests name blob URLs only (nothing of the API); listings are paged and cost a bounded number of API
+requests, however many assets there are; bad assets are reported by their ``dandi://`` names.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterator
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+import virtnii
+import virtnii.dandi
+from conftest import LocalS3
+from fake_dandi import FakeDandi
+from nifti_samples import DATA, assert_same_voxels, file_to_zarr_order, nibabel_raw, voxels, write_nifti
+from virtnii.cli import main
+
+DANDISET = "000026"
+
+
+def _pair(folder: Path) -> dict[str, bytes]:
+    """A NIfTI-1 ``.hdr``/``.img`` pair written by nibabel (float32, big-endian)."""
+    hdr = write_nifti(folder / "pair.hdr", voxels((6, 5, 4), ">f4", seed=3), endian=">")
+    return {".hdr": hdr.read_bytes(), ".img": (folder / "pair.img").read_bytes()}
+
+
+@pytest.fixture(scope="module")
+def archive(s3_server: LocalS3, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A dandiset with BIDS-shaped NIfTI assets (.nii, .nii.gz, NIfTI-2, slope/inter, a pair), sidecars, a Zarr,
+    assets that only claim to be NIfTI, and one whose metadata lists only its download URL; published as
+    0.230101.0000, then the draft gets one more image.  Returns the fake, and asset path → local original."""
+    folder = tmp_path_factory.mktemp("dandi")
+    pair = _pair(folder)
+    originals = {
+        "rawdata/sub-01/anat/sub-01_T1w.nii": DATA / "anatomical.nii",
+        "rawdata/sub-01/func/sub-01_task-rest_bold.nii.gz": DATA / "example4d.nii.gz",
+        "rawdata/sub-02/anat/sub-02_T1w.nii.gz": DATA / "example_nifti2.nii.gz",
+        "rawdata/sub-02/func/sub-02_task-rest_bold.nii": DATA / "functional.nii",
+        "rawdata/sub-010/anat/sub-010_T1w.nii": DATA / "reoriented_anat_moved.nii",
+    }
+    files = {path: original.read_bytes() for path, original in originals.items()}
+    files.update({
+        "dataset_description.json": b'{"Name": "fake", "BIDSVersion": "1.10.0"}',
+        "rawdata/sub-01/anat/sub-01_T1w.json": b'{"EchoTime": 0.003}',
+        "rawdata/sub-02/anat/sub-02_PD.hdr": pair[".hdr"],
+        "rawdata/sub-02/anat/sub-02_PD.img": pair[".img"],
+        "rawdata/sub-03/anat/sub-03_T1w.nii.gz": b"<html>Not the file you were looking for</html>",
+        "rawdata/sub-03/anat/sub-03_T2w.nii": b"\x00" * 400,
+    })
+    originals["rawdata/sub-02/anat/sub-02_PD.hdr"] = folder / "pair.hdr"
+    fake = FakeDandi(s3_server)
+    try:
+        fake.add(DANDISET, files)
+        fake.add(DANDISET, {"rawdata/sub-04/anat/sub-04_T1w.nii.gz": (DATA / "standard.nii.gz").read_bytes()},
+                 s3_in_metadata=False)
+        originals["rawdata/sub-04/anat/sub-04_T1w.nii.gz"] = DATA / "standard.nii.gz"
+        fake.add_zarr(DANDISET, "rawdata/sub-01/micr/sub-01_sample.ome.zarr")
+        fake.publish(DANDISET, "0.230101.0000")
+        fake.add(DANDISET, {"rawdata/sub-05/anat/sub-05_T1w.nii": (DATA / "anatomical.nii").read_bytes()})
+        yield {"fake": fake, "originals": originals}
+    finally:
+        fake.stop()
+
+
+@pytest.fixture
+def fake(archive: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> FakeDandi:
+    """The archive as the instance ``fake`` (``dandi://fake/…``), its request log emptied."""
+    fake = archive["fake"]
+    monkeypatch.setenv(virtnii.dandi.INSTANCES_VARIABLE, f"fake={fake.url}")
+    fake.reset_requests()
+    return fake
+
+
+def _assert_reads_like_nibabel(out: Path, name: str, original: Path) -> None:
+    img = virtnii.to_nibabel(virtnii.open(str(out))[name])
+    assert_same_voxels(img.dataobj.get_unscaled(), nibabel_raw(original))
+    np.testing.assert_array_equal(img.affine, nib.load(original).affine)
+    assert_same_voxels(virtnii.open(str(out))[name]["0"][...], file_to_zarr_order(nibabel_raw(original)))
+
+
+def _manifest_text(out: Path) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in out.rglob("*") if p.is_file())
+
+
+def _assert_blob_urls_only(out: Path, fake: FakeDandi) -> None:
+    """Every source the manifest names is a blob on the S3 server, and nothing names the API or dandi://."""
+    index = json.loads((out / "virtnii.json").read_text())
+    blobs = f"{fake.s3.endpoint}/{fake.bucket}/blobs/"
+    named = [v for entry in index["images"] for k, v in entry.items() if k in ("source", "data") and v]
+    assert named and all(url.startswith(blobs) and "?" not in url for url in named), named
+    text = _manifest_text(out)
+    assert fake.url.rsplit("/api", 1)[0] not in text and "dandi://" not in text and "/api/" not in text
+
+
+def test_one_asset_is_read_at_its_blob(fake: FakeDandi, archive: dict[str, Any], tmp_path: Path) -> None:
+    path = "rawdata/sub-01/func/sub-01_task-rest_bold.nii.gz"
+    result = virtnii.scan([f"dandi://fake/{DANDISET}@draft/{path}"], str(tmp_path / "out"))
+    assert not result.failures, [str(f) for f in result.failures]
+    assert [e.name for e in result.images] == ["sub-01_task-rest_bold"]
+    assert fake.requests == [f"GET /api/dandisets/{DANDISET}/versions/draft/assets/?metadata=true&order=path"
+                             f"&page_size=1000&path={path}"]
+    _assert_reads_like_nibabel(tmp_path / "out", "sub-01_task-rest_bold", archive["originals"][path])
+    _assert_blob_urls_only(tmp_path / "out", fake)
+    assert fake.requests[1:] == []  # reading asked the API nothing
+
+
+def test_a_sub_path_names_images_by_asset_path_and_reports_what_is_not_nifti(
+        fake: FakeDandi, archive: dict[str, Any], tmp_path: Path) -> None:
+    result = virtnii.scan([f"dandi://fake/{DANDISET}@draft/rawdata/"], str(tmp_path / "out"))
+    images = {e.name for e in result.images}
+    expected = {p[len("rawdata/"):].split(".")[0]: original for p, original in archive["originals"].items()}
+    expected["sub-05/anat/sub-05_T1w"] = DATA / "anatomical.nii"  # only in the draft
+    assert images == set(expected)
+    for name, original in expected.items():
+        _assert_reads_like_nibabel(tmp_path / "out", name, original)
+    errors = {f.source: f for f in result.failures}
+    root = f"dandi://fake/{DANDISET}@draft/rawdata"
+    assert set(errors) == {f"{root}/sub-03/anat/sub-03_T1w.nii.gz", f"{root}/sub-03/anat/sub-03_T2w.nii"}
+    assert isinstance(errors[f"{root}/sub-03/anat/sub-03_T1w.nii.gz"], virtnii.InvalidGzip)
+    assert isinstance(errors[f"{root}/sub-03/anat/sub-03_T2w.nii"], virtnii.InvalidNifti)
+    assert all(f"its bytes: {fake.s3.endpoint}/{fake.bucket}/blobs/" in f.problem for f in result.failures)
+    _assert_blob_urls_only(tmp_path / "out", fake)
+    listings = [r for r in fake.requests if "/assets/?" in r]
+    assert len(listings) == 1 and len(fake.requests) == 2  # one listing, one redirect (sub-04: no S3 URL)
+
+
+def test_a_whole_dandiset_is_listed_in_pages_with_a_bounded_number_of_requests(
+        fake: FakeDandi, archive: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a version the most recent published one is scanned (not the draft's sub-05); with three assets
+    a page, its 14 assets take 5 pages, requested after the first page's count, and nothing more per asset
+    but the one redirect of the asset whose metadata names no S3 URL."""
+    monkeypatch.setattr(virtnii.dandi, "PAGE_SIZE", 3)
+    result = virtnii.scan([f"dandi://fake/{DANDISET}"], str(tmp_path / "out"))
+    published = fake.dandisets[DANDISET].versions["0.230101.0000"]
+    assert {e.name for e in result.images} == {p.split(".")[0] for p in archive["originals"]}
+    assert len(result.failures) == 2
+    assets = len(published)
+    pages = [r for r in fake.requests if "/versions/0.230101.0000/assets/?" in r]
+    assert len(pages) == math.ceil(assets / 3) == 5
+    assert sorted(r.split("page=")[1].split("&")[0] for r in pages[1:]) == ["2", "3", "4", "5"]
+    redirects = [r for r in fake.requests if r.endswith("/download/")]
+    assert len(redirects) == 1
+    assert len(fake.requests) == 1 + len(pages) + len(redirects)  # + the dandiset record (its versions)
+    assert len(fake.requests) / assets < 0.6
+    _assert_blob_urls_only(tmp_path / "out", fake)
+    for name, original in [(p.split(".")[0], o) for p, o in archive["originals"].items()]:
+        _assert_reads_like_nibabel(tmp_path / "out", name, original)
+
+
+def test_a_glob_selects_assets_below_its_fixed_folder(fake: FakeDandi, archive: dict[str, Any],
+                                                      tmp_path: Path) -> None:
+    result = virtnii.scan([f"dandi://fake/{DANDISET}@0.230101.0000/rawdata/sub-0?/anat/*_T1w.nii*"],
+                          str(tmp_path / "out"))
+    assert {e.name for e in result.images} == {"sub-01/anat/sub-01_T1w", "sub-02/anat/sub-02_T1w",
+                                               "sub-04/anat/sub-04_T1w"}
+    [error] = result.failures
+    assert error.source.endswith("/rawdata/sub-03/anat/sub-03_T1w.nii.gz")
+    assert [r for r in fake.requests if "/assets/?" in r][0].endswith("path=rawdata/")
+
+
+def test_a_folder_prefix_is_a_folder_not_a_prefix(fake: FakeDandi, archive: dict[str, Any], tmp_path: Path) -> None:
+    """The API matches ``path`` as a case-insensitive prefix: ``sub-01`` must not bring in ``sub-010``, nor
+    ``SUB-01`` anything."""
+    result = virtnii.scan([f"dandi://fake/{DANDISET}@draft/rawdata/sub-01"], str(tmp_path / "out"))
+    assert {e.name for e in result.images} == {"anat/sub-01_T1w", "func/sub-01_task-rest_bold"}
+    result = virtnii.scan([f"dandi://fake/{DANDISET}@draft/rawdata/SUB-01"], str(tmp_path / "out2"))
+    [error] = result.failures
+    assert isinstance(error, virtnii.SourceNotFound) and "no asset or folder 'rawdata/SUB-01'" in error.problem
+
+
+def test_a_pair_given_by_its_hdr_brings_its_img(fake: FakeDandi, archive: dict[str, Any], tmp_path: Path) -> None:
+    path = "rawdata/sub-02/anat/sub-02_PD.hdr"
+    result = virtnii.scan([("pd", f"dandi://fake/{DANDISET}@draft/{path}")], str(tmp_path / "out"))
+    assert not result.failures and [e.name for e in result.images] == ["pd"]
+    [entry] = result.images
+    assert entry.source != entry.data and entry.data.startswith(f"{fake.s3.endpoint}/{fake.bucket}/blobs/")
+    _assert_reads_like_nibabel(tmp_path / "out", "pd", archive["originals"][path])
+
+
+def test_a_blob_changed_after_the_scan_is_stale(fake: FakeDandi, archive: dict[str, Any], tmp_path: Path) -> None:
+    """The fingerprint is the listing's size and ``dandi:dandi-etag``, which is the blob's S3 ETag."""
+    path = "rawdata/sub-05/anat/sub-05_T1w.nii"
+    virtnii.scan([f"dandi://fake/{DANDISET}@draft/{path}"], str(tmp_path / "out"))
+    blob = fake.dandisets[DANDISET].versions["draft"][path]
+    data = bytearray((DATA / "anatomical.nii").read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes
+    fake.s3.filesystem().pipe_file(blob.blob_url.split(f"{fake.s3.endpoint}/", 1)[1], bytes(data))
+    with pytest.raises(virtnii.StaleSource, match="etag"):
+        virtnii.open(str(tmp_path / "out"))["sub-05_T1w"]["0"][...]
+
+
+@pytest.mark.parametrize("url, error, problem", [
+    ("dandi://nowhere/000026/x.nii", virtnii.SourceAccessError, "unknown DANDI instance 'nowhere'"),
+    ("dandi://fake/000026@latest/x.nii", virtnii.SourceAccessError, "'latest' is not a dandiset version"),
+    ("dandi://fake/26/x.nii", virtnii.SourceAccessError, "is not a DANDI URL"),
+    ("dandi://fake/999999/rawdata/", virtnii.SourceNotFound, "no such dandiset or version (HTTP 404"),
+    ("dandi://fake/000026@9.9.9/rawdata/", virtnii.SourceNotFound, "no such dandiset or version (HTTP 404"),
+    ("dandi://fake/000026@draft/rawdata/sub-01/micr/sub-01_sample.ome.zarr", virtnii.SourceAccessError,
+     "is a Zarr asset"),
+    ("dandi://fake/000026@draft/rawdata/sub-02/anat/sub-02_PD.img", virtnii.InvalidNifti, "give its .hdr"),
+    ("dandi://fake/000026@draft/rawdata/sub-01/micr/", virtnii.SourceNotFound, "the folder holds no NIfTI"),
+])
+def test_bad_dandi_sources_are_reported_by_url(fake: FakeDandi, tmp_path: Path, url: str, error: type,
+                                               problem: str) -> None:
+    result = virtnii.scan([url], str(tmp_path / "out"))
+    assert result.manifest is None
+    [failure] = result.failures
+    assert type(failure) is error and failure.source == url and problem in failure.problem, str(failure)
+
+
+def test_a_name_for_a_folder_is_refused(fake: FakeDandi, tmp_path: Path) -> None:
+    with pytest.raises(virtnii.ManifestError, match="names one file"):
+        virtnii.scan([("t1", f"dandi://fake/{DANDISET}@draft/rawdata/")], str(tmp_path / "out"))
+
+
+def test_cli_scans_a_dandi_url_and_reports_bad_assets(fake: FakeDandi, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    code = main(["scan", f"dandi://fake/{DANDISET}@draft/rawdata/sub-03/", f"t1=dandi://fake/{DANDISET}@draft/"
+                 "rawdata/sub-01/anat/sub-01_T1w.nii", "-o", str(out), "-q"])
+    assert code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and all(f"dandi://fake/{DANDISET}@draft/rawdata/sub-03/anat/" in line for line in lines)
+    assert [e["name"] for e in json.loads((out / "virtnii.json").read_text())["images"]] == ["t1"]
+
+
+def test_dandifs_reads_the_fake_archive_as_virtnii_does(fake: FakeDandi, archive: dict[str, Any]) -> None:
+    """An independent client, dandifs, finds the same blobs and bytes behind the fake API: it is a DANDI API
+    as far as a third party can tell."""
+    dandifs = pytest.importorskip("dandifs")
+    fs = dandifs.DandiFileSystem(DANDISET, "draft", instance=fake.url, skip_instance_cache=True)
+    path = "rawdata/sub-01/anat/sub-01_T1w.nii"
+    blob = fake.dandisets[DANDISET].versions["draft"][path].blob_url
+    assert fs.s3_url(path) == blob
+    assert fs.cat_file(path, start=0, end=348) == (DATA / "anatomical.nii").read_bytes()[:348]
+    assert fs.info(path)["size"] == (DATA / "anatomical.nii").stat().st_size
