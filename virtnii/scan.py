@@ -64,7 +64,9 @@ def scan(sources: Iterable[SourceSpec] | str, out: str, *, zarr_format: int = 3,
         paths or fsspec URLs (``s3://…``, ``https://…``, ``memory://…``).  Folders and globs select files by
         those suffixes; a file given by itself without one (a DANDI blob, a presigned URL) is told by its first
         bytes: NIfTI-1/NIfTI-2 single-file magic, or gzip holding one (:func:`sniff`; ``.hdr``/``.img`` pairs
-        need their names).  A ``(name, url)`` pair instead of a string names the file's image group
+        need their names).  ``dandi://INSTANCE/DANDISET[@VERSION][/PATH]`` names DANDI assets (one, a folder, a
+        glob or a whole dandiset), listed through the archive's API in bulk and read at their S3 blobs
+        (:mod:`virtnii.dandi`).  A ``(name, url)`` pair instead of a string names the file's image group
         (``[("sub-01/anat/sub-01_T1w", "https://…/blobs/d86/055/…"), …]``, or ``list(mapping.items())``):
         used verbatim, checked by :func:`~virtnii.sources.check_names` (a :class:`ManifestError` if unusable).
         Without one an image is named by its path below the folder it was found in (a file by its stem, an
