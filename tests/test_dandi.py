@@ -156,6 +156,26 @@ def test_a_whole_dandiset_is_listed_in_pages_with_a_bounded_number_of_requests(
         _assert_reads_like_nibabel(tmp_path / "out", name, original)
 
 
+def test_pages_without_a_count_are_followed_one_after_the_other(
+        fake: FakeDandi, archive: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(virtnii.dandi, "PAGE_SIZE", 4)
+    monkeypatch.setattr(fake, "counts", False)
+    result = virtnii.scan([f"dandi://fake/{DANDISET}@draft/rawdata"], str(tmp_path / "out"))
+    assert len(result.images) == len(archive["originals"]) + 1  # sub-05 is in the draft
+    pages = [r for r in fake.requests if "/assets/?" in r]
+    assert len(pages) == math.ceil(len([p for p in fake.dandisets[DANDISET].versions["draft"]
+                                        if p.startswith("rawdata/")]) / 4) > 2
+    assert all("page=" in r for r in pages[1:])
+
+
+def test_dandi_and_other_sources_mix_in_one_scan(fake: FakeDandi, tmp_path: Path) -> None:
+    result = virtnii.scan([f"dandi://fake/{DANDISET}@draft/rawdata/sub-01/anat/sub-01_T1w.nii",
+                           str(DATA / "functional.nii")], str(tmp_path / "out"))
+    assert not result.failures and {e.name for e in result.images} == {"sub-01_T1w", "functional"}
+    _assert_reads_like_nibabel(tmp_path / "out", "functional", DATA / "functional.nii")
+    _assert_reads_like_nibabel(tmp_path / "out", "sub-01_T1w", DATA / "anatomical.nii")
+
+
 def test_a_glob_selects_assets_below_its_fixed_folder(fake: FakeDandi, archive: dict[str, Any],
                                                       tmp_path: Path) -> None:
     result = virtnii.scan([f"dandi://fake/{DANDISET}@0.230101.0000/rawdata/sub-0?/anat/*_T1w.nii*"],
