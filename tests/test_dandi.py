@@ -174,6 +174,15 @@ def test_dandi_and_other_sources_mix_in_one_scan(fake: FakeDandi, tmp_path: Path
     assert not result.failures and {e.name for e in result.images} == {"sub-01_T1w", "functional"}
     _assert_reads_like_nibabel(tmp_path / "out", "functional", DATA / "functional.nii")
     _assert_reads_like_nibabel(tmp_path / "out", "sub-01_T1w", DATA / "anatomical.nii")
+    # the same name found twice: both named by their paths, the asset's without its dandi://
+    local = tmp_path / "sub-01_T1w.nii"
+    local.write_bytes((DATA / "functional.nii").read_bytes())
+    result = virtnii.scan([f"dandi://fake/{DANDISET}@draft/rawdata/sub-01/anat/sub-01_T1w.nii", str(local)],
+                          str(tmp_path / "out2"))
+    names = {e.name: e for e in result.images}
+    asset = f"fake/{DANDISET}@draft/rawdata/sub-01/anat/sub-01_T1w"
+    assert asset in names and len(names) == 2 and not any("//" in n or ":" in n for n in names)
+    _assert_reads_like_nibabel(tmp_path / "out2", asset, DATA / "anatomical.nii")
 
 
 def test_a_glob_selects_assets_below_its_fixed_folder(fake: FakeDandi, archive: dict[str, Any],
@@ -211,11 +220,16 @@ def test_a_blob_changed_after_the_scan_is_stale(fake: FakeDandi, archive: dict[s
     path = "rawdata/sub-05/anat/sub-05_T1w.nii"
     virtnii.scan([f"dandi://fake/{DANDISET}@draft/{path}"], str(tmp_path / "out"))
     blob = fake.dandisets[DANDISET].versions["draft"][path]
-    data = bytearray((DATA / "anatomical.nii").read_bytes())
-    data[-1] ^= 0xFF  # same size, other bytes
-    fake.s3.filesystem().pipe_file(blob.blob_url.split(f"{fake.s3.endpoint}/", 1)[1], bytes(data))
-    with pytest.raises(virtnii.StaleSource, match="etag"):
-        virtnii.open(str(tmp_path / "out"))["sub-05_T1w"]["0"][...]
+    original = (DATA / "anatomical.nii").read_bytes()
+    changed = bytearray(original)
+    changed[-1] ^= 0xFF  # same size, other bytes
+    key = blob.blob_url.split(f"{fake.s3.endpoint}/", 1)[1]
+    fake.s3.filesystem().pipe_file(key, bytes(changed))
+    try:
+        with pytest.raises(virtnii.StaleSource, match="etag"):
+            virtnii.open(str(tmp_path / "out"))["sub-05_T1w"]["0"][...]
+    finally:  # the archive is shared by this module's tests (same bytes: same ETag again)
+        fake.s3.filesystem().pipe_file(key, original)
 
 
 @pytest.mark.parametrize("url, error, problem", [

@@ -289,7 +289,7 @@ def expand(url: str, options: dict[str, Any], name: str = "") -> tuple[list[Sour
     for asset, outcome in zip(unresolved, api.resolve_downloads(unresolved) if unresolved else []):
         if outcome is not None:
             failures.append(_unresolved(location.asset_url(version, asset.path), asset, outcome))
-    root = f"dandi://{location.instance}/{location.dandiset}@{version}"
+    root = f"{location.instance}/{location.dandiset}@{version}"  # names are made without the dandi://
     filesystems: dict[str, fsspec.AbstractFileSystem] = {}
     found = []
     for p in selected:

@@ -436,7 +436,9 @@ def assign_names(sources: list[Source]) -> None:
     # a found name may not be an image group holding a given one (a beside a/b): it is treated as taken
     holding = {"/".join(parts[:k]) for parts in (n.split("/") for n in given) for k in range(1, len(parts))}
     sources = [s for s in sources if not s.name]
-    paths = [s.file_name.rstrip("/") for s in sources]  # a presigned URL's query is no part of a name
+    # a presigned URL's query is no part of a name, nor the dandi:// of a DANDI asset
+    paths = [(s.listed_as.split("://", 1)[-1] if s.listed_as else file_part(s.fs, s.path)).rstrip("/")
+             for s in sources]
     names = [stem(_relative(p, s.base) if s.base else p) for s, p in zip(sources, paths)]
     clashing = {n for n, count in collections.Counter(names).items() if count > 1}
     if clashing:
