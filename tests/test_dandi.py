@@ -251,6 +251,15 @@ def test_bad_dandi_sources_are_reported_by_url(fake: FakeDandi, tmp_path: Path, 
     assert type(failure) is error and failure.source == url and problem in failure.problem, str(failure)
 
 
+def test_instances_come_from_the_environment(fake: FakeDandi, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(virtnii.dandi.INSTANCES_VARIABLE, f"Lab={fake.url}/, dandi={fake.url}")
+    assert virtnii.dandi.parse("dandi://lab/000026").api == virtnii.dandi.parse("dandi://DANDI/000026").api == fake.url
+    monkeypatch.setenv(virtnii.dandi.INSTANCES_VARIABLE, "lab")
+    [failure] = virtnii.scan(["dandi://lab/000026"], str(tmp_path / "out")).failures
+    assert failure.source == f"{virtnii.dandi.INSTANCES_VARIABLE}=lab" and "NAME=API_URL" in failure.problem
+
+
 def test_a_name_for_a_folder_is_refused(fake: FakeDandi, tmp_path: Path) -> None:
     with pytest.raises(virtnii.ManifestError, match="names one file"):
         virtnii.scan([("t1", f"dandi://fake/{DANDISET}@draft/rawdata/")], str(tmp_path / "out"))
