@@ -141,7 +141,9 @@ class FakeDandi:
         fs = self.s3.filesystem()
         blobs = {path: str(uuid.uuid4()) for path in files}
         keys = {path: f"{self.bucket}/blobs/{b[:3]}/{b[3:6]}/{b}" for path, b in blobs.items()}
-        fs.pipe({keys[path]: data for path, data in files.items()})
+        fs.pipe({keys[path]: data for path, data in files.items() if data})
+        for path in (p for p, data in files.items() if not data):
+            fs.touch(keys[path])  # an empty PUT through pipe stalls the S3 server (moto under waitress)
         assets = []
         for path, data in files.items():
             etag = fs.info(keys[path])["ETag"].strip('"')

@@ -19,6 +19,9 @@ import pytest
 
 import virtnii
 import virtnii.dandi
+from bids2table import load_bids_metadata
+
+from bids_samples import PLACEHOLDERS, build, image_names
 from conftest import LocalS3
 from fake_dandi import FakeDandi
 from nifti_samples import DATA, assert_same_voxels, file_to_zarr_order, nibabel_raw, voxels, write_nifti
@@ -87,18 +90,16 @@ def _assert_reads_like_nibabel(out: Path, name: str, original: Path) -> None:
     assert_same_voxels(virtnii.open(str(out))[name]["0"][...], file_to_zarr_order(nibabel_raw(original)))
 
 
-def _manifest_text(out: Path) -> str:
-    return "\n".join(p.read_text(errors="replace") for p in out.rglob("*") if p.is_file())
-
-
-def _assert_blob_urls_only(out: Path, fake: FakeDandi) -> None:
-    """Every source the manifest names is a blob on the S3 server, and nothing names the API or dandi://."""
+def _assert_blob_urls_only(out: Path, fake: FakeDandi, files: list[str] | None = None) -> None:
+    """Every source the manifest names is a blob on the S3 server, and nothing names the API or dandi:// (in
+    ``files``; default: anywhere in the manifest)."""
     index = json.loads((out / "virtnii.json").read_text())
     blobs = f"{fake.s3.endpoint}/{fake.bucket}/blobs/"
     named = [v for entry in index["images"] for k, v in entry.items() if k in ("source", "data") and v]
     assert named and all(url.startswith(blobs) and "?" not in url for url in named), named
-    text = _manifest_text(out)
-    assert fake.url.rsplit("/api", 1)[0] not in text and "dandi://" not in text and "/api/" not in text
+    for path in [p for p in out.rglob("*") if p.is_file() and (files is None or p.name in files)]:
+        text = path.read_text(errors="replace")
+        assert f"{fake.url}/" not in text and "dandi://" not in text and "/api/" not in text, path
 
 
 def test_one_asset_is_read_at_its_blob(fake: FakeDandi, archive: dict[str, Any], tmp_path: Path) -> None:
@@ -285,3 +286,30 @@ def test_dandifs_reads_the_fake_archive_as_virtnii_does(fake: FakeDandi, archive
     assert fs.s3_url(path) == blob
     assert fs.cat_file(path, start=0, end=348) == (DATA / "anatomical.nii").read_bytes()[:348]
     assert fs.info(path)["size"] == (DATA / "anatomical.nii").stat().st_size
+
+
+def test_a_bids_dandiset_is_indexed_like_its_local_copy(fake: FakeDandi, tmp_path: Path) -> None:
+    """``virtnii index dandi://…``: the BIDS tree of test_bids.py as a dandiset gives the images, entities,
+    inherited sidecars and skip reasons of the local tree, names blob URLs only, and an unchanged re-run is
+    one listing request."""
+    dataset = build(tmp_path / "ds")
+    files = {str(p.relative_to(dataset)): p.read_bytes() for p in dataset.rglob("*")
+             if p.is_file() and not p.is_symlink()}
+    fake.add("000027", files)
+    fake.reset_requests()
+    out = tmp_path / "out"
+    result = virtnii.index("dandi://fake/000027@draft/", str(out), derivatives=True)
+    assert sorted(e.name for e in result.images) == sorted(image_names())
+    assert {s["reason"] for s in result.skipped} == set(PLACEHOLDERS.values()) - {"broken-symlink"}
+    assert all(s["source"].startswith("dandi://fake/000027@draft/") for s in result.skipped)
+    group = virtnii.open(str(out))
+    for name, relative in image_names().items():
+        assert_same_voxels(group[name]["0"][...], file_to_zarr_order(nibabel_raw(dataset / relative)))
+        assert group[name].attrs["bids"]["path"] == relative
+        assert group[name].attrs["bids"]["metadata"] == load_bids_metadata(dataset / relative)
+    # the job's settings and the report name the dataset by its dandi:// URL; the references name blobs only
+    _assert_blob_urls_only(out, fake, files=[json.loads((out / "virtnii.json").read_text())["references"]])
+    assert len([r for r in fake.requests if "/assets/?" in r]) == 1 and not fake.requests[1:]
+    fake.reset_requests()
+    again = virtnii.index("dandi://fake/000027@draft/", str(out), derivatives=True)
+    assert again.report.indexed == 0 and len(fake.requests) == 1

@@ -38,7 +38,7 @@ from fsspec.utils import glob_translate
 
 from .errors import (InvalidNifti, ManifestError, SourceAccessError, SourceNotFound, VirtniiError, from_os_error,
                      storage_errors)
-from .sources import NIFTI_SUFFIXES, Source
+from .sources import NIFTI_SUFFIXES, Source, data_files
 
 #: Instances by the name a ``dandi://`` URL gives, as dandi-cli and dandifs know them: name → API base URL.
 INSTANCES = {
@@ -281,14 +281,10 @@ def expand(url: str, options: dict[str, Any], name: str = "") -> tuple[list[Sour
             where = "the pattern matches" if kind == "pattern" else "the folder holds"
             raise SourceNotFound(url, f"{where} no NIfTI files ({', '.join(NIFTI_SUFFIXES)})")
     elif path.lower().endswith((".hdr", ".hdr.gz")):  # its .img is beside it, outside the listing of its path
-        assets.update(api.assets(location.dandiset, version, _pair_stem(path), url))
-    failures: list[VirtniiError] = []
-    pairs = {p: _data_file(p, assets) for p in selected if p.lower().endswith((".hdr", ".hdr.gz"))}
-    needed = [assets[p] for p in [*selected, *filter(None, pairs.values())]]
-    unresolved = [a for a in needed if a.blob_url is None and a.download_url]
-    for asset, outcome in zip(unresolved, api.resolve_downloads(unresolved) if unresolved else []):
-        if outcome is not None:
-            failures.append(_unresolved(location.asset_url(version, asset.path), asset, outcome))
+        assets.update(api.assets(location.dandiset, version, f"{base}/" if base else "", url))
+    pairs = {p: next((c for c in data_files(p) if c in assets), None)
+             for p in selected if p.lower().endswith((".hdr", ".hdr.gz"))}
+    failures = _resolve(api, location, version, [assets[p] for p in [*selected, *filter(None, pairs.values())]])
     root = f"{location.instance}/{location.dandiset}@{version}"  # names are made without the dandi://
     filesystems: dict[str, fsspec.AbstractFileSystem] = {}
     found = []
@@ -296,13 +292,11 @@ def expand(url: str, options: dict[str, Any], name: str = "") -> tuple[list[Sour
         asset, listed_as = assets[p], location.asset_url(version, p)
         files = [asset] if p not in pairs else [asset, assets[pairs[p]]] if pairs[p] else None
         if files is None:
-            failures.append(SourceNotFound(listed_as, f"no matching data file {posixpath.basename(_pair_stem(p))}"
-                                                      "img beside this .hdr"))
+            failures.append(SourceNotFound(listed_as, f"no matching data file {posixpath.basename(data_files(p)[0])}"
+                                                      " beside this .hdr"))
             continue
         if any(f.blob_url is None for f in files):
-            if not any(f.download_url for f in files):
-                failures.append(SourceAccessError(listed_as, "the DANDI API gives no content URL for it"))
-            continue  # else reported by _unresolved
+            continue  # reported by _resolve
         sources = []
         for f in files:
             protocol = fsspec.core.split_protocol(f.blob_url)[0] or "file"
@@ -317,21 +311,49 @@ def expand(url: str, options: dict[str, Any], name: str = "") -> tuple[list[Sour
     return found, failures
 
 
-def _pair_stem(path: str) -> str:
-    """A ``.hdr``'s path without its suffix, up to the dot: ``a/x.hdr.gz`` → ``a/x.``."""
-    return path[: -len("hdr.gz")] if path.lower().endswith(".gz") else path[: -len("hdr")]
+@dataclass
+class DandiFolder:
+    """A folder of a dandiset version (or all of it), listed: its canonical URL, its file assets (Zarr assets left
+    out) with their blobs, by path relative to it, and the assets whose blob could not be found."""
+
+    url: str
+    assets: dict[str, Asset]
+    problems: list[VirtniiError]
 
 
-def _data_file(header: str, assets: dict[str, Asset]) -> str | None:
-    """The ``.img`` (same compression) beside a ``.hdr`` among ``assets``, or None."""
-    suffix = "img.gz" if header.lower().endswith(".gz") else "img"
-    stem = _pair_stem(header)
-    return next((c for c in (stem + suffix, stem + suffix.upper()) if c in assets), None)
+def list_folder(url: str) -> DandiFolder:
+    """Every file asset below the folder ``url`` names (``dandi://dandi/000026@draft/`` for a whole dandiset), in
+    one paged listing, for a dataset index (:func:`virtnii.bids.listing.list_dataset`)."""
+    location = parse(url)
+    if _GLOB.search(location.path):
+        raise SourceAccessError(url, "is a glob: a dataset is a folder")
+    api = DandiAPI(location.api)
+    version = api.version(location, url)
+    base = location.path.rstrip("/")
+    prefix = f"{base}/" if base else ""
+    files = {p: a for p, a in api.assets(location.dandiset, version, prefix, url).items()
+             if p.startswith(prefix) and not a.zarr}  # the API matched the prefix case-insensitively
+    if not files:
+        raise SourceNotFound(url, f"dandiset {location.dandiset} version {version} has no file below "
+                                  f"{base!r}" if base else f"dandiset {location.dandiset} version {version} is empty")
+    problems = _resolve(api, location, version, list(files.values()))
+    return DandiFolder(location.asset_url(version, base).rstrip("/"),
+                       {p[len(prefix):]: a for p, a in files.items() if a.blob_url}, problems)
 
 
-def _unresolved(listed_as: str, asset: Asset, outcome: str | BaseException) -> VirtniiError:
-    """The error for an asset whose download URL could not be resolved to its blob."""
-    if isinstance(outcome, BaseException) and not isinstance(outcome, storage_errors()):
-        raise outcome
-    problem = outcome if isinstance(outcome, str) else from_os_error(str(asset.download_url), outcome, "get").problem
-    return SourceAccessError(listed_as, f"its download URL {asset.download_url} does not lead to its blob: {problem}")
+def _resolve(api: DandiAPI, location: DandiLocation, version: str, assets: list[Asset]) -> list[VirtniiError]:
+    """Find the blobs of the ``assets`` listed without one (through their download redirects); the errors of
+    those that have none, by asset."""
+    failures: list[VirtniiError] = []
+    unresolved = [a for a in assets if a.blob_url is None and a.download_url]
+    for asset, outcome in zip(unresolved, api.resolve_downloads(unresolved) if unresolved else []):
+        if isinstance(outcome, BaseException) and not isinstance(outcome, storage_errors()):
+            raise outcome
+        if outcome is not None:
+            problem = outcome if isinstance(outcome, str) else \
+                from_os_error(str(asset.download_url), outcome, "get").problem
+            failures.append(SourceAccessError(location.asset_url(version, asset.path), f"its download URL "
+                                              f"{asset.download_url} does not lead to its blob: {problem}"))
+    failures += [SourceAccessError(location.asset_url(version, a.path), "the DANDI API gives no content URL for it")
+                 for a in assets if a.blob_url is None and not a.download_url]
+    return failures

@@ -405,10 +405,8 @@ def attach_data_file(source: Source, listed: dict[str, dict[str, Any]] | None = 
         return
     if source.data_path:  # found with it (a DANDI pair's .img is another blob of the same listing)
         return
-    lower = source.path.lower()
-    stem = source.path[: -len(".hdr.gz")] if lower.endswith(".gz") else source.path[: -len(".hdr")]
-    suffix = ".img.gz" if lower.endswith(".gz") else ".img"
-    for candidate in (stem + suffix, stem + suffix.upper()):
+    candidates = data_files(source.path)
+    for candidate in candidates:
         try:
             source.data_info = source.fs.info(candidate) if listed is None else listed[candidate]
             source.data_path = candidate
@@ -417,7 +415,15 @@ def attach_data_file(source: Source, listed: dict[str, dict[str, Any]] | None = 
             continue
         except storage_errors() as err:
             raise SourceAccessError(source.url, f"cannot stat its data file {candidate}: {err}") from err
-    raise SourceNotFound(source.url, f"no matching data file {posixpath.basename(stem + suffix)} beside this .hdr")
+    raise SourceNotFound(source.url, f"no matching data file {posixpath.basename(candidates[0])} beside this .hdr")
+
+
+def data_files(header: str) -> tuple[str, str]:
+    """Where the ``.img`` of a ``.hdr`` may be: beside it, with the same compression, its suffix in either case."""
+    gz = header.lower().endswith(".gz")
+    stem = header[: -len(".hdr.gz")] if gz else header[: -len(".hdr")]
+    suffix = ".img.gz" if gz else ".img"
+    return stem + suffix, stem + suffix.upper()
 
 
 def assign_names(sources: list[Source]) -> None:
