@@ -293,17 +293,20 @@ def test_a_bids_dandiset_is_indexed_like_its_local_copy(fake: FakeDandi, tmp_pat
     inherited sidecars and skip reasons of the local tree, names blob URLs only, and an unchanged re-run is
     one listing request."""
     dataset = build(tmp_path / "ds")
+    (dataset / "sub-04" / "anat").mkdir(parents=True)
+    write_nifti(dataset / "sub-04" / "anat" / "sub-04_T2w.hdr", voxels((5, 4, 3), "<i2", seed=5))  # a pair
+    expected = {**image_names(), "sub-04/anat/sub-04_T2w": "sub-04/anat/sub-04_T2w.hdr"}
     files = {str(p.relative_to(dataset)): p.read_bytes() for p in dataset.rglob("*")
              if p.is_file() and not p.is_symlink()}
     fake.add("000027", files)
     fake.reset_requests()
     out = tmp_path / "out"
     result = virtnii.index("dandi://fake/000027@draft/", str(out), derivatives=True)
-    assert sorted(e.name for e in result.images) == sorted(image_names())
+    assert sorted(e.name for e in result.images) == sorted(expected)
     assert {s["reason"] for s in result.skipped} == set(PLACEHOLDERS.values()) - {"broken-symlink"}
     assert all(s["source"].startswith("dandi://fake/000027@draft/") for s in result.skipped)
     group = virtnii.open(str(out))
-    for name, relative in image_names().items():
+    for name, relative in expected.items():
         assert_same_voxels(group[name]["0"][...], file_to_zarr_order(nibabel_raw(dataset / relative)))
         assert group[name].attrs["bids"]["path"] == relative
         assert group[name].attrs["bids"]["metadata"] == load_bids_metadata(dataset / relative)

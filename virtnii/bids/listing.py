@@ -31,7 +31,7 @@ class Listing:
     """The files of a dataset (paths relative to its root → listing info) and what could not be listed."""
 
     fs: fsspec.AbstractFileSystem
-    root: str  # path on fs, no trailing slash
+    root: str  # path on fs, no trailing slash (a dandiset's: its URL without dandi://, the base of names)
     url: str  # the root as a URL (fs.unstrip_protocol)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     problems: list[VirtniiError] = field(default_factory=list)
