@@ -135,13 +135,17 @@ def test_a_sub_path_names_images_by_asset_path_and_reports_what_is_not_nifti(
 
 
 def test_a_whole_dandiset_is_listed_in_pages_with_a_bounded_number_of_requests(
-        fake: FakeDandi, archive: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        fake: FakeDandi, archive: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """Without a version the most recent published one is scanned (not the draft's sub-05); with three assets
-    a page, its 14 assets take 5 pages, requested after the first page's count, and nothing more per asset
-    but the one redirect of the asset whose metadata names no S3 URL."""
+    a page, its 13 assets take 5 pages, requested after the first page's count two at a time (the progress bar
+    says how many are listed before each round), and nothing more per asset but the one redirect of the asset
+    whose metadata names no S3 URL."""
     monkeypatch.setattr(virtnii.dandi, "PAGE_SIZE", 3)
-    result = virtnii.scan([f"dandi://fake/{DANDISET}"], str(tmp_path / "out"))
+    monkeypatch.setattr(virtnii.dandi, "REQUESTS_AT_ONCE", 2)
+    result = virtnii.scan([f"dandi://fake/{DANDISET}"], str(tmp_path / "out"), progress=True)
     published = fake.dandisets[DANDISET].versions["0.230101.0000"]
+    err = capsys.readouterr().err
+    assert f"3/{len(published)} assets listed" in err and f"9/{len(published)} assets listed" in err  # per round
     assert {e.name for e in result.images} == {p.split(".")[0] for p in archive["originals"]}
     assert len(result.failures) == 2
     assets = len(published)

@@ -30,7 +30,7 @@ import posixpath
 import re
 import urllib.parse
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import fsspec
 import fsspec.asyn
@@ -197,9 +197,11 @@ class DandiAPI:
                 return str(record[key]["version"])
         return "draft"
 
-    def assets(self, dandiset: str, version: str, prefix: str, where: str) -> dict[str, Asset]:
+    def assets(self, dandiset: str, version: str, prefix: str, where: str,
+               paging: Callable[[str], Any] = lambda note: None) -> dict[str, Asset]:
         """The assets of a version whose path starts with ``prefix`` (case-insensitively, as the API filters), by
-        path: the first page gives the count, the others are then asked for together."""
+        path: the first page gives the count, the others are then asked for :data:`REQUESTS_AT_ONCE` at a time;
+        ``paging`` is told before each round how many are listed so far."""
         query = {"metadata": "true", "order": "path", "page_size": str(PAGE_SIZE)}
         if prefix:
             query["path"] = prefix
@@ -207,13 +209,17 @@ class DandiAPI:
         first = self.get(f"{base}?{urllib.parse.urlencode(query)}", where)
         records = list(first.get("results") or [])
         count, following = first.get("count"), first.get("next")
-        if following and isinstance(count, int):
+        total = f"/{count}" if isinstance(count, int) else ""
+        if following and total:
             pages = [f"{base}?{urllib.parse.urlencode({**query, 'page': str(n)})}"
                      for n in range(2, math.ceil(count / PAGE_SIZE) + 1)]
-            for page in self.get_many(pages, where):
-                records += page.get("results") or []
+            for start in range(0, len(pages), REQUESTS_AT_ONCE):
+                paging(f"{len(records)}{total} assets listed")
+                for page in self.get_many(pages[start:start + REQUESTS_AT_ONCE], where):
+                    records += page.get("results") or []
         else:  # no count: follow the links, one page after the other
             while following:
+                paging(f"{len(records)}{total} assets listed")
                 page = self.get(following, where)
                 records += page.get("results") or []
                 following = page.get("next")
@@ -240,14 +246,16 @@ class DandiAPI:
         return fsspec.asyn.sync(self.fs.loop, resolve_all)
 
 
-def expand(url: str, options: dict[str, Any], name: str = "") -> tuple[list[Source], list[VirtniiError]]:
+def expand(url: str, options: dict[str, Any], name: str = "",
+           paging: Callable[[str], Any] = lambda note: None) -> tuple[list[Source], list[VirtniiError]]:
     """The NIfTI sources a ``dandi://`` URL names — an asset, a folder, a glob or a whole dandiset — read at their
     blobs, each known by its asset's URL (``listed_as``) and named, like a local file, by its path below the
     folder given; and what could not be listed or resolved.
 
     Folders and globs select assets by their NIfTI suffix; an asset given by path is kept whatever its name (its
     first bytes tell).  A ``.hdr`` is paired with the ``.img`` beside it in the same listing.  ``name``: the
-    group name given to a single asset (a :class:`ManifestError` for a folder or glob).
+    group name given to a single asset (a :class:`ManifestError` for a folder or glob); ``paging(note)``: told
+    how a listing of many pages is getting on.
     """
     location = parse(url)
     api = DandiAPI(location.api)
@@ -255,11 +263,11 @@ def expand(url: str, options: dict[str, Any], name: str = "") -> tuple[list[Sour
     path = location.path
     if _GLOB.search(path):
         base = posixpath.dirname(_GLOB.split(path, 1)[0])
-        assets = api.assets(location.dandiset, version, f"{base}/" if base else "", url)
+        assets = api.assets(location.dandiset, version, f"{base}/" if base else "", url, paging)
         matches = re.compile(glob_translate(path))
         selected, kind = [p for p in assets if matches.fullmatch(p)], "pattern"
     else:
-        assets = api.assets(location.dandiset, version, path, url)
+        assets = api.assets(location.dandiset, version, path, url, paging)
         if path in assets:
             if assets[path].zarr:
                 raise SourceAccessError(url, "is a Zarr asset (a folder of chunks), not a NIfTI file")

@@ -117,7 +117,8 @@ def scan(sources: Iterable[SourceSpec] | str, out: str, *, zarr_format: int = 3,
             listing.set_postfix_str(f"{count} NIfTI files", refresh=False)
             listing.update(1)
 
-        found, failures = expand(sources, options, listed, write_url_secrets=write_url_secrets)
+        found, failures = expand(sources, options, listed, write_url_secrets=write_url_secrets,
+                                 paging=listing.set_postfix_str)
     assign_names(found)
     names = relative_names(out, manifest_options, found) if relative_sources else {}
     images: list[ImageRefs] = []

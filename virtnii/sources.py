@@ -99,12 +99,13 @@ SourceSpec = str | tuple[str, str]
 
 
 def expand(sources: list[SourceSpec], options: dict[str, Any],
-           listed: Callable[[int], Any] = lambda found: None, *,
-           write_url_secrets: bool = False) -> tuple[list[Source], list[VirtniiError]]:
+           listed: Callable[[int], Any] = lambda found: None, *, write_url_secrets: bool = False,
+           paging: Callable[[str], Any] = lambda note: None) -> tuple[list[Source], list[VirtniiError]]:
     """Resolve files, folders and globs to :class:`Source` objects with their listing info.
 
     ``listed(n)`` is called after each of ``sources``, with the number of NIfTI files found so far: listing a
-    big bucket takes a while, with nothing else to show.  URLs whose query holds a secret (a presigned URL's
+    big bucket takes a while, with nothing else to show; ``paging(note)`` is told how a listing of many pages
+    is getting on (a dandiset's: ``"3000/25000 assets listed"``).  URLs whose query holds a secret (a presigned URL's
     signature) are refused unless ``write_url_secrets``: references must carry the whole URL to read it.
     A ``(name, url)`` pair gives its file the group ``name`` (:func:`check_names`); a name that cannot be
     used as given (or is given to a folder or glob) is a :class:`ManifestError`, raised: the caller asked for a
@@ -123,7 +124,7 @@ def expand(sources: list[SourceSpec], options: dict[str, Any],
                                                        "(anyone with the manifest can then read the file until "
                                                        "they expire), pass --write-url-secrets"))
                 continue
-            _expand_one(src, options, found, failures, name)
+            _expand_one(src, options, found, failures, name, paging)
         finally:
             listed(len(found))
     sources_out = []
@@ -182,7 +183,7 @@ def url_secrets(url: str) -> list[str]:
 
 
 def _expand_one(src: str, options: dict[str, Any], found: dict[str, Source], failures: list[VirtniiError],
-                name: str = "") -> None:
+                name: str = "", paging: Callable[[str], Any] = lambda note: None) -> None:
     """Add the NIfTI files behind one file, folder or glob ``src`` to ``found`` (by URL), or its error to
     ``failures``; a file given a ``name`` keeps it, even if a folder or glob found it too."""
     parts = urllib.parse.urlsplit(src)
@@ -192,7 +193,7 @@ def _expand_one(src: str, options: dict[str, Any], found: dict[str, Source], fai
                                                   "give them as storage options (-s KEY=VALUE) instead"))
         return
     if src[:8].lower() == "dandi://":
-        _expand_dandi(src, options, found, failures, name)
+        _expand_dandi(src, options, found, failures, name, paging)
         return
     try:
         fs, path = fsspec.core.url_to_fs(src, **with_s3_pool(src, options))
@@ -228,13 +229,13 @@ def _expand_one(src: str, options: dict[str, Any], found: dict[str, Source], fai
 
 
 def _expand_dandi(src: str, options: dict[str, Any], found: dict[str, Source], failures: list[VirtniiError],
-                  name: str = "") -> None:
+                  name: str, paging: Callable[[str], Any]) -> None:
     """:func:`_expand_one` for a ``dandi://`` URL: its assets are found by the URLs they are listed under (two
     assets may share a blob), and a name given to one wins over a folder or glob that found it too."""
     from . import dandi  # here, not at the top: it builds Sources (an import cycle)
 
     try:
-        listed, problems = dandi.expand(src, options, name)
+        listed, problems = dandi.expand(src, options, name, paging)
     except ManifestError:
         raise
     except VirtniiError as err:
