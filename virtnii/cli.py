@@ -61,6 +61,7 @@ examples:
   virtnii scan 's3://lab/raw/' -s endpoint_url=http://minio:9000 -s profile=lab -o s3://lab/manifests/raw
   virtnii scan https://dandiarchive.s3.amazonaws.com/blobs/d86/055/d86055f6-… --name sub-01_T1w -o out   # no suffix
   virtnii scan t1=https://host/blobs/1a2b… bold=s3://bucket/blobs/3c4d… -o out                  # NAME=URL
+  virtnii scan 'dandi://dandi/000026@draft/rawdata/' -o manifests/000026    # DANDI (docs/dandi.md)
 
 A file given without a NIfTI suffix (a DANDI blob, a presigned URL) is told by its first bytes: .nii, .nii.gz,
 or refused as not NIfTI.  SRC is NAME=URL (image group NAME) when the text before its first '=' has no '://'

@@ -29,7 +29,7 @@ from .manifest import REF_FILES, ManifestWriter, manifest_url
 from .manifest.entry import relative_to
 from .manifest.writer import SidecarFolder
 from .references import ZARR_FORMATS, ImageRefs, image_refs
-from .sources import CONCURRENT_READS, Source, SourceSpec, assign_names, expand, is_local
+from .sources import CONCURRENT_READS, Source, SourceSpec, assign_names, by_listed_name, expand, is_local
 from .verified import ranges_ignored
 
 #: Uncompressed sources whose headers are fetched together (concurrently on object stores).
@@ -64,7 +64,9 @@ def scan(sources: Iterable[SourceSpec] | str, out: str, *, zarr_format: int = 3,
         paths or fsspec URLs (``s3://…``, ``https://…``, ``memory://…``).  Folders and globs select files by
         those suffixes; a file given by itself without one (a DANDI blob, a presigned URL) is told by its first
         bytes: NIfTI-1/NIfTI-2 single-file magic, or gzip holding one (:func:`sniff`; ``.hdr``/``.img`` pairs
-        need their names).  A ``(name, url)`` pair instead of a string names the file's image group
+        need their names).  ``dandi://INSTANCE/DANDISET[@VERSION][/PATH]`` names DANDI assets (one, a folder, a
+        glob or a whole dandiset), listed through the archive's API in bulk and read at their S3 blobs
+        (:mod:`virtnii.dandi`).  A ``(name, url)`` pair instead of a string names the file's image group
         (``[("sub-01/anat/sub-01_T1w", "https://…/blobs/d86/055/…"), …]``, or ``list(mapping.items())``):
         used verbatim, checked by :func:`~virtnii.sources.check_names` (a :class:`ManifestError` if unusable).
         Without one an image is named by its path below the folder it was found in (a file by its stem, an
@@ -115,7 +117,8 @@ def scan(sources: Iterable[SourceSpec] | str, out: str, *, zarr_format: int = 3,
             listing.set_postfix_str(f"{count} NIfTI files", refresh=False)
             listing.update(1)
 
-        found, failures = expand(sources, options, listed, write_url_secrets=write_url_secrets)
+        found, failures = expand(sources, options, listed, write_url_secrets=write_url_secrets,
+                                 paging=listing.set_postfix_str)
     assign_names(found)
     names = relative_names(out, manifest_options, found) if relative_sources else {}
     images: list[ImageRefs] = []
@@ -170,10 +173,10 @@ def scan(sources: Iterable[SourceSpec] | str, out: str, *, zarr_format: int = 3,
                 pool.shutdown(cancel_futures=True)
                 raise
         if not images:
-            return ScanResult(None, [], failures)
+            return ScanResult(None, [], by_listed_name(failures, found))
         order = sorted(range(len(images)), key=lambda i: images[i].name)
         writer.commit([images[i] for i in order], [entries[i] for i in order], zarr_format, ref_format)
-    return ScanResult(out, [entries[i] for i in order], failures)
+    return ScanResult(out, [entries[i] for i in order], by_listed_name(failures, found))
 
 
 class _Abandoned(Exception):

@@ -4,8 +4,9 @@ Listing gives each source's size and ETag/mtime (its fingerprint) for free; ``.h
 ``.img``; names follow the paths below the folder a source was found under (BIDS ``sub-01/anat/sub-01_T1w``),
 unique within a manifest, unless the caller gives one (``(name, url)``).  Folders and globs select files by their
 NIfTI suffix; a file given by itself without one (a DANDI blob ``…/blobs/d86/055/<uuid>``, a presigned URL) is
-kept, and its first bytes tell the scan what it is.  Problems are collected per source, so one bad file never
-stops a batch.
+kept, and its first bytes tell the scan what it is.  ``dandi://`` URLs are listed through the DANDI API
+(:mod:`virtnii.dandi`) and read at their blobs, known by their asset paths.  Problems are collected per source, so
+one bad file never stops a batch.
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ class Source:
     #: For a file whose name has no NIfTI suffix (:attr:`by_content`): None until the scan has read its first bytes,
     #: then whether they are gzip (:func:`virtnii.scan.sniff`).
     gzip: bool | None = None
+    #: The URL the file was listed under when its bytes are read at another that says nothing of it: a DANDI
+    #: asset (``dandi://…/sub-01/anat/sub-01_T1w.nii.gz``) read at its blob (``…/blobs/d86/055/<uuid>``).  Its
+    #: name then tells what the file is, names its image group, and errors name the file by it.
+    listed_as: str = ""
 
     @functools.cached_property
     def url(self) -> str:
@@ -62,12 +67,17 @@ class Source:
     def by_content(self) -> bool:
         """Whether the name does not say what the file is (no NIfTI suffix), so that its first bytes must: only for
         files given by themselves (folders and globs select by suffix)."""
-        return not file_part(self.fs, self.path).lower().endswith(NIFTI_SUFFIXES)
+        return not self.file_name.lower().endswith(NIFTI_SUFFIXES)
+
+    @property
+    def file_name(self) -> str:
+        """What the file is called: the URL it was listed under, or its path (without a web URL's query)."""
+        return self.listed_as or file_part(self.fs, self.path)
 
     @property
     def is_pair(self) -> bool:
         """A ``.hdr`` (with an ``.img``): known by name only, so a file known by its content never is one."""
-        return file_part(self.fs, self.path).lower().endswith((".hdr", ".hdr.gz"))
+        return self.file_name.lower().endswith((".hdr", ".hdr.gz"))
 
     @property
     def is_gzip(self) -> bool:
@@ -75,7 +85,7 @@ class Source:
         so that it goes to the uncompressed files' header read, which reads them."""
         if self.by_content:
             return bool(self.gzip)
-        return file_part(self.fs, self.data_path).lower().endswith(".gz")
+        return (self.listed_as or file_part(self.fs, self.data_path)).lower().endswith(".gz")  # a pair's .img too
 
 
 def file_part(fs: fsspec.AbstractFileSystem, path: str) -> str:
@@ -89,12 +99,13 @@ SourceSpec = str | tuple[str, str]
 
 
 def expand(sources: list[SourceSpec], options: dict[str, Any],
-           listed: Callable[[int], Any] = lambda found: None, *,
-           write_url_secrets: bool = False) -> tuple[list[Source], list[VirtniiError]]:
+           listed: Callable[[int], Any] = lambda found: None, *, write_url_secrets: bool = False,
+           paging: Callable[[str], Any] = lambda note: None) -> tuple[list[Source], list[VirtniiError]]:
     """Resolve files, folders and globs to :class:`Source` objects with their listing info.
 
     ``listed(n)`` is called after each of ``sources``, with the number of NIfTI files found so far: listing a
-    big bucket takes a while, with nothing else to show.  URLs whose query holds a secret (a presigned URL's
+    big bucket takes a while, with nothing else to show; ``paging(note)`` is told how a listing of many pages
+    is getting on (a dandiset's: ``"3000/25000 assets listed"``).  URLs whose query holds a secret (a presigned URL's
     signature) are refused unless ``write_url_secrets``: references must carry the whole URL to read it.
     A ``(name, url)`` pair gives its file the group ``name`` (:func:`check_names`); a name that cannot be
     used as given (or is given to a folder or glob) is a :class:`ManifestError`, raised: the caller asked for a
@@ -113,7 +124,7 @@ def expand(sources: list[SourceSpec], options: dict[str, Any],
                                                        "(anyone with the manifest can then read the file until "
                                                        "they expire), pass --write-url-secrets"))
                 continue
-            _expand_one(src, options, found, failures, name)
+            _expand_one(src, options, found, failures, name, paging)
         finally:
             listed(len(found))
     sources_out = []
@@ -172,7 +183,7 @@ def url_secrets(url: str) -> list[str]:
 
 
 def _expand_one(src: str, options: dict[str, Any], found: dict[str, Source], failures: list[VirtniiError],
-                name: str = "") -> None:
+                name: str = "", paging: Callable[[str], Any] = lambda note: None) -> None:
     """Add the NIfTI files behind one file, folder or glob ``src`` to ``found`` (by URL), or its error to
     ``failures``; a file given a ``name`` keeps it, even if a folder or glob found it too."""
     parts = urllib.parse.urlsplit(src)
@@ -180,6 +191,9 @@ def _expand_one(src: str, options: dict[str, Any], found: dict[str, Source], fai
         hidden = parts._replace(netloc=(parts.hostname or "") + (f":{parts.port}" if parts.port else "")).geturl()
         failures.append(SourceAccessError(hidden, "credentials in a URL would be written into the manifest; "
                                                   "give them as storage options (-s KEY=VALUE) instead"))
+        return
+    if src[:8].lower() == "dandi://":
+        _expand_dandi(src, options, found, failures, name, paging)
         return
     try:
         fs, path = fsspec.core.url_to_fs(src, **with_s3_pool(src, options))
@@ -212,6 +226,28 @@ def _expand_one(src: str, options: dict[str, Any], found: dict[str, Source], fai
     if not paths and len(failures) == reported:  # "nothing indexed" must always say why
         where = "the pattern matches" if kind == "pattern" else "the folder holds"
         failures.append(SourceNotFound(src, f"{where} no NIfTI files ({', '.join(NIFTI_SUFFIXES)})"))
+
+
+def _expand_dandi(src: str, options: dict[str, Any], found: dict[str, Source], failures: list[VirtniiError],
+                  name: str, paging: Callable[[str], Any]) -> None:
+    """:func:`_expand_one` for a ``dandi://`` URL: its assets are found by the URLs they are listed under (two
+    assets may share a blob), and a name given to one wins over a folder or glob that found it too."""
+    from . import dandi  # here, not at the top: it builds Sources (an import cycle)
+
+    try:
+        listed, problems = dandi.expand(src, options, name, paging)
+    except ManifestError:
+        raise
+    except VirtniiError as err:
+        failures.append(err)
+        return
+    failures += problems
+    for source in listed:
+        known = found.setdefault(source.listed_as, source)
+        if name and known.name != name:
+            if known.name:
+                raise ManifestError(src, f"is given two names, {known.name!r} and {name!r}")
+            found[source.listed_as] = source
 
 
 def _no_size(url: str) -> SourceAccessError:
@@ -368,10 +404,10 @@ def attach_data_file(source: Source, listed: dict[str, dict[str, Any]] | None = 
     if not source.is_pair:
         source.data_path, source.data_info = source.path, source.info
         return
-    lower = source.path.lower()
-    stem = source.path[: -len(".hdr.gz")] if lower.endswith(".gz") else source.path[: -len(".hdr")]
-    suffix = ".img.gz" if lower.endswith(".gz") else ".img"
-    for candidate in (stem + suffix, stem + suffix.upper()):
+    if source.data_path:  # found with it (a DANDI pair's .img is another blob of the same listing)
+        return
+    candidates = data_files(source.path)
+    for candidate in candidates:
         try:
             source.data_info = source.fs.info(candidate) if listed is None else listed[candidate]
             source.data_path = candidate
@@ -380,7 +416,15 @@ def attach_data_file(source: Source, listed: dict[str, dict[str, Any]] | None = 
             continue
         except storage_errors() as err:
             raise SourceAccessError(source.url, f"cannot stat its data file {candidate}: {err}") from err
-    raise SourceNotFound(source.url, f"no matching data file {posixpath.basename(stem + suffix)} beside this .hdr")
+    raise SourceNotFound(source.url, f"no matching data file {posixpath.basename(candidates[0])} beside this .hdr")
+
+
+def data_files(header: str) -> tuple[str, str]:
+    """Where the ``.img`` of a ``.hdr`` may be: beside it, with the same compression, its suffix in either case."""
+    gz = header.lower().endswith(".gz")
+    stem = header[: -len(".hdr.gz")] if gz else header[: -len(".hdr")]
+    suffix = ".img.gz" if gz else ".img"
+    return stem + suffix, stem + suffix.upper()
 
 
 def assign_names(sources: list[Source]) -> None:
@@ -399,7 +443,9 @@ def assign_names(sources: list[Source]) -> None:
     # a found name may not be an image group holding a given one (a beside a/b): it is treated as taken
     holding = {"/".join(parts[:k]) for parts in (n.split("/") for n in given) for k in range(1, len(parts))}
     sources = [s for s in sources if not s.name]
-    paths = [file_part(s.fs, s.path).rstrip("/") for s in sources]  # a presigned URL's query is no part of a name
+    # a presigned URL's query is no part of a name, nor the dandi:// of a DANDI asset
+    paths = [(s.listed_as.split("://", 1)[-1] if s.listed_as else file_part(s.fs, s.path)).rstrip("/")
+             for s in sources]
     names = [stem(_relative(p, s.base) if s.base else p) for s, p in zip(sources, paths)]
     clashing = {n for n, count in collections.Counter(names).items() if count > 1}
     if clashing:
@@ -423,6 +469,14 @@ def assign_names(sources: list[Source]) -> None:
             unique = f"{name}_{count}"
         taken.add(unique)
         source.name = unique
+
+
+def by_listed_name(failures: list[VirtniiError], sources: list[Source]) -> list[VirtniiError]:
+    """``failures`` with each error about a file read at a URL other than the one it was listed under (a DANDI
+    asset's blob) naming the file by the URL it was listed under, the blob's URL kept in the problem."""
+    listed = {url: s.listed_as for s in sources if s.listed_as for url in (s.url, s.data_url)}
+    return [type(err)(listed[err.source], f"{err.problem} (its bytes: {err.source})") if err.source in listed
+            else err for err in failures]
 
 
 def _relative(path: str, folder: str) -> str:

@@ -87,10 +87,10 @@ def index(root: str, out: str, *, pyramid: bool = False, derivatives: bool = Fal
         report.skip(err)
     empty = [s for s in sources if int(s.info["size"]) == 0]
     for source in empty:
-        report.skip(InvalidNifti(source.url, "empty file (zero bytes): a placeholder"))
+        report.skip(InvalidNifti(source.listed_as or source.url, "empty file (zero bytes): a placeholder"))
     sources = [s for s in sources if int(s.info["size"]) > 0]
     assign_names(sources)
-    relative = {s.name: s.path[len(listing.root) + 1:] for s in sources}
+    relative = {s.name: listing.relative(s) for s in sources}
 
     previous = _previous(out_fs, out_path, out, out_options, settings.to_json())
     journal = units.read_journal(out_fs, out_path, settings)

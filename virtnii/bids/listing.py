@@ -3,7 +3,8 @@
 A dataset on S3 is listed by one recursive ``find`` (paged ``ListObjectsV2`` calls, no per-file request); a local
 one by a ``scandir`` walk that follows no folder links (a tree reached twice would be indexed twice).  What is
 not BIDS data is left out: hidden folders (``.git``, ``.datalad``), ``sourcedata/``, ``code/``, ``stimuli/``,
-``derivatives/`` unless asked for, and the manifest being written, when it lies inside the dataset.
+``derivatives/`` unless asked for, and the manifest being written, when it lies inside the dataset.  A dandiset
+(``dandi://…``) is listed through the DANDI API in pages (:mod:`virtnii.dandi`): its files are read at their blobs.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any
 import fsspec
 
 from ..errors import SourceAccessError, SourceNotFound, VirtniiError, from_os_error, storage_errors
-from ..sources import NIFTI_SUFFIXES, Source, attach_data_file, file_part, is_local, walk_local, with_s3_pool
+from ..sources import (NIFTI_SUFFIXES, Source, attach_data_file, data_files, file_part, is_local, walk_local,
+                       with_s3_pool)
 
 #: Top-level folders of a BIDS dataset that hold no data to index (the specification's "sourcedata", "code",
 #: "stimuli"); ``derivatives`` is indexed only when asked.
@@ -29,14 +31,22 @@ class Listing:
     """The files of a dataset (paths relative to its root → listing info) and what could not be listed."""
 
     fs: fsspec.AbstractFileSystem
-    root: str  # path on fs, no trailing slash
+    root: str  # path on fs, no trailing slash (a dandiset's: its URL without dandi://, the base of names)
     url: str  # the root as a URL (fs.unstrip_protocol)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     problems: list[VirtniiError] = field(default_factory=list)
     unlisted: list[str] = field(default_factory=list)  # URLs of sub-folders that could not be listed
+    #: Where files are read on ``fs`` when not at ``root/relative``: a DANDI asset's blob, by relative path.
+    blobs: dict[str, str] = field(default_factory=dict)
 
     def path(self, relative: str) -> str:
-        return f"{self.root}/{relative}"
+        return self.blobs[relative] if self.blobs else f"{self.root}/{relative}"
+
+    def relative(self, source: Source) -> str:
+        """Where ``source`` is in the dataset: its path relative to the root."""
+        if source.listed_as:
+            return source.listed_as[len(self.url) + 1:]
+        return source.path[len(self.root) + 1:]
 
     @functools.cached_property
     def json_by_folder(self) -> dict[str, list[str]]:
@@ -51,8 +61,12 @@ class Listing:
 
 def list_dataset(root: str, options: dict[str, Any], *, derivatives: bool = False,
                  exclude: tuple[str, ...] = ()) -> Listing:
-    """List the dataset at ``root`` (local folder or fsspec URL); ``exclude``: folders (relative to the root)
-    to leave out, such as the manifest being written inside it."""
+    """List the dataset at ``root`` (local folder, fsspec URL or ``dandi://`` folder); ``exclude``: folders
+    (relative to the root) to leave out, such as the manifest being written inside it."""
+    if root[:8].lower() == "dandi://":
+        listing = _list_dandiset(root, options)
+        listing.files = {r: info for r, info in listing.files.items() if _wanted(r, derivatives, exclude)}
+        return listing
     try:
         fs, path = fsspec.core.url_to_fs(root, **with_s3_pool(root, options))
     except (ValueError, ImportError, TypeError) as err:
@@ -77,6 +91,23 @@ def list_dataset(root: str, options: dict[str, Any], *, derivatives: bool = Fals
     return listing
 
 
+def _list_dandiset(root: str, options: dict[str, Any]) -> Listing:
+    """A dandiset (or a folder of one) listed through the DANDI API: every file asset, read at its blob."""
+    from .. import dandi  # here, not at the top: it builds Sources (an import cycle)
+
+    folder = dandi.list_folder(root)
+    url = folder.url
+    blobs = {relative: asset.blob_url for relative, asset in folder.assets.items() if asset.blob_url}
+    if not blobs:
+        raise SourceNotFound(root, "holds no file asset (a BIDS dataset is the folder holding "
+                                   "dataset_description.json)")
+    fs = fsspec.core.url_to_fs(next(iter(blobs.values())), **options)[0]
+    listing = Listing(fs, url.split("://", 1)[1], url, problems=folder.problems,
+                      blobs={relative: fs._strip_protocol(blob) for relative, blob in blobs.items()})
+    listing.files = {relative: folder.assets[relative].info() for relative in blobs}
+    return listing
+
+
 def nifti_sources(listing: Listing) -> tuple[list[Source], list[VirtniiError]]:
     """The images of a listing as scan :class:`~virtnii.sources.Source` objects (``.hdr`` paired with its
     ``.img`` from the same listing: no request per pair), and the pairs missing their data file."""
@@ -85,8 +116,14 @@ def nifti_sources(listing: Listing) -> tuple[list[Source], list[VirtniiError]]:
     for relative in sorted(listing.files):
         if not file_part(listing.fs, relative).lower().endswith(NIFTI_SUFFIXES):
             continue
-        source = Source(listing.fs, listing.path(relative), listing.files[relative], base=listing.root)
+        source = Source(listing.fs, listing.path(relative), listing.files[relative], base=listing.root,
+                        listed_as=f"{listing.url}/{relative}" if listing.blobs else "")
         try:
+            if listing.blobs and source.is_pair:  # its .img is the blob of the asset beside it
+                data = next((c for c in data_files(relative) if c in listing.files), None)
+                if data is None:
+                    raise SourceNotFound(source.listed_as, "no matching data file (.img) beside this .hdr")
+                source.data_path, source.data_info = listing.path(data), listing.files[data]
             attach_data_file(source, by_path)
         except VirtniiError as err:
             problems.append(err)

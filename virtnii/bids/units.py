@@ -22,7 +22,7 @@ from ..errors import InvalidGzip, InvalidNifti, ManifestError, UnsupportedNifti,
 from ..fingerprint import from_info
 from ..manifest.writer import SidecarFolder
 from ..scan import _plain_images, index_gzip_source, named, read_plain_headers, relative_names
-from ..sources import Source, is_local, with_s3_pool
+from ..sources import Source, by_listed_name, is_local, with_s3_pool
 
 JOURNAL = ".journal"
 #: The journal file kept after a run: its lasting failures (see :func:`keep_lasting_failures`).
@@ -48,6 +48,7 @@ class Spec:
     data_path: str
     data_info: dict[str, Any]
     gzip: bool  # the voxels are gzipped: indexed by a streaming pass, not a header read
+    listed_as: str = ""  # a DANDI asset's dandi:// URL (path: its blob): see Source.listed_as
 
     @property
     def key(self) -> str:
@@ -85,7 +86,8 @@ class Batch:
 
 
 def spec_of(source: Source) -> Spec:
-    return Spec(source.name, source.path, dict(source.info), source.data_path, dict(source.data_info), source.is_gzip)
+    return Spec(source.name, source.path, dict(source.info), source.data_path, dict(source.data_info), source.is_gzip,
+                source.listed_as)
 
 
 def plan(specs: list[Spec]) -> list[Batch]:
@@ -110,8 +112,10 @@ def plan(specs: list[Spec]) -> list[Batch]:
 def run_batch(batch: Batch, settings: Settings, out: str, out_options: dict[str, Any],
               storage_options: dict[str, Any]) -> list[dict[str, Any]]:
     """Index the sources of ``batch``; journal and return one record per source (see :func:`record`)."""
-    fs, _ = fsspec.core.url_to_fs(settings.root, **with_s3_pool(settings.root, storage_options))
-    sources = [Source(fs, s.path, s.info, s.data_path, s.data_info, name=s.name) for s in batch.specs]
+    where = batch.specs[0].path if batch.specs[0].listed_as else settings.root  # a DANDI blob is a URL itself
+    fs, _ = fsspec.core.url_to_fs(where, **with_s3_pool(where, storage_options))
+    sources = [Source(fs, s.path, s.info, s.data_path, s.data_info, name=s.name, listed_as=s.listed_as)
+               for s in batch.specs]
     out_fs, out_path = fsspec.core.url_to_fs(out, **out_options)
     out_path = out_path.rstrip("/")
     names = relative_names(out, out_options, sources) if settings.relative else {}
@@ -134,7 +138,8 @@ def run_batch(batch: Batch, settings: Settings, out: str, out_options: dict[str,
             outcomes: list[Any] = list(pool.map(one, sources))
     else:
         outcomes = _plain_images(sources, read_plain_headers(sources), settings.zarr_format, settings.extensions)
-    records = [record(spec, outcome if isinstance(outcome, VirtniiError) else named(outcome, names))
+    errors = iter(by_listed_name([o for o in outcomes if isinstance(o, VirtniiError)], sources))
+    records = [record(spec, next(errors) if isinstance(outcome, VirtniiError) else named(outcome, names))
                for spec, outcome in zip(batch.specs, outcomes)]
     try:
         out_fs.makedirs(f"{out_path}/{JOURNAL}", exist_ok=True)
