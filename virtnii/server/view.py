@@ -5,8 +5,9 @@ shape in a NIfTI file is a run of whole z-slices, so a sagittal (or coronal) vie
 chunk — the whole file.  This view re-chunks level 0 isotropically (:data:`DEFAULT_CHUNK`\\ ³ spatial, 1 along
 t and c), assembling each chunk on the server from the source:
 
-- ``.nii`` (and ``.img``): ranged reads of only the rows a chunk needs (per z-plane the run of rows ``y0..y1``),
-  adjacent runs coalesced when the gap between them is at most ``merge_gap`` bytes, all in one ``cat_ranges``;
+- ``.nii`` (and ``.img``): ranged reads of only the rows a chunk needs (per z-plane, columns ``x0..x1`` of rows
+  ``y0..y1``), runs coalesced when the gap between them is at most ``merge_gap`` bytes (default 64 KiB: MRI
+  rows are shorter, so a plane's rows are one run), all in one ``cat_ranges`` per chunk;
 - ``.nii.gz``: a gzip stream can only be inflated from a seek point, and the seek points sit at the in-place
   chunk starts, so whole in-place chunks (z-slabs) are decoded through ``gzidx://`` and kept in a
   :class:`SlabCache` — an LRU bounded in bytes, where concurrent requests for one slab decode it once.  The
@@ -250,12 +251,11 @@ class ImageView:
         self.cache = cache if cache is not None else SlabCache()
         self.merge_gap = merge_gap
         self.source_bytes = self.decoded_bytes = 0
-        header = to_nibabel(group).header
-        self.source_dtype: np.dtype = header.get_data_dtype()
-        self._affine = np.asarray(header.get_best_affine(), dtype=float)
-        slope, inter = header.get_slope_inter()
-        self._scaling = {"scl_slope": None if slope is None else float(slope),
-                         "scl_inter": None if inter is None else float(inter)}
+        image = to_nibabel(group)
+        self.source_dtype: np.dtype = image.header.get_data_dtype()
+        self._affine = np.asarray(image.header.get_best_affine(), dtype=float)
+        # nibabel's reading of the header's scaling (unset or 0 slope: 1, 0), which a loaded header no longer holds
+        self._scaling = {"scl_slope": float(image.dataobj.slope), "scl_inter": float(image.dataobj.inter)}
         attributes = group.attrs.asdict()
         self._multiscales = (attributes["ome"] if "ome" in attributes else attributes)["multiscales"][0]
         self._axes_doc = self._multiscales["axes"]
@@ -500,22 +500,30 @@ class ImageView:
         return load
 
     async def _rows_filler(self, pieces: list, keys: list[str]) -> Callable[[np.ndarray], None]:
-        """Read the row runs of each z-plane the pieces need (coalesced), from a ``.nii`` or ``.img``."""
+        """Read the bytes the pieces need from a ``.nii`` or ``.img``: per z-plane, the ``x0..x1`` part of rows
+        ``y0..y1`` — one run from the first row's ``x0`` to the last row's ``x1`` when the gap between rows is
+        at most ``merge_gap``, else one run per row — runs then coalesced across planes and chunks."""
         itemsize = self.source_dtype.itemsize
         chunks = self._level0_chunks
         row = chunks[-1] * itemsize  # in-place chunks hold whole rows
-        runs = []  # (url, start, end, piece, plane index in the piece)
+        runs = []  # (url, start, end, rows in the run, piece, lead index in the piece)
         for key, piece in zip(keys, pieces):
             url, offset, _ = self._reference(key)
             _, inside, _ = piece
-            ys = inside[-2]
+            ys, xs = inside[-2], inside[-1]
+            width = (xs.stop - xs.start) * itemsize
+            whole = row - width <= self.merge_gap
             for lead in itertools.product(*(range(s.start, s.stop) for s in inside[:-2])):
-                first = int(np.ravel_multi_index(lead + (ys.start,), chunks[:-1]))
-                start = offset + first * row
-                runs.append((url, start, start + (ys.stop - ys.start) * row, piece, lead))
+                first = offset + int(np.ravel_multi_index(lead + (ys.start,), chunks[:-1])) * row + xs.start * itemsize
+                if whole:
+                    count = ys.stop - ys.start
+                    runs.append((url, first, first + (count - 1) * row + width, (0, count), piece, lead))
+                else:
+                    runs.extend((url, first + y * row, first + y * row + width, (y, y + 1), piece, lead)
+                                for y in range(ys.stop - ys.start))
         runs.sort(key=lambda run: (run[0], run[1]))
         merged: list[list[Any]] = []  # [url, start, end]
-        for url, start, end, _, _ in runs:
+        for url, start, end, *_ in runs:
             if merged and merged[-1][0] == url and start - merged[-1][2] <= self.merge_gap:
                 merged[-1][2] = max(merged[-1][2], end)
             else:
@@ -536,14 +544,15 @@ class ImageView:
 
         def fill(block: np.ndarray) -> None:
             m = 0
-            for url, start, end, (_, inside, within), lead in runs:
+            for url, start, end, (y0, y1), (_, inside, within), lead in runs:
                 while not (merged[m][0] == url and merged[m][1] <= start and end <= merged[m][2]):
                     m += 1
-                at = start - merged[m][1]
-                rows = np.frombuffer(buffers[m], self.source_dtype, (end - start) // itemsize, at)
-                plane = rows.reshape(-1, chunks[-1])[:, inside[-1]]
-                block[tuple(w.start + i - s.start for w, i, s in zip(within, lead, inside))
-                      + within[-2:]] = plane
+                nx = inside[-1].stop - inside[-1].start
+                flat = np.frombuffer(buffers[m], self.source_dtype, (end - start) // itemsize,
+                                     start - merged[m][1])
+                rows = np.lib.stride_tricks.as_strided(flat, (y1 - y0, nx), (row, itemsize), writeable=False)
+                at = tuple(w.start + i - s.start for w, i, s in zip(within, lead, inside))
+                block[at + (slice(within[-2].start + y0, within[-2].start + y1), within[-1])] = rows
         return fill
 
     async def _level0_range(self) -> tuple[int, int]:
