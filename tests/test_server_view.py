@@ -6,10 +6,8 @@ view's keys answer."""
 from __future__ import annotations
 
 import asyncio
-import gzip
 import itertools
 import json
-import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -20,7 +18,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.storage import MemoryStore
 
 import virtnii
-from nifti_samples import DATA, RGB24, file_to_zarr_order, nibabel_raw, voxels, write_nifti, write_samples
+from nifti_samples import DATA, RGB24, file_to_zarr_order, nibabel_raw, write_nifti, write_samples
 from virtnii.pyramid import build_pyramids
 from virtnii.server.view import CODEC, ImageView, SlabCache, adaptation
 
