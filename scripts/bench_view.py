@@ -19,7 +19,7 @@ For each source (``.nii``, ``.nii.gz``) and each view (whole slice, zoomed regio
 Inputs are the MRI-like int16 volumes of ``bench_pyramid.py`` (same generator and cache folder,
 ``scripts/_data/pyramid/``): 800x700x640 (717 MB of voxels) by default, ``--quick`` 400x350x320.
 
-Run: ``python scripts/bench_view.py [--quick] [--concurrency 8]``.
+Run: ``python scripts/bench_view.py [--quick] [--concurrency 8] [--merge-gap 65536]``.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import numpy as np
 import virtnii
 from bench_pyramid import DEFAULT_DIR, SHAPES, generate
 from benchkit import Row, print_table
-from virtnii.server.view import DEFAULT_CHUNK, ImageView, SlabCache
+from virtnii.server.view import DEFAULT_CHUNK, MERGE_GAP, ImageView, SlabCache
 
 RUN = Path(__file__).parent / "_data" / "view"
 ZOOM = 128  # voxels: the zoomed region's edge
@@ -70,10 +70,10 @@ def in_place(group, zs: slice, ys: slice, x: int) -> tuple[int, float]:
     return count * chunk_bytes, time.perf_counter() - start
 
 
-def isotropic(group, zs: slice, ys: slice, x: int, concurrency: int) -> tuple[int, int, float, int]:
+def isotropic(group, zs: slice, ys: slice, x: int, concurrency: int, merge_gap: int) -> tuple[int, int, float, int]:
     """Compressed bytes of the view chunks the region needs, bytes read/inflated on the server, seconds, and
     how many chunks."""
-    view = ImageView(group, cache=SlabCache())
+    view = ImageView(group, cache=SlabCache(), merge_gap=merge_gap)
     keys = ["0/c/" + "/".join(map(str, q))
             for q in touched(zs, ys, x, (DEFAULT_CHUNK,) * 3)]
 
@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"a {'x'.join(map(str, SHAPES['small']))} volume")
     parser.add_argument("--concurrency", type=int, default=8, help="view chunk requests in flight (default 8)")
+    parser.add_argument("--merge-gap", type=int, default=MERGE_GAP,
+                        help=f"gap (bytes) up to which .nii row reads are merged (default {MERGE_GAP}; 0: each "
+                             "row's columns alone)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DIR, help="where the inputs are cached")
     args = parser.parse_args(argv)
     shape = SHAPES["small" if args.quick else "default"]
@@ -108,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     opened = virtnii.open(str(manifest))
     nbytes = int(np.prod(shape)) * 2
     print(f"volume {'x'.join(map(str, shape))} int16 ({nbytes / 1e6:.0f} MB of voxels); view chunks "
-          f"{DEFAULT_CHUNK}^3 blosc-lz4, {args.concurrency} requests in flight\n")
+          f"{DEFAULT_CHUNK}^3 blosc-lz4, {args.concurrency} requests in flight, .nii rows merged across gaps "
+          f"<= {args.merge_gap} bytes\n")
     print(f"{'source':<8} {'view':<8} {'chunks':>13} {'transferred MB':>22} {'read/inflated MB':>22} "
           f"{'seconds':>13}")
     print(f"{'':<8} {'':<8} {'z-slab':>6} {'iso':>6} {'z-slab':>10} {'iso':>11} {'z-slab':>10} {'iso':>11} "
@@ -121,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             zs, ys, x = region(tuple(group["0"].shape), zoomed)
             slab_bytes, slab_seconds = in_place(group, zs, ys, x)
             slab_chunks = len(touched(zs, ys, x, group["0"].chunks))
-            sent, work, seconds, count = isotropic(group, zs, ys, x, args.concurrency)
+            sent, work, seconds, count = isotropic(group, zs, ys, x, args.concurrency, args.merge_gap)
             label = "zoomed" if zoomed else "sagittal"
             print(f"{kind:<8} {label:<8} {slab_chunks:>6} {count:>6} {slab_bytes / 1e6:>10.1f} {sent / 1e6:>11.1f} "
                   f"{slab_bytes / 1e6:>10.1f} {work / 1e6:>11.1f} {slab_seconds:>6.2f} {seconds:>6.2f}")

@@ -13,6 +13,11 @@ t and c), assembling each chunk on the server from the source:
   :class:`SlabCache` — an LRU bounded in bytes, where concurrent requests for one slab decode it once.  The
   chunks of one z-band of the view then share their slabs.
 
+Sources are checked against their fingerprints whenever they are read (as :func:`virtnii.open` does); a slab
+already in the cache is served without a new check, like any HTTP cache, until evicted.  The cache bounds the
+slabs it keeps, not those being decoded for requests in flight (a view chunk needs the slabs of its z-band:
+128 planes of the image).
+
 Levels ≥ 1 are the written pyramid levels: their chunk objects are passed through unchanged when they are Zarr v3
 and the dtype needs no adaptation, otherwise read and re-encoded.  Chunks made here are compressed with blosc
 (lz4, level 5, byte shuffle): zarrita — the Zarr reader inside niivue — decodes blosc, gzip, zlib, lz4 and zstd
@@ -95,6 +100,7 @@ VIEWER_DTYPES = frozenset(np.dtype(t) for t in ("i1", "u1", "<i2", "<u2", "<i4",
 _SCAN_CONCURRENCY = 4
 _INDEX = re.compile(r"0|[1-9][0-9]{0,17}")
 _INT32 = np.iinfo(np.int32)
+_VIEWS = itertools.count()
 
 
 class SlabCache:
@@ -279,8 +285,10 @@ class ImageView:
         self.gzipped = split_protocol(reference[0])[0] == "gzidx"
         self._adaptation: Adaptation | None = None if needs_value_range(self.source_dtype) \
             else adaptation(self.source_dtype)
-        self._documents: dict[str, bytes] = {}
+        self._documents: dict[str, bytes] | None = None
         self._ready: asyncio.Future[None] | None = None
+        self._level_arrays: dict[str, zarr.AsyncArray] = {}
+        self._token = next(_VIEWS)  # names this view's slabs in a shared cache (an id() could be reused)
 
     # -- the entry point ---------------------------------------------------------------------------------------
 
@@ -292,7 +300,7 @@ class ImageView:
         path, coords = parsed
         await self._prepare()
         if coords is None:
-            return self._documents[key]
+            return self._documents.get(key)
         level = self._levels[path]
         if level.passthrough and self.adaptation.exact:
             try:
@@ -311,6 +319,7 @@ class ImageView:
     async def attributes(self) -> dict[str, Any]:
         """The view group's attributes (OME multiscales and ``virtnii_view``), e.g. for an image listing."""
         await self._prepare()
+        assert self._documents is not None
         return json.loads(self._documents["zarr.json"])["attributes"]
 
     @property
@@ -381,21 +390,31 @@ class ImageView:
     # -- metadata ----------------------------------------------------------------------------------------------
 
     async def _prepare(self) -> None:
-        """Choose the dtype (reading level 0's range for 64-bit integers) and build the metadata, once."""
-        if self._ready is None:
-            self._ready = asyncio.get_running_loop().create_future()
+        """Choose the dtype (reading level 0's range for 64-bit integers) and build the metadata, once; callers
+        arriving meanwhile wait for it (and retry if it was cancelled: its client left)."""
+        while self._documents is None:
+            pending = self._ready
+            if pending is not None:
+                await asyncio.wait([pending])
+                if not pending.cancelled():
+                    pending.result()  # the failure, if it failed
+                continue
+            pending = self._ready = asyncio.get_running_loop().create_future()
             try:
                 if self._adaptation is None:
                     self._adaptation = adaptation(self.source_dtype, await self._level0_range())
                 self._documents = self._build_documents()
-            except BaseException as err:
-                ready, self._ready = self._ready, None
-                ready.set_exception(err)
-                ready.exception()
+            except asyncio.CancelledError:
+                pending.cancel()
                 raise
-            self._ready.set_result(None)
-        else:
-            await asyncio.shield(self._ready)
+            except BaseException as err:
+                pending.set_exception(err)
+                pending.exception()  # retrieved: nobody may be waiting for it
+                raise
+            else:
+                pending.set_result(None)
+            finally:
+                self._ready = None
 
     def _build_documents(self) -> dict[str, bytes]:
         how = self.adaptation
@@ -483,7 +502,7 @@ class ImageView:
         level0 = f"{self._prefix}/0"
         keys = [chunk_key(level0, q, self._zarr_format) for q, _, _ in pieces]
         if self.gzipped:
-            slabs = await asyncio.gather(*(self.cache.get((id(self), key), self._loader(key)) for key in keys))
+            slabs = await asyncio.gather(*(self.cache.get((self._token, key), self._loader(key)) for key in keys))
 
             def fill(block: np.ndarray) -> None:
                 for data, (_, inside, within) in zip(slabs, pieces):
@@ -577,8 +596,10 @@ class ImageView:
 
     async def _level_filler(self, path: str, lo: tuple[int, ...], hi: tuple[int, ...]
                             ) -> Callable[[np.ndarray], None]:
-        array = await zarr.api.asynchronous.open_array(store=self._group.store, path=f"{self._group.path}/{path}",
-                                                       mode="r")
+        array = self._level_arrays.get(path)
+        if array is None:
+            array = self._level_arrays[path] = await zarr.api.asynchronous.open_array(
+                store=self._group.store, path=f"{self._group.path}/{path}", mode="r")
         data = await array.getitem(tuple(slice(a, b) for a, b in zip(lo, hi)))
 
         def fill(block: np.ndarray) -> None:
