@@ -599,7 +599,7 @@ class ImageView:
         array = self._level_arrays.get(path)
         if array is None:
             array = self._level_arrays[path] = await zarr.api.asynchronous.open_array(
-                store=self._group.store, path=f"{self._group.path}/{path}", mode="r")
+                store=self._group.store, path=f"{self._group.path}/{path}", mode="r", zarr_format=self._zarr_format)
         data = await array.getitem(tuple(slice(a, b) for a, b in zip(lo, hi)))
 
         def fill(block: np.ndarray) -> None:
