@@ -359,3 +359,13 @@ def test_docs_example_runs() -> None:
     text = (Path(__file__).parent.parent / "docs" / "view.md").read_text()
     example = text.split("## In Python", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     exec(compile(example, "docs/view.md", "exec"), {})
+
+
+def test_a_dtype_without_a_viewer_type_is_an_error_naming_the_image(tmp_path: Path, monkeypatch) -> None:
+    path = write_nifti(tmp_path / "odd.nii", np.ones((4, 4, 4), "<i2"))
+    virtnii.scan([str(path)], str(tmp_path / "m"))
+    group = virtnii.open(str(tmp_path / "m"))["odd"]
+    odd = np.dtype([("a", "<i2")])  # a structured voxel that is not RGB
+    monkeypatch.setattr(nib.Nifti1Header, "get_data_dtype", lambda self: odd)
+    with pytest.raises(virtnii.UnsupportedNifti, match="odd.*no viewer view"):
+        ImageView(group)

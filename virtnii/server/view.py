@@ -80,7 +80,7 @@ from fsspec.core import split_protocol
 from zarr.codecs import BloscCodec
 from zarr.storage import MemoryStore
 
-from ..errors import ManifestError
+from ..errors import ManifestError, UnsupportedNifti
 from ..pyramid.build import CODECS
 from ..reader import to_nibabel
 from ..references import chunk_key
@@ -263,7 +263,11 @@ class ImageView:
         # nibabel's reading of the header's scaling (unset or 0 slope: 1, 0), which a loaded header no longer holds
         self._scaling = {"scl_slope": float(image.dataobj.slope), "scl_inter": float(image.dataobj.inter)}
         attributes = group.attrs.asdict()
-        self._multiscales = (attributes["ome"] if "ome" in attributes else attributes)["multiscales"][0]
+        try:
+            self._multiscales = (attributes["ome"] if "ome" in attributes else attributes)["multiscales"][0]
+        except (KeyError, IndexError, TypeError) as err:
+            raise ManifestError(str(group.store_path), "an image group without OME multiscales; re-run "
+                                                       "`virtnii scan`") from err
         self._axes_doc = self._multiscales["axes"]
         self.axes = tuple(axis["name"] for axis in self._axes_doc)
         level0 = group["0"]
@@ -284,7 +288,7 @@ class ImageView:
         reference = self._reference(chunk_key(f"{self._prefix}/0", (0,) * len(self.axes), self._zarr_format))
         self.gzipped = split_protocol(reference[0])[0] == "gzidx"
         self._adaptation: Adaptation | None = None if needs_value_range(self.source_dtype) \
-            else adaptation(self.source_dtype)
+            else self._adapt(None)
         self._documents: dict[str, bytes] | None = None
         self._ready: asyncio.Future[None] | None = None
         self._level_arrays: dict[str, zarr.AsyncArray] = {}
@@ -328,6 +332,12 @@ class ImageView:
         if self._adaptation is None:
             raise RuntimeError("the adaptation of a 64-bit integer image is known once the view is prepared")
         return self._adaptation
+
+    def _adapt(self, value_range: tuple[int, int] | None) -> Adaptation:
+        try:
+            return adaptation(self.source_dtype, value_range)
+        except ValueError as err:
+            raise UnsupportedNifti(str(self._group.store_path), f"no viewer view: {err}") from err
 
     # -- keys --------------------------------------------------------------------------------------------------
 
@@ -402,7 +412,7 @@ class ImageView:
             pending = self._ready = asyncio.get_running_loop().create_future()
             try:
                 if self._adaptation is None:
-                    self._adaptation = adaptation(self.source_dtype, await self._level0_range())
+                    self._adaptation = self._adapt(await self._level0_range())
                 self._documents = self._build_documents()
             except asyncio.CancelledError:
                 pending.cancel()
