@@ -288,3 +288,20 @@ def test_source_replaced_after_the_first_read_is_stale(indexed: tuple[Path, Path
     write_nifti(path, voxels((6, 5, 4, 3), "i2", seed=9))  # same size, other voxels
     os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns + 1_000_000_000))
     _assert_refused(lambda: array[0], virtnii.StaleSource, path)
+
+
+def test_parquet_level_with_unwritten_chunks_reads_as_fill_value(tmp_path: Path) -> None:
+    """A pyramid level's all-zero chunks are never written: their Parquet rows hold no path, read as absent."""
+    data = np.zeros((200, 200, 100), np.int16)
+    data[:50, :50, :20] = 7
+    source = write_nifti(tmp_path / "sparse.nii.gz", data)
+    for ref_format in ("json", "parquet"):
+        virtnii.scan([str(source)], str(tmp_path / ref_format), zarr_format=2, ref_format=ref_format)
+        virtnii.build_pyramids(str(tmp_path / ref_format))
+    by_json, by_parquet = (virtnii.open(str(tmp_path / name))["sparse"] for name in ("json", "parquet"))
+    assert sorted(by_parquet.array_keys()) == sorted(by_json.array_keys())
+    for level in by_json.array_keys():
+        np.testing.assert_array_equal(by_parquet[level][...], by_json[level][...])
+    combined = tmp_path / "combined"
+    virtnii.combine([str(tmp_path / "parquet")], str(combined))  # the references are copied without the holes
+    np.testing.assert_array_equal(virtnii.open(str(combined))["sparse"]["1"][...], by_json["1"][...])

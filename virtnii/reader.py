@@ -167,6 +167,14 @@ class _ReferenceFileSystem(ReferenceFileSystem):
                 raise
         raise cause  # outside the handler, so the two errors do not become each other's context (a cycle)
 
+    def _cat_common(self, path: str, start: int | None = None, end: int | None = None) -> tuple[Any, Any, Any]:
+        # A Parquet record holds a row for every chunk slot of its array; the rows of chunks never written (all
+        # fill value in a pyramid level) come back from pandas with a NaN path: absent, like a missing key.
+        part_or_url, start, end = super()._cat_common(path, start, end)
+        if not isinstance(part_or_url, (str, bytes)):
+            raise FileNotFoundError(path)
+        return part_or_url, start, end
+
     async def _ls(self, path: str, detail: bool = True, **kwargs: Any) -> list[Any]:
         if not path.startswith("/"):
             return await super()._ls(path, detail=detail, **kwargs)

@@ -62,9 +62,14 @@ def _parquet_keys(mapper: Any) -> list[str]:
             grid = [-(-n // c) for n, c in zip(doc["shape"], doc["chunks"])]
             for index in itertools.product(*map(range, grid)):
                 chunk = f"{array}/{'.'.join(map(str, index)) or '0'}"
-                if chunk in mapper:
+                if _is_reference(mapper.get(chunk)):
                     keys.append(chunk)
     return keys
+
+
+def _is_reference(value: Any) -> bool:
+    """Whether a Parquet mapper's value is a reference: rows of chunks never written hold a NaN path."""
+    return isinstance(value, (bytes, bytearray, str)) or (isinstance(value, (list, tuple)) and isinstance(value[0], str))
 
 
 def _json_value(key: str, value: Any) -> Any:
