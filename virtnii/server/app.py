@@ -270,7 +270,11 @@ async def _start(app: web.Application, host: str, port: int) -> tuple[web.AppRun
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as err:  # address in use, not this machine's, no permission
+        await runner.cleanup()
+        raise VirtniiError(f"{host}:{port}", f"cannot listen there: {err.strerror or err}") from err
     bound = runner.addresses[0]
     shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
     if not is_loopback(host):

@@ -216,8 +216,8 @@ def _reference(references: ReferenceFileSystem, key: str) -> Any:
         ref = references.references[key]
     except (KeyError, ValueError, IndexError, TypeError):  # Parquet: a key outside any array's grid
         return None
-    if isinstance(ref, (list, tuple)):
-        return [ref[0], *map(int, ref[1:])]
+    if isinstance(ref, (list, tuple)):  # Parquet marks a chunk it does not have [nan]
+        return [ref[0], *map(int, ref[1:])] if ref and isinstance(ref[0], str) else None
     return ref
 
 
