@@ -11,7 +11,8 @@ request) and written level-1 chunks (compressed files).  Reported: requests/s, M
 The client shares the machine with the servers (2 cores here): the figures are the pair's, and the static
 server's row says where the client and the network stack, not virtnii, set the limit.
 
-Run: ``python scripts/bench_serve.py [--quick] [--shape 512 512 256] [--connections 64] [--seconds 10]``.
+Run: ``python scripts/bench_serve.py [--quick] [--shape 512 512 256] [--connections 64] [--seconds 10]
+[--repeat 3]``.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def static_server(folder: str) -> None:
 
 
 async def load(url: str, keys: list[str], connections: int, seconds: float) -> dict[str, float]:
-    """``connections`` clients asking for ``keys`` in turn for ``seconds``: requests/s, MB/s, p50/p99 (ms)."""
+    """``connections`` clients asking for ``keys`` in turn for ``seconds`` (each key at least once):
+    requests/s, MB/s, p50/p99 (ms)."""
     import aiohttp
 
     latencies: list[float] = []
@@ -95,7 +97,7 @@ async def load(url: str, keys: list[str], connections: int, seconds: float) -> d
         async def client(offset: int) -> None:
             nonlocal received
             i = offset
-            while time.perf_counter() < stop:
+            while time.perf_counter() < stop or i < len(keys):
                 began = time.perf_counter()
                 async with session.get(url + keys[i % len(keys)]) as response:
                     body = await response.read()
@@ -155,13 +157,15 @@ def main() -> None:
     parser.add_argument("--shape", type=int, nargs=3, default=[512, 512, 256], metavar=("X", "Y", "Z"))
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=10.0, help="per measurement (default 10)")
-    parser.add_argument("--quick", action="store_true", help="128x128x64, 8 connections, 1 s: a smoke test")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per measurement, alternating servers; "
+                                                               "medians reported (default 3)")
+    parser.add_argument("--quick", action="store_true", help="128x128x64, 8 connections, 1 s, 1 run: a smoke test")
     parser.add_argument("--static-server", metavar="DIR", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.static_server:
         return static_server(args.static_server)
     if args.quick:
-        args.shape, args.connections, args.seconds = [128, 128, 64], 8, 1.0
+        args.shape, args.connections, args.seconds, args.repeat = [128, 128, 64], 8, 1.0, 1
         args.dir = args.dir / "quick"
     shape = tuple(args.shape)
     folder = args.dir / "x".join(map(str, shape))
@@ -172,14 +176,22 @@ def main() -> None:
     try:
         copy_chunks(url, kinds, folder / "static")
         static, static_url = start([sys.executable, __file__, "--static-server", str(folder / "static")])
-        print(f"{shape} int16; {args.connections} connections, {args.seconds:g} s each")
+        print(f"{shape} int16; {args.connections} connections, {args.seconds:g} s each, median of {args.repeat}")
         print(f"{'chunks':<18} {'server':<8} {'size':>9} {'requests/s':>11} {'MB/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
         rows = []
+        servers = (("virtnii", url), ("static", static_url))
         for kind, keys in kinds.items():
             size = (folder / "static" / keys[0]).stat().st_size
+            for _, base in servers:  # warm-up: every key once (first fingerprint checks, page cache, connections)
+                asyncio.run(load(f"{base}zarr/", keys, min(len(keys), args.connections), 0.0))
+            runs: dict[str, list[dict[str, float]]] = {"virtnii": [], "static": []}
+            for _ in range(args.repeat):  # alternated, so that a burst of load elsewhere hits both alike
+                for label, base in servers:
+                    runs[label].append(asyncio.run(load(f"{base}zarr/", keys, args.connections, args.seconds)))
             results = {}
-            for label, base in (("virtnii", url), ("static", static_url)):
-                results[label] = result = asyncio.run(load(f"{base}zarr/", keys, args.connections, args.seconds))
+            for label, _ in servers:
+                results[label] = result = {measure: statistics.median(run[measure] for run in runs[label])
+                                           for measure in runs[label][0]}
                 print(f"{kind:<18} {label:<8} {size / 1024:7.0f} K {result['requests/s']:11.0f} "
                       f"{result['MB/s']:8.0f} {result['p50 ms']:8.1f} {result['p99 ms']:8.1f}")
             rows.append(Row(f"{kind}: requests/s vs static files",
