@@ -8,6 +8,7 @@ with slope/inter), copied next to the manifests together with canary files that 
 from __future__ import annotations
 
 import asyncio
+import importlib.machinery
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
@@ -453,6 +455,35 @@ def test_a_view_mounts_at_view(tree: dict[str, Any]) -> None:
     assert seen == [("anatomical", "zarr.json")] * 3 + [("anatomical", "0/c/0/0/0")]
     with running([str(tree["manifests"]["v3"])], view=async_view) as url:
         assert fetch(f"{url}view/example4d/0/c/0/0/0")[2] == b"async 0/c/0/0/0"
+
+
+def test_the_view_module_is_mounted_when_installed(tree: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """``virtnii.server.view`` (branch view): one ImageView per image over its served group, one shared cache."""
+    made = []
+
+    class ImageView:
+        def __init__(self, group: zarr.Group, *, cache: Any) -> None:
+            made.append((group["0"].shape, cache))
+            time.sleep(0.2)  # a slow first read of the header: concurrent first requests must wait for it
+
+        async def get(self, key: str) -> bytes | None:
+            return json.dumps({"key": key}).encode() if key.endswith("zarr.json") else None
+
+    module = types.ModuleType("virtnii.server.view")
+    module.__spec__ = importlib.machinery.ModuleSpec("virtnii.server.view", None)
+    module.ImageView, module.SlabCache = ImageView, object  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "virtnii.server.view", module)
+    with running([str(tree["manifests"]["v3"])]) as url:
+        threads = [threading.Thread(target=fetch, args=(f"{url}view/anatomical/zarr.json",)) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert json.loads(fetch(f"{url}view/anatomical/0/zarr.json")[2]) == {"key": "0/zarr.json"}
+        assert fetch(f"{url}view/anatomical/0/c/0/0/0")[0] == 404
+        assert fetch(f"{url}view/functional/zarr.json")[0] == 200
+    assert [shape for shape, _ in made] == [(25, 41, 33), (20, 3, 21, 17)]
+    assert made[0][1] is made[1][1]
 
 
 # -- the command line ---------------------------------------------------------------------------------------

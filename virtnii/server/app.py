@@ -75,12 +75,28 @@ class _Resource:
 
 
 def default_view() -> ViewFunction | None:
-    """``virtnii.server.view.view_key`` when that module is installed (branch ``view``), else None (``/view/``
-    answers 404)."""
+    """The viewer view of :mod:`virtnii.server.view` when that module is installed, else None (``/view/``
+    answers 404).
+
+    One ``ImageView`` per image, made on its first request (in a thread: it reads the image's header and
+    metadata) over the image's group on the server's own references, all sharing one ``SlabCache``, which
+    bounds the slabs decoded for every view.
+    """
     name = f"{__package__}.view"
     if importlib.util.find_spec(name) is None:
         return None
-    return importlib.import_module(name).view_key
+    module = importlib.import_module(name)
+    cache = module.SlabCache()
+    views: dict[str, asyncio.Task[Any]] = {}
+
+    async def view_key(image: ServedImage, key: str) -> bytes | None:
+        if image.path not in views:  # concurrent first requests share one construction
+            views[image.path] = asyncio.ensure_future(
+                asyncio.to_thread(lambda: module.ImageView(image.group, cache=cache)))
+        made = await asyncio.shield(views[image.path])  # a cancelled request leaves it to the others
+        return await made.get(key)
+
+    return view_key
 
 
 def create_app(store: Store, *, view: ViewFunction | None = None, static: Path = STATIC) -> web.Application:
