@@ -25,6 +25,7 @@ from .export import export
 from .manifest import manifest_options_for, manifest_url, read_index
 from .pyramid import CODECS, DEFAULT_CODEC, METHODS, build_pyramids
 from .scan import scan
+from .server import DEFAULT_HOST, DEFAULT_PORT
 from .verified import verify
 
 #: Exit codes: distinct for each outcome a script or scheduler may act on.
@@ -265,6 +266,26 @@ def build_parser() -> argparse.ArgumentParser:
     _storage_arguments(p_export)
     _trust_argument(p_export)
 
+    p_serve = commands.add_parser(
+        "serve", help="serve manifests over HTTP as plain Zarr, with an image listing and a viewer page",
+        description="Serve every image of the manifests as a read-only Zarr store (/zarr/), exactly the "
+                    "manifests' keys, .nii.gz chunks decoded on the fly, with the image listing at /api/images "
+                    "and the viewer page at / (docs/serve.md).  Runs until Ctrl-C or SIGTERM (exit status 0).",
+        epilog="examples:\n  virtnii serve manifests/ds000001 --open\n"
+               "  virtnii serve manifests/ds1 manifests/ds2 --port 0      # one subgroup each; a free port\n"
+               "  python -c 'import zarr; print(zarr.open_group(\"http://127.0.0.1:8000/zarr/\", mode=\"r\").attrs)'",
+        parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p_serve.add_argument("manifests", nargs="+", metavar="MANIFEST")
+    p_serve.add_argument("--host", default=DEFAULT_HOST,
+                         help="address to listen on (default: %(default)s, this machine only; any other lets "
+                              "everyone who reaches it read the images: there is no authentication)")
+    p_serve.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default: %(default)s; 0 picks a "
+                                                                        "free one)")
+    p_serve.add_argument("--open", dest="open_browser", action="store_true", help="open the viewer page in a "
+                                                                                  "web browser")
+    _storage_arguments(p_serve)
+    _trust_argument(p_serve)
+
     p_example = commands.add_parser("example", help="the whole job (scan, pyramid, export) on files shipped with "
                                                     "nibabel, each step checked",
                                     parents=[common])
@@ -421,6 +442,36 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from .server import Store, serve
+
+    storage, manifest_options = _options(args)
+    store = Store(args.manifests, storage_options=storage, manifest_options=manifest_options or None,
+                  allow_local_sources=args.allow_local_sources)
+    count = len(store.images)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LogFormatter())
+    logger = logging.getLogger("virtnii.server")
+    logger.addHandler(handler)
+    try:
+        serve(store, args.host, args.port, open_browser=args.open_browser,
+              ready=lambda url: print(f"serving {count} image(s) of {len(args.manifests)} manifest(s) at {url} "
+                                      "(Ctrl-C to stop)", flush=True))
+    finally:
+        logger.removeHandler(handler)
+    print("virtnii: stopped", file=sys.stderr)
+    return EXIT_OK
+
+
+class _LogFormatter:
+    """``virtnii: warning: …`` lines, as the other commands print their errors."""
+
+    def format(self, record: Any) -> str:
+        return f"virtnii: {record.levelname.lower()}: {record.getMessage()}"
+
+
 def cmd_example(args: argparse.Namespace) -> int:
     from .example import run
 
@@ -438,7 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (unless --debug or VIRTNII_DEBUG asks for one of an internal error)."""
     args = build_parser().parse_args(argv)
     handler = {"scan": cmd_scan, "index": cmd_index, "find": cmd_find, "info": cmd_info, "verify": cmd_verify, "pyramid": cmd_pyramid,
-               "combine": cmd_combine, "export": cmd_export, "example": cmd_example}[args.command]
+               "combine": cmd_combine, "export": cmd_export, "serve": cmd_serve, "example": cmd_example}[args.command]
     in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     written = f": {args.out} was left as it was (a manifest is put in place only once complete)" \
