@@ -134,15 +134,26 @@ def open(manifest: str, manifest_options: dict[str, Any] | None = None, *, allow
     :class:`virtnii.fingerprint.Checker`); a changed source raises :class:`~virtnii.errors.StaleSource`
     instead of returning wrong voxels.
     """
+    references = reference_filesystem(manifest, manifest_options, allow_local_sources=allow_local_sources,
+                                      **storage_options)
+    return zarr.open_group(store=FsspecStore(references, read_only=True, path=""), mode="r")
+
+
+def reference_filesystem(manifest: str, manifest_options: dict[str, Any] | None = None, *,
+                         allow_local_sources: bool = False, **storage_options: Any) -> ReferenceFileSystem:
+    """The asynchronous ReferenceFileSystem :func:`open` reads a manifest through (arguments as for
+    :func:`open`): its keys are the manifest's zarr keys, each read from its source with every check of
+    :func:`reference_options`, and a source's own error raised as itself (e.g. ``StaleSource``).  For code
+    that serves or copies keys rather than arrays (``virtnii serve``).
+    """
     options = reference_options(manifest, manifest_options, allow_local_sources=allow_local_sources,
                                 **storage_options)
     try:
-        references = _ReferenceFileSystem(**options)
+        return _ReferenceFileSystem(**options)
     except (*storage_errors(), ValueError) as err:  # ValueError: not JSON / not Parquet
         if is_missing(err):
             raise ManifestError(manifest, f"references {options['fo']} are missing; re-run `virtnii scan`") from err
         raise ManifestError(manifest, f"cannot read references {options['fo']}: {err.__cause__ or err}") from err
-    return zarr.open_group(store=FsspecStore(references, read_only=True, path=""), mode="r")
 
 
 class _ReferenceFileSystem(ReferenceFileSystem):
