@@ -26,7 +26,8 @@ const SLICE_AXIS = { axial: 2, coronal: 1, sagittal: 0, multiplanar: 2, render: 
 const elements = Object.fromEntries(
   ["search", "count", "images", "slice", "position", "status", "canvas"].map((id) => [id, document.getElementById(id)]))
 
-/** What tests and benchmarks read: the state of the page, and timings (ms since the image was chosen). */
+/** What tests and benchmarks read: the state of the page, and timings (ms since the image was chosen, at
+ * `chosenAt` on the page's performance.now() clock). */
 const state = {
   nv: null, // the Niivue instance (tests read voxel values at world positions through it)
   images: [],
@@ -87,7 +88,7 @@ async function open(entry) {
   const token = ++opening
   const started = performance.now()
   Object.assign(state, { path: entry.path, source: null, affine: null, level: null, targetLevel: null, levels: null,
-    timings: {} })
+    timings: { chosenAt: started } })
   for (const button of elements.images.querySelectorAll("button")) {
     button.setAttribute("aria-current", String(button.dataset.path === entry.path))
   }
@@ -119,11 +120,13 @@ async function open(entry) {
     nv.opts.sliceType = sliceType
     current = { image, token }
 
+    placeInWorld(image, toWorld)
     image.addEventListener("loadingComplete", (event) => {
       if (token !== opening) return
-      placeInWorld(image, toWorld)
-      nv.updateGLVolume()
       state.level = event.detail.levelIndex
+      // fidnii computes the display window (OMERO) on the coarsest level, then again on the target level, which
+      // reads that whole level a second time: the coarse level's quantiles serve as well
+      multiscales.metadata.omero ??= image.getOmero()
       requestAnimationFrame(() => {
         if (token !== opening) return
         state.timings.firstRender ??= performance.now() - started

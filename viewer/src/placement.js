@@ -35,12 +35,24 @@ export function worldFromOme(niftiAffine, level0) {
   return multiply(niftiAffine, toIndex)
 }
 
-/** Replace the affine niivue will use for `nvImage` (fidnii's, in OME coordinates) by the world one. */
+/**
+ * Make `nvImage` place itself in world space from now on: each affine fidnii gives it (OME coordinates, set
+ * just before fidnii calls calculateRAS and uploads the block) is replaced by the world one, once.
+ *
+ * Hooking calculateRAS rather than fixing the header after fidnii's upload saves a second upload of every
+ * level and never shows a frame placed by OME axes.
+ */
 export function placeInWorld(nvImage, worldFromOmeMatrix) {
-  const omeAffine = nvImage.hdr.affine.map((row) => [...row])
-  nvImage.hdr.affine = multiply(worldFromOmeMatrix, omeAffine)
-  nvImage.hdr.sform_code = 1
-  nvImage.calculateRAS()
+  const calculateRAS = nvImage.calculateRAS.bind(nvImage)
+  let placed = null // the affine array last placed: niivue may call calculateRAS again on it
+  nvImage.calculateRAS = () => {
+    if (nvImage.hdr.affine !== placed) {
+      nvImage.hdr.affine = multiply(worldFromOmeMatrix, nvImage.hdr.affine)
+      nvImage.hdr.sform_code = 1
+      placed = nvImage.hdr.affine
+    }
+    return calculateRAS()
+  }
 }
 
 // ---- The NIfTI affine from the raw header, by nibabel's rules (Nifti1Header.get_best_affine) ----
