@@ -59,13 +59,21 @@ function tilePixels() {
   return state.view === "multiplanar" ? side / 2 : side
 }
 
-/** The view of `entry` to load: `/view/` (isotropic chunks, viewer dtypes) when the server offers it. */
+/**
+ * The tree of `entry` to load: `/view/` (isotropic chunks, viewer dtypes, its affine in the attributes) when
+ * the server offers it, else the plain `/zarr/` store, whose affine the page reads from the NIfTI header.
+ */
 async function chooseTree(entry) {
   if (entry.view) {
-    const probe = await fetch(new URL("zarr.json", new URL(entry.view, location.href)))
-    if (probe.ok) return { source: "view", url: new URL(entry.view, location.href).href }
+    const url = new URL(entry.view, location.href).href
+    const probe = await fetch(new URL("zarr.json", url))
+    if (probe.ok) {
+      const affine = (await probe.json()).attributes?.virtnii_view?.affine
+      // null entries: an affine with non-finite values (a broken header), which the page cannot place
+      if (affine?.flat().every(Number.isFinite)) return { source: "view", url, affine }
+    }
   }
-  return { source: "zarr", url: new URL(entry.zarr, location.href).href }
+  return { source: "zarr", url: new URL(entry.zarr, location.href).href, affine: await niftiAffine(entry) }
 }
 
 /** The image's NIfTI affine, from the raw header the plain store serves at `<image>/nifti`. */
@@ -100,7 +108,7 @@ async function open(entry) {
     if (entry.shape.length !== 3) {
       throw new Error(`it has ${entry.shape.length} dimensions (${entry.shape.join("×")}); the viewer shows 3-D images`)
     }
-    const [{ source, url }, affine] = await Promise.all([chooseTree(entry), niftiAffine(entry)])
+    const { source, url, affine } = await chooseTree(entry)
     const multiscales = await fromNgffZarr(url)
     if (token !== opening) return
     const levels = multiscales.images
