@@ -112,6 +112,10 @@ async function open(entry) {
     const multiscales = await fromNgffZarr(url)
     if (token !== opening) return
     const levels = multiscales.images
+    // An OMERO entry without a window: fidnii would otherwise compute one (quantiles, re-reading each level it
+    // loads, in one more worker), which it then widens to the data's range after every load anyway; without
+    // one, niivue's own range is used and widened the same way
+    multiscales.metadata.omero ??= { channels: [{}] }
     const toWorld = worldFromOme(affine, levels[0])
     const target = fittingLevel(levels, tilePixels())
     Object.assign(state, { source, affine, levels: levels.length, targetLevel: target })
@@ -132,9 +136,6 @@ async function open(entry) {
     image.addEventListener("loadingComplete", (event) => {
       if (token !== opening) return
       state.level = event.detail.levelIndex
-      // fidnii computes the display window (OMERO) on the coarsest level, then again on the target level, which
-      // reads that whole level a second time: the coarse level's quantiles serve as well
-      multiscales.metadata.omero ??= image.getOmero()
       requestAnimationFrame(() => {
         if (token !== opening) return
         state.timings.firstRender ??= performance.now() - started
