@@ -309,6 +309,23 @@ def test_layout_1_sidecars_are_still_read(tmp_path: Path) -> None:
     assert loaded.read_range(lambda a, b: raw[a:b], offsets[5] - 3, offsets[7]) == plain[offsets[5] - 3:offsets[7]]
 
 
+def test_layout_2_from_a_server_ignoring_byte_ranges_uses_the_whole_file(tmp_path: Path) -> None:
+    """A manifest served without Range support (``python -m http.server``) sends the whole sidecar for the
+    point table's read: it is used whole, as layout 1 is."""
+    path, plain, offsets, index, descriptor = _sidecar_of_many_windows(tmp_path)
+
+    class IgnoringRanges(_CountingFileSystem):
+        def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
+            return super().cat_file(path, **kwargs)
+
+    fs = IgnoringRanges(skip_instance_cache=True)
+    loaded = gzindex.read_sidecar(fs, descriptor)
+    assert isinstance(loaded.windows, np.ndarray) and (loaded.windows == index.windows).all()
+    raw = path.read_bytes()
+    assert loaded.read_range(lambda a, b: raw[a:b], offsets[3], offsets[5]) == plain[offsets[3]:offsets[5]]
+    assert len(fs.reads) == 2  # descriptor, sidecar
+
+
 @pytest.mark.parametrize("damage, message", [
     ("members not increasing", "index_members"), ("members missing", "index_members"),
     ("too few members", "window members"), ("layout 3", "layout 3"), ("table member cut", "unreadable"),

@@ -377,7 +377,10 @@ class SidecarWindows:
             raise ManifestError(self.url, f"gzip index missing: {err}") from err
         except storage_errors() as err:
             raise ManifestError(self.url, f"unreadable gzip index: {err}") from err
-        if len(data) != end - start:
+        if len(data) > end - start:
+            raise ManifestError(self.url, f"asked for bytes {start}-{end} and got {len(data)}: the server ignores "
+                                          "byte ranges (HTTP Range); serve the manifest with one that supports them")
+        if len(data) < end - start:
             raise ManifestError(self.url, f"gzip index has {len(data)} bytes at {start}-{end} where its descriptor "
                                           f"lists {end - start}: it was replaced or damaged; re-run `virtnii scan`")
         windows = {}
@@ -1112,7 +1115,7 @@ def _stream(fs: fsspec.AbstractFileSystem, path: str, url: str, size: int, prefi
 # ---------------------------------------------------------------------------------------------- sidecars
 
 
-def descriptor(index: GzipIndex, index_file: str, index_members: Sequence[int], source: str | None = None
+def descriptor(index: GzipIndex, index_file: str, source: str | None = None, *, index_members: Sequence[int]
                ) -> dict[str, Any]:
     """The JSON descriptor of an index whose GZIDX file is ``index_file`` (relative to the descriptor), written
     in layout 2 with its gzip members starting at ``index_members`` (then its size).
@@ -1156,7 +1159,7 @@ def write_sidecar(index: GzipIndex, fs: fsspec.AbstractFileSystem, folder_path: 
     offsets = np.concatenate([[0], np.cumsum([len(m) for m in members])]).tolist()
     descriptor_file = f"{name}{DESCRIPTOR_SUFFIX}"
     fs.pipe_file(f"{folder_path}/{descriptor_file}",
-                 json.dumps(descriptor(index, index_file, offsets, source)).encode())
+                 json.dumps(descriptor(index, index_file, source, index_members=offsets)).encode())
     return descriptor_file
 
 
@@ -1183,14 +1186,15 @@ def read_sidecar(fs: fsspec.AbstractFileSystem, descriptor_path: str) -> GzipInd
         stops = _rows(STOP_DTYPE, meta["stops"]["uncompressed"], meta["stops"]["compressed"])
         members = _rows(MEMBER_DTYPE, meta["members"]["uncompressed"], meta["members"]["compressed"])
         layout = meta.get("index_layout", 1)
-        if layout == 1:
-            # ISA-L inflates in half zlib's time: the largest part of a cold first read in this layout
-            return GzipIndex.from_gzidx(igzip.decompress(fs.cat_file(index_path)), meta["source"],
-                                        meta["fingerprint"], stops=stops, members=members)
-        if layout != SIDECAR_LAYOUT:
+        if layout not in (1, SIDECAR_LAYOUT):
             raise ManifestError(url, f"unsupported gzip index layout {layout!r}: written by a newer virtnii?")
-        bounds = _member_offsets(meta["index_members"])
-        table_data = igzip.decompress(fs.cat_file(index_path, start=0, end=int(bounds[1])))
+        bounds = _member_offsets(meta["index_members"]) if layout == SIDECAR_LAYOUT else None
+        data = fs.cat_file(index_path) if bounds is None else fs.cat_file(index_path, start=0, end=int(bounds[1]))
+        if bounds is None or len(data) == bounds[-1] > bounds[1]:  # layout 1, or a server ignoring byte ranges
+            # ISA-L inflates in half zlib's time: the largest part of a cold first read in layout 1
+            return GzipIndex.from_gzidx(igzip.decompress(data), meta["source"], meta["fingerprint"], stops=stops,
+                                        members=members)
+        table_data = igzip.decompress(data)
         table = _GzidxTable.parse(table_data)
         if table.end != len(table_data):
             raise ValueError(f"its first gzip member holds {len(table_data) - table.end} bytes after the point "
