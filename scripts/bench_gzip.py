@@ -81,12 +81,6 @@ def generate(volume: Volume, folder: Path) -> Path:
 # ------------------------------------------------------------------------------------------------ measuring
 
 
-def _forget_gzip_indexes() -> None:
-    """Make the next gzidx:// read cold: no parsed index, no checked source in this process."""
-    gzipfs._INDEXES.clear()
-    gzipfs._CHECKER.forget()
-
-
 @dataclass
 class Result:
     label: str
@@ -118,7 +112,7 @@ def bench_volume(volume: Volume, path: Path, repeat: int) -> list[Result]:
     start = vox_offset + k * slice_bytes
 
     def fs_slice() -> np.ndarray:
-        _forget_gzip_indexes()
+        gzipfs.clear_caches()
         fs = gzipfs.GzipIndexFileSystem(root=str(manifest), skip_instance_cache=True)
         return np.frombuffer(fs.cat_file(url, start, start + slice_bytes), volume.dtype).reshape(ny, nx).T
 
@@ -129,7 +123,7 @@ def bench_volume(volume: Volume, path: Path, repeat: int) -> list[Result]:
 
     def fs_chunks() -> list[bytes]:
         """Every chunk's bytes through one cat_ranges call (the fs's work; no assembly into an array)."""
-        _forget_gzip_indexes()
+        gzipfs.clear_caches()
         fs = gzipfs.GzipIndexFileSystem(root=str(manifest), skip_instance_cache=True)
         chunks = fs.cat_ranges([url] * len(offsets), offsets, [*offsets[1:], vox_offset + volume.nbytes])
         for chunk in chunks:
@@ -138,7 +132,7 @@ def bench_volume(volume: Volume, path: Path, repeat: int) -> list[Result]:
         return chunks
 
     def zarr_volume() -> np.ndarray:
-        _forget_gzip_indexes()
+        gzipfs.clear_caches()
         refs = _refs(url, volume, offsets, slab)
         group = zarr.open_group("reference://", mode="r",
                                 storage_options={"fo": refs, "fs": {"gzidx": {"root": str(manifest)}}})

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import os
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import fsspec
+import fsspec.implementations.local
 import indexed_gzip
 import nibabel as nib
 import numpy as np
@@ -196,6 +200,176 @@ def test_sidecar_loads_in_indexed_gzip_and_rapidgzip(tmp_path: Path) -> None:
     assert (loaded.points == index.points).all() and (loaded.stops == index.stops).all()
     assert (loaded.members == index.members).all() and loaded.fingerprint == index.fingerprint
     assert loaded.span(*ranges[-1]) == index.span(*ranges[-1])
+
+
+class _CountingFileSystem(fsspec.implementations.local.LocalFileSystem):
+    """A local filesystem that records every ``cat_file`` as ``(file name, start, end, bytes returned)``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.reads: list[tuple[str, int | None, int | None, int]] = []
+
+    def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
+        data = super().cat_file(path, start=start, end=end, **kwargs)
+        self.reads.append((Path(path).name, start, end, len(data)))
+        return data
+
+
+def _sidecar_of_many_windows(tmp_path: Path) -> tuple[Path, bytes, list[int], gzindex.GzipIndex, str]:
+    """An 8 MiB gzip file indexed every 512 KiB (16 points, 15 windows), its sidecar in tmp_path/gzindex."""
+    plain = _mri_like(8 << 20)
+    path = tmp_path / "many.gz"
+    path.write_bytes(gzip.compress(plain))
+    offsets = list(range(0, len(plain), 512 * 1024))
+    index = gzindex.build_index(str(path), offsets)
+    name = gzindex.write_sidecar(index, fsspec.filesystem("file"), str(tmp_path / "gzindex"), "many")
+    return path, plain, offsets, index, str(tmp_path / "gzindex" / name)
+
+
+def test_sidecar_layout_2_reads_the_table_then_only_the_windows_decoded(tmp_path: Path) -> None:
+    path, plain, offsets, index, descriptor = _sidecar_of_many_windows(tmp_path)
+    windows = int(index.points["has_window"].sum())
+    assert windows >= 12
+    meta = json.loads(Path(descriptor).read_text())
+    assert meta["index_layout"] == 2 and len(meta["index_members"]) == windows + 2
+    sidecar = (tmp_path / "gzindex" / meta["index"]).read_bytes()
+    assert meta["index_members"][-1] == len(sidecar)
+    assert gzip.decompress(sidecar) == index.to_gzidx()  # one gzip file, whatever reads it
+    bounds = meta["index_members"]
+
+    fs = _CountingFileSystem(skip_instance_cache=True)
+    loaded = gzindex.read_sidecar(fs, descriptor)
+    assert fs.reads == [("many.gzidx.json", None, None, len(Path(descriptor).read_bytes())),
+                        ("many.gzidx.gz", 0, bounds[1], bounds[1])]  # the point table's member, no window
+    assert isinstance(loaded.windows, gzindex.SidecarWindows) and loaded.windows.read_count == 0
+    assert (loaded.points == index.points).all()
+
+    raw = path.read_bytes()
+    chunk = 9
+    start, end = offsets[chunk], offsets[chunk + 1]
+    fs.reads.clear()
+    assert loaded.read_range(lambda a, b: raw[a:b], start, end) == plain[start:end]
+    point = loaded.span(start, end).point
+    member = int(np.cumsum(index.points["has_window"])[point])  # member 0 is the table
+    assert fs.reads == [("many.gzidx.gz", bounds[member], bounds[member + 1], bounds[member + 1] - bounds[member])]
+    assert loaded.windows.read_count == 1
+    assert bounds[1] + bounds[member + 1] - bounds[member] < len(sidecar) / 8  # what a first chunk read of it
+
+    # every range, in random order, from windows read once each
+    ranges = [(a, b) for a, b in zip(offsets, [*offsets[1:], len(plain)])] + [(5, 3 << 20), (len(plain) - 9, None)]
+    for k in np.random.default_rng(3).permutation(len(ranges)).tolist():
+        a, b = ranges[k]
+        assert loaded.read_range(lambda x, y: raw[x:y], a, b or len(plain)) == plain[a:b]
+    assert loaded.windows.read_count == windows
+    window_reads = [r for r in fs.reads if r[0] == "many.gzidx.gz"]
+    assert len(window_reads) == len({r[1] for r in window_reads}) == windows
+    assert loaded.to_gzidx() == index.to_gzidx()
+
+
+def test_sidecar_windows_read_once_under_concurrent_first_reads(tmp_path: Path) -> None:
+    path, plain, offsets, index, descriptor = _sidecar_of_many_windows(tmp_path)
+    fs = _CountingFileSystem(skip_instance_cache=True)
+    loaded = gzindex.read_sidecar(fs, descriptor)
+    raw = path.read_bytes()
+    ranges = [(a, b) for a, b in zip(offsets, [*offsets[1:], len(plain)])] * 4
+    order = np.random.default_rng(5).permutation(len(ranges)).tolist()
+    with ThreadPoolExecutor(8) as pool:
+        out = list(pool.map(lambda k: loaded.read_range(lambda a, b: raw[a:b], *ranges[k]), order))
+    assert out == [plain[slice(*ranges[k])] for k in order]
+    window_reads = [r[1] for r in fs.reads if r[0] == "many.gzidx.gz" and r[1] != 0]
+    assert sorted(window_reads) == sorted(set(window_reads)) and len(window_reads) == index.points["has_window"].sum()
+    reads = len(fs.reads)
+    loaded.load_windows(range(len(index.points)))  # all there: no read
+    assert len(fs.reads) == reads
+
+
+def test_load_windows_reads_a_run_of_neighbours_at_once(tmp_path: Path) -> None:
+    _, _, _, index, descriptor = _sidecar_of_many_windows(tmp_path)
+    fs = _CountingFileSystem(skip_instance_cache=True)
+    loaded = gzindex.read_sidecar(fs, descriptor)
+    fs.reads.clear()
+    loaded.load_windows([3, 4, 5, 9, 10])
+    assert len(fs.reads) == 2 and loaded.windows.read_count == 5
+    for point in (3, 4, 5, 9, 10):
+        assert (loaded.window(point) == index.window(point)).all()
+    assert loaded.window(0) is None  # the stream start: no window, nothing read
+    assert len(fs.reads) == 2
+
+
+def test_layout_1_sidecars_are_still_read(tmp_path: Path) -> None:
+    """Sidecars written before layout 2: the GZIDX bytes gzipped whole, no index_layout or index_members."""
+    path, plain, offsets, index, descriptor = _sidecar_of_many_windows(tmp_path)
+    meta = json.loads(Path(descriptor).read_text())
+    del meta["index_layout"], meta["index_members"]
+    Path(descriptor).write_text(json.dumps(meta))
+    (tmp_path / "gzindex" / meta["index"]).write_bytes(gzip.compress(index.to_gzidx(), compresslevel=6, mtime=0))
+    loaded = gzindex.read_sidecar(fsspec.filesystem("file"), descriptor)
+    assert isinstance(loaded.windows, np.ndarray) and (loaded.windows == index.windows).all()
+    raw = path.read_bytes()
+    assert loaded.read_range(lambda a, b: raw[a:b], offsets[5] - 3, offsets[7]) == plain[offsets[5] - 3:offsets[7]]
+
+
+def test_layout_2_from_a_server_ignoring_byte_ranges_uses_the_whole_file(tmp_path: Path) -> None:
+    """A manifest served without Range support (``python -m http.server``) sends the whole sidecar for the
+    point table's read: it is used whole, as layout 1 is."""
+    path, plain, offsets, index, descriptor = _sidecar_of_many_windows(tmp_path)
+
+    class IgnoringRanges(_CountingFileSystem):
+        def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
+            return super().cat_file(path, **kwargs)
+
+    fs = IgnoringRanges(skip_instance_cache=True)
+    loaded = gzindex.read_sidecar(fs, descriptor)
+    assert isinstance(loaded.windows, np.ndarray) and (loaded.windows == index.windows).all()
+    raw = path.read_bytes()
+    assert loaded.read_range(lambda a, b: raw[a:b], offsets[3], offsets[5]) == plain[offsets[3]:offsets[5]]
+    assert len(fs.reads) == 2  # descriptor, sidecar
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("members not increasing", "index_members"), ("members missing", "index_members"),
+    ("too few members", "window members"), ("layout 3", "layout 3"), ("table member cut", "unreadable"),
+])
+def test_damaged_layout_2_descriptor_is_a_manifest_error(tmp_path: Path, damage: str, message: str) -> None:
+    *_, descriptor = _sidecar_of_many_windows(tmp_path)
+    meta = json.loads(Path(descriptor).read_text())
+    members = meta["index_members"]
+    if damage == "members not increasing":
+        members[3], members[4] = members[4], members[3]
+    elif damage == "members missing":
+        del meta["index_members"]
+    elif damage == "too few members":
+        del members[2]
+    elif damage == "layout 3":
+        meta["index_layout"] = 3
+    elif damage == "table member cut":
+        members[1] -= 5
+    Path(descriptor).write_text(json.dumps(meta))
+    with pytest.raises(ManifestError, match=message) as info:
+        gzindex.read_sidecar(fsspec.filesystem("file"), descriptor)
+    assert "many.gzidx.json" in str(info.value)
+
+
+@pytest.mark.parametrize("damage", ["window corrupted", "sidecar truncated"])
+def test_damaged_window_is_a_manifest_error_when_read(tmp_path: Path, damage: str) -> None:
+    path, plain, offsets, index, descriptor = _sidecar_of_many_windows(tmp_path)
+    meta = json.loads(Path(descriptor).read_text())
+    sidecar = tmp_path / "gzindex" / meta["index"]
+    data = bytearray(sidecar.read_bytes())
+    bounds = meta["index_members"]
+    if damage == "window corrupted":
+        data[bounds[-2] + 30:bounds[-2] + 60] = bytes(30)
+    else:
+        data = data[:bounds[-2] + 10]
+    sidecar.write_bytes(bytes(data))
+    loaded = gzindex.read_sidecar(fsspec.filesystem("file"), descriptor)
+    raw = path.read_bytes()
+    assert loaded.read_range(lambda a, b: raw[a:b], offsets[1], offsets[2]) == plain[offsets[1]:offsets[2]]
+    with pytest.raises(ManifestError, match="many.gzidx.gz.*(damaged|replaced)"):
+        loaded.read_range(lambda a, b: raw[a:b], len(plain) - 10, len(plain))
+    # a failed read is not remembered: the next try reads again (and fails again)
+    with pytest.raises(ManifestError):
+        loaded.load_windows([len(index.points) - 1])
 
 
 def test_reads_an_index_made_by_indexed_gzip(tmp_path: Path) -> None:

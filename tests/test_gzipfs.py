@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -255,3 +256,76 @@ def test_parsed_indexes_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert len(gzipfs._INDEXES) <= 2
     [gzidx] = [fs for fs in group.store.fs.fss.values() if isinstance(fs, gzipfs.GzipIndexFileSystem)]
     assert len(gzidx._sources) == 2
+
+
+def _index_every_slice(manifest: str, source: str, storage_options: dict | None = None) -> tuple[str, list[int]]:
+    """Index ``source`` (the test volume, gzipped) at every z-slice: 24 chunks, a window at each deflate block
+    boundary before one (7 here).  Returns the gzidx:// URL and the chunk starts."""
+    slice_bytes = SHAPE[1] * SHAPE[2] * 2
+    offsets = [OFFSET + z * slice_bytes for z in range(SHAPE[0])]
+    index = gzindex.build_index(source, offsets, storage_options)
+    fs, folder = fsspec.core.url_to_fs(manifest, **(storage_options or {}))
+    return f"gzidx://gzindex/{gzindex.write_sidecar(index, fs, f'{folder}/gzindex', 'img')}", offsets
+
+
+def test_first_read_over_s3_fetches_the_point_table_and_one_window(s3: Any) -> None:
+    """A file nobody has read yet: its first chunk costs the descriptor, the sidecar's point table and the one
+    window it decodes from (small ranged reads), not the whole sidecar."""
+    bucket = s3.create_bucket("gzipfs-lazy")
+    plain = bytes(OFFSET) + _volume().tobytes()
+    s3.filesystem().pipe_file(f"{bucket}/data/img.nii.gz", gzip.compress(plain))
+    manifest = f"s3://{bucket}/manifest"
+    url, offsets = _index_every_slice(manifest, f"s3://{bucket}/data/img.nii.gz", s3.storage_options)
+    meta = json.loads(s3.filesystem().cat_file(f"{bucket}/manifest/gzindex/img.gzidx.json"))
+    members = np.diff(meta["index_members"])
+    descriptor_size = s3.filesystem().size(f"{bucket}/manifest/gzindex/img.gzidx.json")
+    sidecar_size = int(meta["index_members"][-1])
+    assert len(members) >= 6  # the table, then the windows
+
+    fs = GzipIndexFileSystem(root=manifest, root_options=s3.storage_options, target_options=s3.storage_options,
+                             skip_instance_cache=True)
+    start, end = offsets[13], offsets[14]
+    s3.reset_counters()
+    assert fs.cat_file(url, start, end) == plain[start:end]
+    meter = s3.meter()
+    [(_, index)] = [v for k, v in gzipfs._INDEXES.items() if k.endswith(f"{bucket}/manifest/gzindex/img.gzidx.json")]
+    span = index.span(start, end)
+    assert index.windows.read_count == 1
+    sidecar_read = meter.bytes_out - descriptor_size - (span.cmp_end - span.cmp_start)
+    assert sidecar_read <= members[0] + members[1:].max()
+    assert sidecar_read < sidecar_size / 3
+    assert meter.requests["GET"] == 4, meter.requests  # descriptor, point table, window, compressed span
+
+
+def test_concurrent_first_reads_from_threads_are_exact_and_read_each_window_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    plain = bytes(OFFSET) + _volume().tobytes()
+    source = tmp_path / "img.nii.gz"
+    source.write_bytes(gzip.compress(plain))
+    url, offsets = _index_every_slice(str(tmp_path / "manifest"), str(source))
+    reads: list[tuple[int, int]] = []
+    original = gzindex.SidecarWindows._read
+
+    def counting(self: gzindex.SidecarWindows, first: int, stop: int) -> dict[int, np.ndarray]:
+        reads.append((first, stop))
+        return original(self, first, stop)
+
+    monkeypatch.setattr(gzindex.SidecarWindows, "_read", counting)
+    gzipfs.clear_caches()
+    fs = GzipIndexFileSystem(root=str(tmp_path / "manifest"), skip_instance_cache=True)
+    ranges = [(a, b) for a, b in zip(offsets, [*offsets[1:], len(plain)])] * 3
+    order = np.random.default_rng(11).permutation(len(ranges)).tolist()
+    with ThreadPoolExecutor(8) as pool:
+        out = list(pool.map(lambda k: fs.cat_file(url, *ranges[k]), order))
+    assert out == [plain[slice(*ranges[k])] for k in order]
+    read = sorted(k for first, stop in reads for k in range(first, stop))
+    [(_, index)] = [v for k, v in gzipfs._INDEXES.items() if str(tmp_path) in k]
+    assert read == list(range(int(index.points["has_window"].sum())))  # each window once
+
+    # cat_ranges reads the windows of a run of chunks in one ranged read, alongside the data
+    gzipfs.clear_caches()
+    reads.clear()
+    fresh = GzipIndexFileSystem(root=str(tmp_path / "manifest"), skip_instance_cache=True)
+    starts, ends = offsets[4:12], offsets[5:13]
+    assert fresh.cat_ranges([url] * len(starts), starts, ends) == [plain[a:b] for a, b in zip(starts, ends)]
+    assert len(reads) == 1

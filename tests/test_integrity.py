@@ -163,6 +163,25 @@ def test_verify_reports_missing_damaged_or_foreign_sidecars(manifest: Path, tmp_
     assert "gzidx.json" in str(problem)
 
 
+def test_verify_reads_every_window_of_a_sidecar(tmp_path: Path) -> None:
+    """Readers load a sidecar's windows only as chunks need them; verify inflates them all."""
+    volume = np.random.default_rng(0).integers(0, 40, (256, 256, 128), dtype=np.int16)  # 4 chunks of 4 MiB
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "t1.nii.gz")
+    out = tmp_path / "out"
+    virtnii.scan([str(tmp_path / "t1.nii.gz")], str(out))
+    assert virtnii.verify(str(out)) == (1, [])
+    [descriptor] = (out / "gzindex").glob("*.gzidx.json")
+    [index_file] = (out / "gzindex").glob("*.gzidx.gz")
+    members = json.loads(descriptor.read_text())["index_members"]
+    assert len(members) == 5  # the point table, 3 windows, the end
+    data = bytearray(index_file.read_bytes())
+    data[members[2] + 20:members[2] + 40] = bytes(20)
+    index_file.write_bytes(bytes(data))
+    [problem] = virtnii.verify(str(out))[1]
+    assert isinstance(problem, virtnii.ManifestError)
+    assert index_file.name in str(problem) and "window 1" in str(problem) and "damaged" in str(problem)
+
+
 def test_verify_checks_parquet_references(tmp_path: Path) -> None:
     out = tmp_path / "out"
     virtnii.scan([str(DATA / "anatomical.nii"), str(DATA / "example4d.nii.gz")], str(out), zarr_format=2,

@@ -39,8 +39,8 @@ import os
 import struct
 import threading
 import zlib
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -61,6 +61,10 @@ DESCRIPTOR_VERSION = 1
 RELATIVE_DESCRIPTOR_VERSION = 2
 DESCRIPTOR_SUFFIX = ".gzidx.json"
 INDEX_SUFFIX = ".gzidx.gz"
+#: Layout of the GZIDX file written (descriptor field ``index_layout``): 1 (before; field absent), the GZIDX bytes
+#: gzipped as one member; 2, the point table and each window gzipped as members of their own, so that a reader
+#: fetches only the windows it decodes from.  Either way the file gunzips to the same GZIDX v1 bytes.
+SIDECAR_LAYOUT = 2
 
 POINT_DTYPE = np.dtype([("cmp_offset", "<u8"), ("uncmp_offset", "<u8"), ("bits", "u1"), ("has_window", "?")])
 #: ``(uncmp_offset, cmp_end)``: producing the uncompressed bytes before ``uncmp_offset`` needs no compressed
@@ -106,7 +110,9 @@ class GzipIndex:
         :data:`POINT_DTYPE` rows sorted by ``uncmp_offset``; always one at offset 0.
     windows
         ``(len(points), WINDOW_SIZE)`` uint8: the output preceding each point (zeros where ``has_window`` is
-        false, i.e. at a member start, where nothing can be referenced).
+        false, i.e. at a member start, where nothing can be referenced); or, for an index read from a sidecar
+        in layout 2, :class:`SidecarWindows`, which reads and inflates each window on first use.  Either way,
+        ``windows[point]`` is the window of a point that has one (see :meth:`window`).
     stops, members
         :data:`STOP_DTYPE` and :data:`MEMBER_DTYPE` rows (see there).  Neither fits in GZIDX, so they travel in
         the JSON descriptor; an index read from a bare GZIDX file has no stops (whole-file fetch bounds are
@@ -118,7 +124,7 @@ class GzipIndex:
     compressed_size: int
     uncompressed_size: int
     points: np.ndarray
-    windows: np.ndarray
+    windows: np.ndarray | SidecarWindows
     stops: np.ndarray = field(default_factory=lambda: np.zeros(0, STOP_DTYPE))
     members: np.ndarray = field(default_factory=lambda: np.zeros(1, MEMBER_DTYPE))
 
@@ -128,9 +134,9 @@ class GzipIndex:
         # Every point, member start and the file end is also a stop: merge them once for span().
         ends = np.concatenate([
             self.stops,
-            np.array(list(zip(self.points["uncmp_offset"], self.points["cmp_offset"])), STOP_DTYPE),
-            np.array(list(zip(self.members["uncmp_offset"], self.members["cmp_offset"])), STOP_DTYPE),
-            np.array([(self.uncompressed_size, self.compressed_size)], STOP_DTYPE),
+            _rows(STOP_DTYPE, self.points["uncmp_offset"], self.points["cmp_offset"]),
+            _rows(STOP_DTYPE, self.members["uncmp_offset"], self.members["cmp_offset"]),
+            _rows(STOP_DTYPE, [self.uncompressed_size], [self.compressed_size]),
         ])
         ends = np.sort(ends, order=["uncmp_offset", "cmp_end"])
         self._stop_offsets = ends["uncmp_offset"]
@@ -156,7 +162,7 @@ class GzipIndex:
         row = self.points[span.point]
         position = int(row["uncmp_offset"])
         member = int(np.searchsorted(self.members["uncmp_offset"], position, side="right")) - 1
-        window = self.windows[span.point] if row["has_window"] else None
+        window = self.window(span.point)
         stream, bits = memoryview(data), int(row["bits"])
         parts = []
         while True:
@@ -172,6 +178,23 @@ class GzipIndex:
             member += 1  # the next member's deflate data starts on a byte, with nothing to refer back to
             stream = memoryview(data)[int(self.members["cmp_offset"][member]) - span.cmp_start:]
             bits, window = 0, None
+
+    def window(self, point: int) -> np.ndarray | None:
+        """The 32 KiB of output before seek point ``point``, or None at a member start (nothing to refer to)."""
+        return self.windows[point] if self.points["has_window"][point] else None
+
+    def windows_loaded(self, points: Iterable[int]) -> bool:
+        """Whether decoding from ``points`` needs no window read first (:meth:`load_windows` would do nothing)."""
+        return not isinstance(self.windows, SidecarWindows) or self.windows.loaded(points)
+
+    def load_windows(self, points: Iterable[int]) -> None:
+        """Read the windows of ``points`` now, with one ranged read of the sidecar per run of neighbours.
+
+        :meth:`decode` reads a missing window itself; a reader that fetches the compressed span anyway calls
+        this alongside, so that both round trips overlap (:mod:`virtnii.gzipfs` does).
+        """
+        if isinstance(self.windows, SidecarWindows):
+            self.windows.load(points)
 
     def read_range(self, fetch: Callable[[int, int], bytes], start: int, end: int) -> bytes:
         """Uncompressed ``[start, end)``, fetching compressed bytes with ``fetch(cmp_start, cmp_end)`` once."""
@@ -197,38 +220,184 @@ class GzipIndex:
 
     def to_gzidx(self) -> bytes:
         """The index in the GZIDX v1 format of indexed_gzip and rapidgzip (windows uncompressed)."""
-        parts = [_GZIDX_HEADER.pack(_GZIDX_MAGIC, _GZIDX_VERSION, 0, self.compressed_size, self.uncompressed_size,
+        return b"".join(self._gzidx_parts())
+
+    def _gzidx_parts(self) -> list[bytes]:
+        """GZIDX v1 in pieces: the header with the point table, then each stored window (what layout 2 of the
+        sidecar compresses one by one)."""
+        table = [_GZIDX_HEADER.pack(_GZIDX_MAGIC, _GZIDX_VERSION, 0, self.compressed_size, self.uncompressed_size,
                                     _GZIDX_SPACING, WINDOW_SIZE, len(self.points))]
-        parts += [_GZIDX_POINT.pack(int(p["cmp_offset"]), int(p["uncmp_offset"]), int(p["bits"]),
+        table += [_GZIDX_POINT.pack(int(p["cmp_offset"]), int(p["uncmp_offset"]), int(p["bits"]),
                                     int(p["has_window"])) for p in self.points]
-        parts.append(self.windows[self.points["has_window"]].tobytes())
-        return b"".join(parts)
+        stored = np.flatnonzero(self.points["has_window"])
+        self.load_windows(stored)
+        return [b"".join(table), *(self.windows[int(p)].tobytes() for p in stored)]
 
     @classmethod
     def from_gzidx(cls, data: bytes, source: str, fp: fingerprint.Fingerprint, *,
                    stops: np.ndarray | None = None, members: np.ndarray | None = None) -> GzipIndex:
         """Parse GZIDX v1 bytes (ours, indexed_gzip's or rapidgzip's); ``ValueError`` if they are not."""
+        table = _GzidxTable.parse(data)
+        stored_size = int(table.points["has_window"].sum()) * table.window_size
+        if len(data) < table.end + stored_size:
+            raise ValueError("truncated GZIDX gzip index")
+        stored = np.frombuffer(data, np.uint8, stored_size, table.end)
+        windows = np.zeros((len(table.points), WINDOW_SIZE), np.uint8)
+        windows[table.points["has_window"]] = stored.reshape(-1, table.window_size)[:, table.window_size - WINDOW_SIZE:]
+        return table.index(source, fp, windows, stops, members)
+
+
+@dataclass(frozen=True)
+class _GzidxTable:
+    """The header and point table of GZIDX v1 bytes: everything but the windows, which follow at ``end``."""
+
+    compressed_size: int
+    uncompressed_size: int
+    window_size: int
+    points: np.ndarray
+    end: int
+
+    @classmethod
+    def parse(cls, data: bytes) -> _GzidxTable:
+        """``ValueError`` unless ``data`` starts with a GZIDX v1 header and its whole point table."""
         if len(data) < _GZIDX_HEADER.size or data[:5] != _GZIDX_MAGIC:
             raise ValueError("not a GZIDX gzip index (bad magic)")
         _, version, _, cmp_size, uncmp_size, _, window_size, n = _GZIDX_HEADER.unpack_from(data)
         if version > _GZIDX_VERSION or window_size < WINDOW_SIZE:
             raise ValueError(f"unsupported GZIDX gzip index (version {version}, window {window_size})")
+        end = _GZIDX_HEADER.size + n * _GZIDX_POINT.size
+        if len(data) < end:
+            raise ValueError("truncated GZIDX gzip index")
         raw = np.frombuffer(data, np.dtype([("cmp_offset", "<u8"), ("uncmp_offset", "<u8"), ("bits", "u1"),
                                             ("has_window", "u1")]), n, _GZIDX_HEADER.size)
         points = np.zeros(n, POINT_DTYPE)
         for name in ("cmp_offset", "uncmp_offset", "bits"):
             points[name] = raw[name]
         points["has_window"] = raw["has_window"] != 0
-        start = _GZIDX_HEADER.size + n * _GZIDX_POINT.size
-        stored_size = int(points["has_window"].sum()) * window_size
-        if len(data) < start + stored_size:
-            raise ValueError("truncated GZIDX gzip index")
-        stored = np.frombuffer(data, np.uint8, stored_size, start)
-        windows = np.zeros((n, WINDOW_SIZE), np.uint8)
-        windows[points["has_window"]] = stored.reshape(-1, window_size)[:, window_size - WINDOW_SIZE:]
+        return cls(cmp_size, uncmp_size, window_size, points, end)
+
+    def index(self, source: str, fp: fingerprint.Fingerprint, windows: np.ndarray | SidecarWindows,
+              stops: np.ndarray | None, members: np.ndarray | None) -> GzipIndex:
         extra = {"stops": stops, "members": members}
-        return cls(source, fp, cmp_size, uncmp_size, points, windows,
-                   **{name: value for name, value in extra.items() if value is not None})
+        return GzipIndex(source, fp, self.compressed_size, self.uncompressed_size, self.points, windows,
+                         **{name: value for name, value in extra.items() if value is not None})
+
+
+def _rows(dtype: np.dtype, *columns: Any) -> np.ndarray:
+    """Rows of a structured ``dtype`` (:data:`STOP_DTYPE`, :data:`MEMBER_DTYPE`) from its columns, in order."""
+    rows = np.zeros(len(columns[0]), dtype)
+    for name, column in zip(dtype.names, columns):
+        rows[name] = column
+    return rows
+
+
+class SidecarWindows:
+    """The windows of an index read from a sidecar in layout 2, where each window is a gzip member of its own.
+
+    A window is read (one ranged read of the sidecar for each run of neighbouring windows wanted at once) and
+    inflated when a decode first needs it, then kept as long as the index: the first chunk of a file nobody
+    has read yet costs its own window, not the whole sidecar (1,200 windows for a 5 GB image).  Safe from any
+    thread; concurrent first reads of one window read it once.
+
+    Parameters
+    ----------
+    fs, path, url
+        The sidecar's filesystem, its path there, and its URL (which errors name).
+    bounds
+        Byte offsets in the sidecar of the window members, then the sidecar's size: window ``k`` (of the points
+        that have one, in point order) is the gzip member ``[bounds[k], bounds[k + 1])``.
+    has_window, window_size
+        The point table's ``has_window`` column and the GZIDX window size (each member inflates to that many
+        bytes, of which the last :data:`WINDOW_SIZE` are kept).
+    """
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, url: str, bounds: np.ndarray,
+                 has_window: np.ndarray, window_size: int) -> None:
+        if len(bounds) != int(has_window.sum()) + 1:
+            raise ValueError(f"lists {len(bounds) - 1} window members for {int(has_window.sum())} windows")
+        self.fs, self.path, self.url = fs, path, url
+        self.bounds = bounds
+        self.window_size = window_size
+        self._member = np.where(has_window, np.cumsum(has_window) - 1, -1)  # point -> its window, or -1
+        self._windows: dict[int, np.ndarray] = {}
+        self._pending: dict[int, Future[None]] = {}
+        self._lock = threading.Lock()
+
+    def __getitem__(self, point: int) -> np.ndarray:
+        member = int(self._member[point])
+        window = self._windows.get(member)
+        if window is None:
+            self.load([point])
+            window = self._windows[member]
+        return window
+
+    def loaded(self, points: Iterable[int]) -> bool:
+        """Whether the windows of ``points`` (those that have one) are in memory already."""
+        return all(self._member[p] < 0 or int(self._member[p]) in self._windows for p in points)
+
+    @property
+    def read_count(self) -> int:
+        """Windows read so far (the rest cost nothing yet)."""
+        return len(self._windows)
+
+    def load(self, points: Iterable[int]) -> None:
+        """Read and inflate the windows of ``points`` not in memory yet; waits for those others are reading."""
+        wanted = sorted({int(self._member[p]) for p in points} - {-1})
+        with self._lock:
+            missing = [k for k in wanted if k not in self._windows]
+            if not missing:
+                return
+            waits = {id(f): f for k in missing if (f := self._pending.get(k)) is not None}
+            mine = [k for k in missing if k not in self._pending]
+            future: Future[None] = Future()
+            self._pending.update(dict.fromkeys(mine, future))
+        try:
+            runs = np.split(np.asarray(mine), np.flatnonzero(np.diff(mine) > 1) + 1) if mine else []
+            got = {k: w for run in runs for k, w in self._read(int(run[0]), int(run[-1]) + 1).items()}
+        except BaseException as err:
+            with self._lock:
+                for k in mine:
+                    del self._pending[k]
+            future.set_exception(err)
+            raise
+        with self._lock:
+            self._windows.update(got)
+            for k in mine:
+                del self._pending[k]
+        future.set_result(None)
+        for other in waits.values():
+            other.result()  # raises what the reader of those windows raised
+
+    def _read(self, first: int, stop: int) -> dict[int, np.ndarray]:
+        """Windows ``first`` to ``stop - 1``: one ranged read, one inflate per member."""
+        start, end = int(self.bounds[first]), int(self.bounds[stop])
+        try:
+            data = self.fs.cat_file(self.path, start=start, end=end)
+        except FileNotFoundError as err:
+            raise ManifestError(self.url, f"gzip index missing: {err}") from err
+        except storage_errors() as err:
+            raise ManifestError(self.url, f"unreadable gzip index: {err}") from err
+        if len(data) > end - start:
+            raise ManifestError(self.url, f"asked for bytes {start}-{end} and got {len(data)}: the server ignores "
+                                          "byte ranges (HTTP Range); serve the manifest with one that supports them")
+        if len(data) < end - start:
+            raise ManifestError(self.url, f"gzip index has {len(data)} bytes at {start}-{end} where its descriptor "
+                                          f"lists {end - start}: it was replaced or damaged; re-run `virtnii scan`")
+        windows = {}
+        for k in range(first, stop):
+            member = memoryview(data)[int(self.bounds[k]) - start:int(self.bounds[k + 1]) - start]
+            try:
+                window = igzip.decompress(member)
+            except (OSError, EOFError, ValueError, isal_zlib.error) as err:
+                window, problem = b"", str(err)
+            else:
+                problem = f"inflates to {len(window)} bytes"
+            if len(window) != self.window_size:
+                raise ManifestError(self.url, f"gzip index window {k} at bytes {self.bounds[k]}-{self.bounds[k + 1]} "
+                                              f"is damaged ({problem}, not a {self.window_size}-byte window); "
+                                              "re-run `virtnii scan`")
+            windows[k] = np.frombuffer(window, np.uint8)[self.window_size - WINDOW_SIZE:]
+        return windows
 
 
 # ------------------------------------------------------------------------------------------ zlib via ctypes
@@ -946,8 +1115,10 @@ def _stream(fs: fsspec.AbstractFileSystem, path: str, url: str, size: int, prefi
 # ---------------------------------------------------------------------------------------------- sidecars
 
 
-def descriptor(index: GzipIndex, index_file: str, source: str | None = None) -> dict[str, Any]:
-    """The JSON descriptor of an index whose GZIDX file is ``index_file`` (relative to the descriptor).
+def descriptor(index: GzipIndex, index_file: str, source: str | None = None, *, index_members: Sequence[int]
+               ) -> dict[str, Any]:
+    """The JSON descriptor of an index whose GZIDX file is ``index_file`` (relative to the descriptor), written
+    in layout 2 with its gzip members starting at ``index_members`` (then its size).
 
     ``source`` is how the descriptor names the gzip file: ``index.source`` by default, or its path relative to
     the manifest folder for a manifest that moves with its sources.
@@ -964,32 +1135,41 @@ def descriptor(index: GzipIndex, index_file: str, source: str | None = None) -> 
                   "compressed": index.stops["cmp_end"].tolist()},
         "members": {"uncompressed": index.members["uncmp_offset"].tolist(),
                     "compressed": index.members["cmp_offset"].tolist()},
+        "index_layout": SIDECAR_LAYOUT,
+        "index_members": list(index_members),
     }
 
 
 def write_sidecar(index: GzipIndex, fs: fsspec.AbstractFileSystem, folder_path: str, name: str,
                   source: str | None = None) -> str:
-    """Write ``<name>.gzidx.gz`` (GZIDX v1, gzipped whole) and ``<name>.gzidx.json`` into ``folder_path``.
+    """Write ``<name>.gzidx.gz`` (GZIDX v1, gzipped in layout 2) and ``<name>.gzidx.json`` into ``folder_path``.
 
     Returns the descriptor's file name.  ``source``: the descriptor's name for the gzip file (see
-    :func:`descriptor`).  The GZIDX bytes are gzip-compressed as a whole because the windows
-    are most of the size and compress like the data; indexed_gzip's ``import_index`` takes the decompressed
-    bytes (``io.BytesIO(gzip.decompress(...))``, not a ``gzip.open`` object: it would read the raw file
-    through ``fileno()``).
+    :func:`descriptor`).  The windows are most of the GZIDX bytes and compress like the data, so they are
+    gzipped; each on its own, as one gzip member after the member holding the header and point table, so a
+    reader fetches the table and then only the windows it decodes from (whose offsets the descriptor lists).
+    Concatenated members are one gzip file: it decompresses to the GZIDX v1 bytes as a whole, as indexed_gzip's
+    ``import_index`` takes them (``io.BytesIO(gzip.decompress(...))``, not a ``gzip.open`` object: it would
+    read the raw file through ``fileno()``).
     """
     fs.makedirs(folder_path, exist_ok=True)
     index_file = f"{name}{INDEX_SUFFIX}"
-    fs.pipe_file(f"{folder_path}/{index_file}", gzip.compress(index.to_gzidx(), compresslevel=6, mtime=0))
+    members = [gzip.compress(part, compresslevel=6, mtime=0) for part in index._gzidx_parts()]
+    fs.pipe_file(f"{folder_path}/{index_file}", b"".join(members))
+    offsets = np.concatenate([[0], np.cumsum([len(m) for m in members])]).tolist()
     descriptor_file = f"{name}{DESCRIPTOR_SUFFIX}"
-    fs.pipe_file(f"{folder_path}/{descriptor_file}", json.dumps(descriptor(index, index_file, source)).encode())
+    fs.pipe_file(f"{folder_path}/{descriptor_file}",
+                 json.dumps(descriptor(index, index_file, source, index_members=offsets)).encode())
     return descriptor_file
 
 
 def read_sidecar(fs: fsspec.AbstractFileSystem, descriptor_path: str) -> GzipIndex:
     """Load the index a descriptor written by :func:`write_sidecar` points to; problems are ManifestErrors.
 
-    The index's ``source`` is the descriptor's: a path relative to the manifest folder (version 2) is
-    resolved by whoever knows where the manifest is (:class:`virtnii.gzipfs.GzipIndexFileSystem`).
+    Layout 2 reads the GZIDX point table only (its first gzip member); windows are read as decodes need them
+    (:class:`SidecarWindows`).  Layout 1 (sidecars written before) gunzips the whole file.  The index's
+    ``source`` is the descriptor's: a path relative to the manifest folder (version 2) is resolved by whoever
+    knows where the manifest is (:class:`virtnii.gzipfs.GzipIndexFileSystem`).
     """
     url = fs.unstrip_protocol(descriptor_path)
     try:
@@ -1000,15 +1180,40 @@ def read_sidecar(fs: fsspec.AbstractFileSystem, descriptor_path: str) -> GzipInd
         if version == RELATIVE_DESCRIPTOR_VERSION:
             relative_source(meta["source"])
         folder = descriptor_path.rsplit("/", 1)[0] if "/" in descriptor_path else ""
-        # ISA-L inflates the windows in half zlib's time: the largest part of a cold first read
         if not isinstance(meta["index"], str) or "/" in meta["index"] or meta["index"] in ("", ".", ".."):
             raise ManifestError(url, f"names its index file {meta['index']!r} outside its own folder: refused")
-        data = igzip.decompress(fs.cat_file(f"{folder}/{meta['index']}" if folder else meta["index"]))
-        stops = np.array(list(zip(meta["stops"]["uncompressed"], meta["stops"]["compressed"])), STOP_DTYPE)
-        members = np.array(list(zip(meta["members"]["uncompressed"], meta["members"]["compressed"])),
-                           MEMBER_DTYPE)
-        return GzipIndex.from_gzidx(data, meta["source"], meta["fingerprint"], stops=stops, members=members)
+        index_path = f"{folder}/{meta['index']}" if folder else meta["index"]
+        stops = _rows(STOP_DTYPE, meta["stops"]["uncompressed"], meta["stops"]["compressed"])
+        members = _rows(MEMBER_DTYPE, meta["members"]["uncompressed"], meta["members"]["compressed"])
+        layout = meta.get("index_layout", 1)
+        if layout not in (1, SIDECAR_LAYOUT):
+            raise ManifestError(url, f"unsupported gzip index layout {layout!r}: written by a newer virtnii?")
+        bounds = _member_offsets(meta["index_members"]) if layout == SIDECAR_LAYOUT else None
+        data = fs.cat_file(index_path) if bounds is None else fs.cat_file(index_path, start=0, end=int(bounds[1]))
+        if bounds is None or len(data) == bounds[-1] > bounds[1]:  # layout 1, or a server ignoring byte ranges
+            # ISA-L inflates in half zlib's time: the largest part of a cold first read in layout 1
+            return GzipIndex.from_gzidx(igzip.decompress(data), meta["source"], meta["fingerprint"], stops=stops,
+                                        members=members)
+        table_data = igzip.decompress(data)
+        table = _GzidxTable.parse(table_data)
+        if table.end != len(table_data):
+            raise ValueError(f"its first gzip member holds {len(table_data) - table.end} bytes after the point "
+                             "table, where layout 2 has none")
+        windows = SidecarWindows(fs, index_path, fs.unstrip_protocol(index_path), bounds[1:],
+                                 table.points["has_window"], table.window_size)
+        return table.index(meta["source"], meta["fingerprint"], windows, stops, members)
     except FileNotFoundError as err:
         raise ManifestError(url, f"gzip index missing: {err}") from err
-    except (*storage_errors(), ValueError, KeyError, TypeError, EOFError) as err:
+    except (*storage_errors(), ValueError, KeyError, TypeError, EOFError, isal_zlib.error) as err:
         raise ManifestError(url, f"unreadable gzip index: {err}") from err
+
+
+def _member_offsets(value: Any) -> np.ndarray:
+    """The descriptor's ``index_members``: increasing byte offsets from 0, at least the table's member and the
+    file's end; ``ValueError`` otherwise."""
+    if not isinstance(value, list) or len(value) < 2 or not all(type(v) is int for v in value):
+        raise ValueError(f"index_members is not a list of at least two byte offsets: {value!r:.80}")
+    bounds = np.asarray(value, np.int64)
+    if bounds[0] != 0 or (np.diff(bounds) <= 0).any():
+        raise ValueError("index_members are not increasing byte offsets from 0")
+    return bounds

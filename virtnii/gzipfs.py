@@ -21,6 +21,7 @@ import collections
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,7 +49,8 @@ class _Source:
 # in place is re-read), passing source checks, one lock per descriptor so that a burst of concurrent first reads
 # loads it once, and the inflate workers.
 _INDEXES: collections.OrderedDict[str, tuple[fingerprint.Fingerprint, gzindex.GzipIndex]] = collections.OrderedDict()
-#: Parsed indexes kept (least recently used dropped first): each holds 32 KiB per seek point, ~8 MB for 1 GiB.
+#: Parsed indexes kept (least recently used dropped first): each holds 32 KiB per seek point read from (all of
+#: them for a layout-1 sidecar), up to ~8 MB for 1 GiB.
 _MAX_INDEXES = 64
 _INDEXES_LOCK = threading.Lock()
 _CHECKER = fingerprint.Checker()
@@ -58,6 +60,15 @@ _POOL: ThreadPoolExecutor | None = None
 #: Uncompressed bytes after which a run of touching ranges is split into another fetch: one huge request
 #: would delay every inflate until all of it arrived, while runs of a few chunks overlap fetching and inflating.
 _MAX_RUN = 64 << 20
+
+
+def clear_caches() -> None:
+    """Forget this process's parsed indexes, passed source checks and ``gzidx`` filesystem instances: the next
+    read of every file is a first read again (as benchmarks of cold reads need), and their memory is freed."""
+    with _INDEXES_LOCK:
+        _INDEXES.clear()
+    _CHECKER.forget()
+    GzipIndexFileSystem.clear_instance_cache()
 
 
 def _decode_pool() -> ThreadPoolExecutor:
@@ -169,7 +180,7 @@ class GzipIndexFileSystem(AsyncFileSystem):
         if start >= end:
             return b""
         span = source.index.span(start, end)
-        data = await self._fetch(source, span.cmp_start, span.cmp_end)
+        data = await _with_windows(source.index, [span.point], self._fetch(source, span.cmp_start, span.cmp_end))
         return await _in_pool(source.index.decode, span, data, start, end)
 
     async def _cat_ranges(self, paths: list[str], starts: list[int | None] | int | None,
@@ -233,7 +244,8 @@ class GzipIndexFileSystem(AsyncFileSystem):
             start, end = min(m[0] for m in members), max(m[1] for m in members)
             pieces.append((index.span(start, end), start, end, members))
         fetch_start = min(p[0].cmp_start for p in pieces)
-        data = memoryview(await self._fetch(source, fetch_start, max(p[0].cmp_end for p in pieces)))
+        data = memoryview(await _with_windows(index, [p[0].point for p in pieces],
+                                              self._fetch(source, fetch_start, max(p[0].cmp_end for p in pieces))))
 
         async def decode(span: gzindex.Span, start: int, end: int) -> bytes:
             view = data[span.cmp_start - fetch_start:span.cmp_end - fetch_start]
@@ -270,6 +282,15 @@ def _bounds(start: int | None, end: int | None, size: int) -> tuple[int, int]:
     end = size if end is None else (size + end if end < 0 else end)
     start = min(max(start, 0), size)
     return start, min(max(end, start), size)
+
+
+async def _with_windows(index: gzindex.GzipIndex, points: list[int], fetch: Awaitable[bytes]) -> bytes:
+    """Await ``fetch`` while the windows of ``points`` are read, if they are not in memory yet: the first read
+    of a file then pays one round trip, not the window's and then the data's."""
+    if index.windows_loaded(points):
+        return await fetch
+    data, _ = await asyncio.gather(fetch, asyncio.to_thread(index.load_windows, points))
+    return data
 
 
 async def _in_pool(func: Any, *args: Any) -> Any:

@@ -138,6 +138,7 @@ def _sidecar_problem(fs: fsspec.AbstractFileSystem, root: str, image: ImageEntry
     """A gzip sidecar that does not load, or describes another source or version than the index file."""
     try:
         index = gzindex.read_sidecar(fs, f"{root}/{image.gzip_index}")
+        index.load_windows(range(len(index.points)))  # readers load them one by one, as chunks need them
     except ManifestError as err:
         return err
     url = fs.unstrip_protocol(f"{root}/{image.gzip_index}")
