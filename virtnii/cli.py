@@ -17,7 +17,7 @@ import traceback
 from typing import Any, Sequence
 
 
-from . import __version__, gzindex
+from . import __version__, gzindex, versions
 from .bids import index
 from .manifest.combine import combine
 from .errors import ManifestError, VirtniiError, redact
@@ -358,6 +358,7 @@ def print_info(manifest: str, manifest_options: dict[str, Any]) -> None:
     for image in images:
         dtype = image.dtype if isinstance(image.dtype, str) else "rgb" + str(8 * len(image.dtype))
         gz = " (gzip index)" if image.gzip_index else ""
+        gz += f" (version {image.fingerprint[versions.VERSION]})" if versions.VERSION in image.fingerprint else ""
         print(f"  {image.name:<{width}}  {image.axes:<5} {_dims(image.shape):<22} {dtype:<10} "
               f"{_dims(image.chunks):<22} {_human(image.nbytes):>10}  {redact(image.resolved(base).source)}{gz}")
         if image.pyramid:

@@ -56,9 +56,6 @@ def from_info(info: dict[str, Any], *, version: bool = False) -> Fingerprint:
     """Fingerprint from an fsspec ``info()``/``find(detail=True)`` entry: size, and ETag or mtime; with ``version``
     also the object version the entry reports, if any (:mod:`virtnii.versions`: reads then ask for it)."""
     fp: Fingerprint = {"size": int(info["size"])}
-    pinned = versions.reported(info) if version else None
-    if pinned is not None:
-        fp[versions.VERSION] = pinned
     etag = info.get("ETag") or info.get("etag")
     if etag:
         fp["etag"] = str(etag).strip('"')
@@ -66,6 +63,9 @@ def from_info(info: dict[str, Any], *, version: bool = False) -> Fingerprint:
         mtime = _mtime(info)
         if mtime is not None:
             fp["mtime"] = mtime
+    pinned = versions.reported(info) if version else None
+    if pinned is not None:
+        fp[versions.VERSION] = pinned
     return fp
 
 
