@@ -17,7 +17,7 @@ import traceback
 from typing import Any, Sequence
 
 
-from . import __version__, gzindex
+from . import __version__, gzindex, versions
 from .bids import index
 from .manifest.combine import combine
 from .errors import ManifestError, VirtniiError, redact
@@ -107,6 +107,14 @@ def _storage_arguments(parser: argparse.ArgumentParser, sources: str = "sources"
                         action="append", default=[], help="fsspec option for the manifest folder when it is remote")
 
 
+def _pin_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pin-versions", action=argparse.BooleanOptionalAction, default=None,
+                        help="record each object's version (S3 VersionId, GCS generation) and always read that "
+                             "version, so the manifest keeps its bytes after the objects are overwritten "
+                             "(default: where the storage reports versions; --pin-versions: a source without "
+                             "one fails)")
+
+
 def _trust_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-local-sources", action="store_true",
                         help="let a remote manifest read local files or loopback/private addresses (only for "
@@ -155,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="name sources by paths relative to the manifest folder, which must be on their "
                              "filesystem (e.g. -o DATASET/derivatives/virtnii): the dataset and its manifest can "
                              "then be moved, cloned or uploaded together")
+    _pin_argument(p_scan)
     _storage_arguments(p_scan)
 
     p_index = commands.add_parser(
@@ -186,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_index.add_argument("--no-extensions", dest="extensions", action="store_false",
                          help="leave header extensions (which may carry identifying text) out of the manifest")
     p_index.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _pin_argument(p_index)
     _storage_arguments(p_index, sources="the dataset")
 
     p_find = commands.add_parser(
@@ -325,7 +335,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
     result = scan(sources, args.out, zarr_format=args.zarr_format, ref_format=args.ref_format,
                   storage_options=storage, manifest_options=manifest_options, progress=not args.quiet,
                   content_hash=args.content_hash, extensions=args.extensions,
-                  write_url_secrets=args.write_url_secrets, relative_sources=args.relative_sources)
+                  write_url_secrets=args.write_url_secrets, relative_sources=args.relative_sources,
+                  pin_versions=args.pin_versions)
     for failure in result.failures:
         print(f"virtnii: error: {failure}", file=sys.stderr)
     if result.manifest is None:
@@ -342,7 +353,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     result = index(args.root, args.out, pyramid=args.pyramid, derivatives=args.derivatives, workers=args.workers,
                    dask=args.dask, zarr_format=args.zarr_format, ref_format=args.ref_format,
                    extensions=args.extensions, storage_options=storage, manifest_options=manifest_options or None,
-                   progress=not args.quiet)
+                   progress=not args.quiet, pin_versions=args.pin_versions)
     print(result.report.summary())
     if not result.images:
         print("virtnii: nothing indexed, no manifest written", file=sys.stderr)
@@ -369,6 +380,7 @@ def print_info(manifest: str, manifest_options: dict[str, Any]) -> None:
     for image in images:
         dtype = image.dtype if isinstance(image.dtype, str) else "rgb" + str(8 * len(image.dtype))
         gz = " (gzip index)" if image.gzip_index else ""
+        gz += f" (version {image.fingerprint[versions.VERSION]})" if versions.VERSION in image.fingerprint else ""
         print(f"  {image.name:<{width}}  {image.axes:<5} {_dims(image.shape):<22} {dtype:<10} "
               f"{_dims(image.chunks):<22} {_human(image.nbytes):>10}  {redact(image.resolved(base).source)}{gz}")
         if image.pyramid:

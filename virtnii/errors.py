@@ -119,7 +119,7 @@ def is_missing(err: BaseException) -> bool:
         return True
     response = getattr(cause, "response", None)  # botocore's ClientError
     code = response.get("Error", {}).get("Code") if isinstance(response, dict) else None
-    return code in ("NoSuchKey", "NoSuchBucket", "NotFound", "404")
+    return code in ("NoSuchKey", "NoSuchBucket", "NoSuchVersion", "NotFound", "404")
 
 
 def from_os_error(source: str, err: Exception, doing: str) -> VirtniiError:

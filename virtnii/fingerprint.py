@@ -24,6 +24,7 @@ from typing import Any
 
 import fsspec
 
+from . import versions
 from .errors import SourceNotFound, StaleSource, from_os_error, storage_errors
 
 Fingerprint = dict[str, Any]
@@ -51,8 +52,9 @@ def _mtime(info: dict[str, Any]) -> float | None:
     return None
 
 
-def from_info(info: dict[str, Any]) -> Fingerprint:
-    """Fingerprint from an fsspec ``info()``/``find(detail=True)`` entry: size, and ETag or mtime."""
+def from_info(info: dict[str, Any], *, version: bool = False) -> Fingerprint:
+    """Fingerprint from an fsspec ``info()``/``find(detail=True)`` entry: size, and ETag or mtime; with ``version``
+    also the object version the entry reports, if any (:mod:`virtnii.versions`: reads then ask for it)."""
     fp: Fingerprint = {"size": int(info["size"])}
     etag = info.get("ETag") or info.get("etag")
     if etag:
@@ -61,6 +63,9 @@ def from_info(info: dict[str, Any]) -> Fingerprint:
         mtime = _mtime(info)
         if mtime is not None:
             fp["mtime"] = mtime
+    pinned = versions.reported(info) if version else None
+    if pinned is not None:
+        fp[versions.VERSION] = pinned
     return fp
 
 
@@ -91,7 +96,7 @@ def stat(fs: fsspec.AbstractFileSystem, path: str, url: str) -> Fingerprint:
 
 def ensure_unchanged(url: str, recorded: Fingerprint, current: Fingerprint) -> None:
     """Raise :class:`StaleSource` when ``current`` differs from what was ``recorded`` at indexing time."""
-    for key in ("size", "etag", "mtime", GZIP_TRAILER):
+    for key in ("size", "etag", "mtime", versions.VERSION, GZIP_TRAILER):
         if key in recorded and key in current and recorded[key] != current[key]:
             raise StaleSource(
                 url,
@@ -169,10 +174,15 @@ def check(fs: fsspec.AbstractFileSystem, path: str, url: str, recorded: Fingerpr
     read, which would double the requests of each re-check (and S3's ETag already changes with the content).
     A source that is gone is :class:`SourceNotFound`, one that changed :class:`StaleSource`, one that cannot be
     stat'ed :class:`SourceAccessError`; errors name ``url``.  Safe from any thread (fsspec runs async
-    filesystems on their own loop).
+    filesystems on their own loop).  A source pinned to a version is stat'ed at that version: overwriting the
+    object leaves it readable, deleting that version makes it :class:`SourceNotFound`.
     """
-    info = _info(fs, path, url, fresh=True, missing="was indexed but no longer exists; re-run `virtnii scan`")
-    current = from_info(info)
+    version = recorded.get(versions.VERSION)
+    fs, path = versions.pinned(fs, path, recorded)  # a pinned source: the version indexed, not the latest
+    missing = "was indexed but no longer exists" if version is None else \
+        f"was indexed at version {version}, which no longer exists (deleted from the bucket)"
+    info = _info(fs, path, url, fresh=True, missing=f"{missing}; re-run `virtnii scan`")
+    current = from_info(info, version=version is not None)
     ensure_unchanged(url, recorded, current)
     if GZIP_TRAILER in recorded and (trailer if trailer is not None else getattr(fs, "local_file", False)):
         ensure_unchanged(url, recorded, {GZIP_TRAILER: read_trailer(fs, path, url, current["size"])})

@@ -48,7 +48,7 @@ import fsspec
 import numpy as np
 from isal import igzip, isal_zlib
 
-from . import fingerprint
+from . import fingerprint, versions
 from .errors import InvalidGzip, ManifestError, StaleSource, from_os_error, storage_errors
 from .manifest.entry import is_url, relative_source
 
@@ -937,6 +937,7 @@ def build_index(url: str, offsets: Sequence[int], storage_options: dict[str, Any
         path = fs._strip_protocol(url)
     source = fs.unstrip_protocol(path)
     fp = dict(known if known is not None else fingerprint.stat(fs, path, url))
+    fs, path = versions.pinned(fs, path, fp)  # a source pinned to a version is read at that version
     if fp["size"] == 0:
         raise InvalidGzip(url, "empty file")
     targets = np.unique(np.asarray([0, *offsets], dtype=np.int64))

@@ -10,7 +10,8 @@ inflate in a worker thread, so concurrent chunk reads use every core.
 relative to ``root`` (the manifest folder).  The descriptor names the source: by URL, or by a path relative to
 ``root``, read with ``root_options`` (a source that moves with its manifest is on the manifest's filesystem).
 Before its bytes are read, its size and ETag/mtime are compared with those recorded at indexing time
-(:class:`~virtnii.errors.StaleSource` if they differ; see :class:`virtnii.fingerprint.Checker` for how often).
+(:class:`~virtnii.errors.StaleSource` if they differ; see :class:`virtnii.fingerprint.Checker` for how often),
+and a source pinned to an object version is read at that version (:mod:`virtnii.versions`).
 See docs/gzip.md.
 """
 
@@ -29,7 +30,7 @@ import fsspec
 from fsspec.asyn import AsyncFileSystem
 from fsspec.spec import AbstractBufferedFile
 
-from . import fingerprint, gzindex
+from . import fingerprint, gzindex, versions
 from .manifest.entry import GZIP_INDEX_FOLDER, inside, is_url, resolve
 from .errors import ManifestError, SourceNotFound, from_os_error, storage_errors
 from .verified import call, exact_range
@@ -165,8 +166,9 @@ class GzipIndexFileSystem(AsyncFileSystem):
         """Compressed bytes ``[start, end)`` of the source, in one ranged read (from any loop: see ``call``), once
         the source is known to be the one indexed."""
         await _CHECKER.ensure(source.fs, source.path, source.url, source.index.fingerprint)
+        fs, path = versions.pinned(source.fs, source.path, source.index.fingerprint)  # the version indexed
         try:
-            data = await call(source.fs, "cat_file", source.path, start=start, end=end)
+            data = await call(fs, "cat_file", path, start=start, end=end)
         except storage_errors() as err:
             raise from_os_error(source.url, err, f"read bytes {start}-{end}") from err
         return exact_range(source.url, start, end, data)

@@ -54,7 +54,8 @@ class ScanResult:
 def scan(sources: Iterable[SourceSpec] | str, out: str, *, zarr_format: int = 3, ref_format: str = "json",
          storage_options: dict[str, Any] | None = None, manifest_options: dict[str, Any] | None = None,
          progress: bool = False, content_hash: bool = False, extensions: bool = True,
-         write_url_secrets: bool = False, relative_sources: bool = False) -> ScanResult:
+         write_url_secrets: bool = False, relative_sources: bool = False,
+         pin_versions: bool | None = None) -> ScanResult:
     """Index NIfTI ``sources`` in place and write one manifest folder at ``out``.
 
     Parameters
@@ -98,6 +99,11 @@ def scan(sources: Iterable[SourceSpec] | str, out: str, *, zarr_format: int = 3,
         manifest written inside its dataset still opens once both are moved, cloned or uploaded together.  Every
         source must then be on ``out``'s filesystem (same protocol; same bucket or host): one that is not is a
         :class:`~virtnii.errors.ManifestError` naming it, before anything is indexed.
+    pin_versions
+        Record each object's version (S3 ``VersionId``, GCS generation) and read exactly that version whenever
+        the manifest is read, so that it keeps returning the bytes it indexed after the object is overwritten
+        (:mod:`virtnii.versions`).  ``None`` (default): wherever the storage reports versions; ``True``: a
+        source without one is a failure; ``False``: never (reads then raise ``StaleSource`` once it changes).
     """
     if not str(out).strip():
         raise ManifestError(repr(out), "is not a manifest folder name (give the folder to write, e.g. -o OUT)")
@@ -118,7 +124,7 @@ def scan(sources: Iterable[SourceSpec] | str, out: str, *, zarr_format: int = 3,
             listing.update(1)
 
         found, failures = expand(sources, options, listed, write_url_secrets=write_url_secrets,
-                                 paging=listing.set_postfix_str)
+                                 paging=listing.set_postfix_str, pin_versions=pin_versions)
     assign_names(found)
     names = relative_names(out, manifest_options, found) if relative_sources else {}
     images: list[ImageRefs] = []
@@ -276,7 +282,7 @@ def read_plain_headers(sources: list[Source]) -> list[bytes | VirtniiError]:
     for members in by_fs.values():
         fs = sources[members[0]].fs
         wants = [min(sources[i].info["size"], HEAD_BYTES) for i in members]
-        heads = _fetch_ranges(fs, [sources[i].path for i in members], wants)
+        heads = _fetch_ranges(fs, [sources[i].read_path for i in members], wants)
         retry = []
         for i, want, head in zip(members, wants, heads):
             s = sources[i]
@@ -300,7 +306,7 @@ def read_plain_headers(sources: list[Source]) -> list[bytes | VirtniiError]:
                 retry.append((i, extent))
             else:
                 outcomes[i] = head[:extent]
-        more = _fetch_ranges(fs, [sources[i].path for i, _ in retry], [e for _, e in retry])
+        more = _fetch_ranges(fs, [sources[i].read_path for i, _ in retry], [e for _, e in retry])
         for (i, _), head in zip(retry, more):
             outcomes[i] = from_os_error(sources[i].url, head, "read") if isinstance(head, Exception) else head
     return outcomes
@@ -337,7 +343,8 @@ def _record_hashes(sources: list[Source], outcomes: list[Any], workers: int) -> 
         for i, (source, outcome) in enumerate(zip(sources, outcomes)):
             if isinstance(outcome, VirtniiError):
                 continue
-            files = [(source.path, source.url, source.info), (source.data_path, source.data_url, source.data_info)]
+            files = [(source.read_path, source.url, source.info),
+                     (source.data_read_path, source.data_url, source.data_info)]
             jobs[i] = [pool.submit(fingerprint.content_hash, source.fs, path, url, int(info["size"]))
                        for path, url, info in files[:2 if source.is_pair else 1]]
         for i, futures in jobs.items():
@@ -462,10 +469,10 @@ def index_gzip_source(source: Source, writer: SidecarFolder, zarr_format: int,
     """
     fs, url = source.fs, source.url
     if source.is_pair:
-        _, raw = gunzip_head(fs, source.path, url, source.info["size"], lambda head: MAX_HEADER_BYTES)
+        _, raw = gunzip_head(fs, source.read_path, url, source.info["size"], lambda head: MAX_HEADER_BYTES)
         prefix = b""  # the voxels are in the .img.gz
     else:
-        prefix, raw = gunzip_head(fs, source.path, url, source.info["size"],
+        prefix, raw = gunzip_head(fs, source.read_path, url, source.info["size"],
                                   lambda head: header_extent(url, head, False, 2**62))
     header = parse(url, raw, source.is_pair)
     check_data_size(source.data_url, header, int(source.data_info["size"]), compressed=True)
@@ -480,7 +487,7 @@ def index_gzip_source(source: Source, writer: SidecarFolder, zarr_format: int,
         done[0] = consumed
 
     index = gzindex.build_index(source.data_url, offsets, fs=source.fs, prefix=prefix,
-                                known=fingerprint.from_info(source.data_info), progress=progress,
+                                known=source.data_fingerprint, progress=progress,
                                 content_hash=content_hash)
     check_data_size(source.data_url, header, index.uncompressed_size)
     folder, _, base = source.name.rpartition("/")
@@ -494,7 +501,7 @@ def index_gzip_source(source: Source, writer: SidecarFolder, zarr_format: int,
     if source.is_pair:  # the data file's fingerprint is the index's (trailer, hash); the header file hashed here
         header_fp = dict(entry.fingerprint)
         if content_hash:
-            header_fp[fingerprint.CONTENT_HASH] = fingerprint.content_hash(fs, source.path, url,
+            header_fp[fingerprint.CONTENT_HASH] = fingerprint.content_hash(fs, source.read_path, url,
                                                                            int(source.info["size"]))
         return layout_refs, replace(entry, fingerprint=header_fp, data_fingerprint=index.fingerprint)
     return layout_refs, replace(entry, fingerprint=index.fingerprint)
@@ -521,10 +528,10 @@ def _entry(source: Source, header: NiftiHeader, refs: ImageRefs, gzip_index: str
     layout = refs.layout
     dtype = header.dtype
     return ImageEntry(
-        name=source.name, source=source.url, fingerprint=fingerprint.from_info(source.info),
+        name=source.name, source=source.url, fingerprint=source.fingerprint,
         nifti_version=header.version, shape=layout.shape, axes="".join(layout.axes), chunks=layout.chunks,
         dtype=dtype.str if not dtype.fields else tuple((n, t) for n, t in dtype.descr), nbytes=layout.nbytes,
         gzip_index=gzip_index, uncompressed_size=uncompressed_size,
         data=source.data_url if source.is_pair else None,
-        data_fingerprint=fingerprint.from_info(source.data_info) if source.is_pair else None,
+        data_fingerprint=source.data_fingerprint if source.is_pair else None,
         zooms=tuple(float(z) for z in header.fields["pixdim"][1:len(header.shape) + 1]))

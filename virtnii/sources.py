@@ -19,13 +19,15 @@ import re
 import stat
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from . import versions
 from .errors import (InvalidNifti, ManifestError, SourceAccessError, SourceNotFound, VirtniiError, from_os_error,
                      is_secret_name, storage_errors)
+from .fingerprint import Fingerprint, from_info
 
 #: File names the scanner picks up in folders; ``.img``/``.img.gz`` are found through their ``.hdr``.
 NIFTI_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".hdr.gz")
@@ -54,6 +56,8 @@ class Source:
     #: asset (``dandi://…/sub-01/anat/sub-01_T1w.nii.gz``) read at its blob (``…/blobs/d86/055/<uuid>``).  Its
     #: name then tells what the file is, names its image group, and errors name the file by it.
     listed_as: str = ""
+    #: Whether reads and fingerprints are of the object versions the listing reported (:func:`pin`).
+    pin: bool = False
 
     @functools.cached_property
     def url(self) -> str:
@@ -62,6 +66,24 @@ class Source:
     @functools.cached_property
     def data_url(self) -> str:
         return self.url if self.data_path == self.path else self.fs.unstrip_protocol(self.data_path)
+
+    @property
+    def fingerprint(self) -> Fingerprint:
+        """The header file as listed, as its manifest entry records it (with its version when pinned)."""
+        return from_info(self.info, version=self.pin)
+
+    @property
+    def data_fingerprint(self) -> Fingerprint:
+        return from_info(self.data_info, version=self.pin)
+
+    @property
+    def read_path(self) -> str:
+        """The path that reads the header file: at the version listed when pinned (``fs`` is then version-aware)."""
+        return versions.path(self.fs, self.path, self.fingerprint)
+
+    @property
+    def data_read_path(self) -> str:
+        return versions.path(self.fs, self.data_path, self.data_fingerprint)
 
     @functools.cached_property
     def by_content(self) -> bool:
@@ -100,7 +122,8 @@ SourceSpec = str | tuple[str, str]
 
 def expand(sources: list[SourceSpec], options: dict[str, Any],
            listed: Callable[[int], Any] = lambda found: None, *, write_url_secrets: bool = False,
-           paging: Callable[[str], Any] = lambda note: None) -> tuple[list[Source], list[VirtniiError]]:
+           paging: Callable[[str], Any] = lambda note: None,
+           pin_versions: bool | None = None) -> tuple[list[Source], list[VirtniiError]]:
     """Resolve files, folders and globs to :class:`Source` objects with their listing info.
 
     ``listed(n)`` is called after each of ``sources``, with the number of NIfTI files found so far: listing a
@@ -109,7 +132,7 @@ def expand(sources: list[SourceSpec], options: dict[str, Any],
     signature) are refused unless ``write_url_secrets``: references must carry the whole URL to read it.
     A ``(name, url)`` pair gives its file the group ``name`` (:func:`check_names`); a name that cannot be
     used as given (or is given to a folder or glob) is a :class:`ManifestError`, raised: the caller asked for a
-    manifest that cannot be made.
+    manifest that cannot be made.  Sources are pinned to their object versions as :func:`pin` says.
     """
     check_names([s for s in sources if isinstance(s, tuple)])
     found: dict[str, Source] = {}
@@ -124,7 +147,7 @@ def expand(sources: list[SourceSpec], options: dict[str, Any],
                                                        "(anyone with the manifest can then read the file until "
                                                        "they expire), pass --write-url-secrets"))
                 continue
-            _expand_one(src, options, found, failures, name, paging)
+            _expand_one(src, options, found, failures, name, paging, pin_versions)
         finally:
             listed(len(found))
     sources_out = []
@@ -134,6 +157,7 @@ def expand(sources: list[SourceSpec], options: dict[str, Any],
             for url, info in ((source.url, source.info), (source.data_url, source.data_info)):
                 if info.get("size") is None:
                     raise _no_size(url)
+            pin(source, pin_versions)
             sources_out.append(source)
         except VirtniiError as err:
             failures.append(err)
@@ -183,7 +207,8 @@ def url_secrets(url: str) -> list[str]:
 
 
 def _expand_one(src: str, options: dict[str, Any], found: dict[str, Source], failures: list[VirtniiError],
-                name: str = "", paging: Callable[[str], Any] = lambda note: None) -> None:
+                name: str = "", paging: Callable[[str], Any] = lambda note: None,
+                pin_versions: bool | None = None) -> None:
     """Add the NIfTI files behind one file, folder or glob ``src`` to ``found`` (by URL), or its error to
     ``failures``; a file given a ``name`` keeps it, even if a folder or glob found it too."""
     parts = urllib.parse.urlsplit(src)
@@ -196,7 +221,7 @@ def _expand_one(src: str, options: dict[str, Any], found: dict[str, Source], fai
         _expand_dandi(src, options, found, failures, name, paging)
         return
     try:
-        fs, path = fsspec.core.url_to_fs(src, **with_s3_pool(src, options))
+        fs, path = fsspec.core.url_to_fs(src, **with_s3_pool(src, versions.listing_options(src, options, pin_versions)))
     except (ValueError, ImportError, TypeError) as err:
         failures.append(SourceAccessError(src, f"cannot open this URL: {err}"))
         return
@@ -208,7 +233,7 @@ def _expand_one(src: str, options: dict[str, Any], found: dict[str, Source], fai
         return
     reported = len(failures)
     try:
-        listing, base, kind = _list(fs, path, src, failures)
+        fs, (listing, base, kind) = list_versions(fs, pin_versions, lambda fs: _list(fs, path, src, failures))
     except VirtniiError as err:
         failures.append(err)
         return
@@ -248,6 +273,53 @@ def _expand_dandi(src: str, options: dict[str, Any], found: dict[str, Source], f
             if known.name:
                 raise ManifestError(src, f"is given two names, {known.name!r} and {name!r}")
             found[source.listed_as] = source
+
+
+_Listed = TypeVar("_Listed")
+
+
+def list_versions(fs: fsspec.AbstractFileSystem, pin_versions: bool | None,
+                  list_files: Callable[[fsspec.AbstractFileSystem], _Listed]
+                  ) -> tuple[fsspec.AbstractFileSystem, _Listed]:
+    """``(fs, list_files(fs))``, where ``fs`` lists object versions (:func:`virtnii.versions.listing_options`).
+
+    When pinning is only the default (``pin_versions`` None), a versioned listing the store refuses — a policy
+    without ``s3:ListBucketVersions``, an S3-compatible store without versions — is made again without versions,
+    on a filesystem whose sources are then not pinned: the default must not fail scans that worked without it.
+    """
+    try:
+        return fs, list_files(fs)
+    except SourceAccessError:
+        if pin_versions is not None or not getattr(fs, "version_aware", False):
+            raise
+    fs = versions.aware(fs, False)
+    return fs, list_files(fs)
+
+
+def pin(source: Source, pin_versions: bool | None) -> None:
+    """Pin ``source`` to the object versions its listing reported (:mod:`virtnii.versions`), so that its manifest
+    reads exactly what was indexed even after the object is overwritten.
+
+    ``pin_versions`` None (the default) pins where the storage reported a version for every file of the source
+    (versioned S3 buckets, GCS) and listed it through a version-aware filesystem; True pins or raises a
+    :class:`SourceAccessError` saying why it cannot; False never pins.
+    """
+    if pin_versions is False:
+        return
+    files = [(source.url, source.info)] + ([(source.data_url, source.data_info)] if source.is_pair else [])
+    unversioned = [url for url, info in files if versions.reported(info) is None]
+    if not unversioned and getattr(source.fs, "version_aware", False):
+        source.pin = True
+    elif pin_versions:
+        if not versions.has_versions(source.fs):
+            why = "this storage has no object versions (only S3 and GCS objects have them)"
+        elif unversioned:
+            why = ("the storage reports no version for it: its bucket is not versioned, or was not when it was "
+                   "written (S3 version 'null')")
+        else:
+            why = "it was listed without versions (version_aware=False in the storage options)"
+        raise SourceAccessError(unversioned[0] if unversioned else source.url,
+                                f"cannot be pinned to a version: {why}; index it with --no-pin-versions")
 
 
 def _no_size(url: str) -> SourceAccessError:

@@ -19,7 +19,7 @@ from typing import Any, Iterable
 import fsspec
 from fsspec.asyn import AsyncFileSystem
 
-from . import fingerprint
+from . import fingerprint, versions
 from .manifest import integrity
 from .errors import ManifestError, SourceAccessError, StaleSource, VirtniiError, from_os_error, storage_errors
 from .manifest import manifest_options_for, manifest_url, read_index
@@ -67,7 +67,8 @@ def exact_range(url: str, start: int, end: int, data: bytes) -> bytes:
 class VerifiedFileSystem(AsyncFileSystem):
     """Reads through ``fs`` (any fsspec filesystem) only what a manifest's index file lists.
 
-    Sources (``expected``: URL → fingerprint) are checked against their fingerprints before reads; files inside
+    Sources (``expected``: URL → fingerprint) are checked against their fingerprints before reads, and read at
+    the object version a fingerprint pins (:mod:`virtnii.versions`); files inside
     the ``trusted`` folders (pyramid level stores, which virtnii wrote) are read as they are.  With ``root``,
     references are paths relative to that folder of ``fs`` (the manifest folder), and must stay inside it —
     but for the sources ``expected`` names relative to it (a manifest that moves with its dataset), which may
@@ -81,7 +82,8 @@ class VerifiedFileSystem(AsyncFileSystem):
     def __init__(self, fs: fsspec.AbstractFileSystem, expected: dict[str, fingerprint.Fingerprint],
                  trusted: Iterable[str] = (), root: str | None = None, **kwargs: Any) -> None:
         super().__init__(asynchronous=True, **kwargs)
-        self.fs = fs
+        # sources pinned to a version are read at it, which needs a version-aware instance (virtnii.versions)
+        self.fs = versions.aware(fs) if any(versions.VERSION in fp for fp in expected.values()) else fs
         self.protocol = fs.protocol
         self.root = None if root is None else root.rstrip("/")
         #: relative source name -> its path on fs
@@ -107,7 +109,7 @@ class VerifiedFileSystem(AsyncFileSystem):
         path = self._path(url)
         if path in self.expected:
             await self._checker.ensure(self.fs, path, self.fs.unstrip_protocol(path), self.expected[path])
-            return path
+            return versions.path(self.fs, path, self.expected[path])
         if path.startswith(self.trusted) and posixpath.normpath(path) == path:
             return path
         # nothing to check it against: the references are not the index's

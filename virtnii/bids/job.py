@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..errors import InvalidNifti, ManifestError, error_class, storage_errors
 from ..fingerprint import from_info
+from ..versions import VERSION
 from ..manifest import GZIP_INDEX_FOLDER, INDEX_FILE, LEVELS_FOLDER, ImageEntry, load_refs, read_index
 from ..manifest.index import Index, manifest_options_for, manifest_url
 from ..manifest.writer import REF_FILES, publish
@@ -48,7 +49,7 @@ class IndexResult:
 def index(root: str, out: str, *, pyramid: bool = False, derivatives: bool = False, workers: int | None = None,
           dask: Any = None, zarr_format: int = 3, ref_format: str = "json", extensions: bool = True,
           storage_options: dict[str, Any] | None = None, manifest_options: dict[str, Any] | None = None,
-          progress: bool = False) -> IndexResult:
+          progress: bool = False, pin_versions: bool | None = None) -> IndexResult:
     """Index the BIDS dataset at ``root`` (a folder or fsspec URL) into the manifest folder ``out``.
 
     Every ``.nii``/``.nii.gz`` (``derivatives/`` too if ``derivatives``) becomes an image group named after its
@@ -56,10 +57,12 @@ def index(root: str, out: str, *, pyramid: bool = False, derivatives: bool = Fal
     metadata (inheritance principle); the root group carries dataset_description.json and participants.tsv.
     ``pyramid`` also builds the OME levels (mode for ``_dseg``/``_mask`` label images, mean otherwise).
 
-    A re-run reads only sources that are new or changed (size and mtime/ETag), drops removed ones, and finishes
-    what a killed run left.  ``workers`` batches run at once (default: one per core locally,
-    :data:`REMOTE_WORKERS` for remote data); ``dask`` (a ``distributed.Client`` or a scheduler address) runs
-    the batches on a Dask cluster instead, whose workers must reach ``root`` and ``out``.
+    A re-run reads only sources that are new or changed (size and mtime/ETag, and object version where pinned),
+    drops removed ones, and finishes what a killed run left.  ``pin_versions`` as for :func:`virtnii.scan`: on a
+    versioned bucket each image reads the object versions it was indexed from, listed by the same one listing.
+    ``workers`` batches run at once (default: one per core locally, :data:`REMOTE_WORKERS` for remote data);
+    ``dask`` (a ``distributed.Client`` or a scheduler address) runs the batches on a Dask cluster instead, whose
+    workers must reach ``root`` and ``out``.
     """
     started = time.perf_counter()
     if zarr_format not in ZARR_FORMATS:
@@ -76,13 +79,13 @@ def index(root: str, out: str, *, pyramid: bool = False, derivatives: bool = Fal
     out_path = out_path.rstrip("/")
     out_url = out_fs.unstrip_protocol(out_path)  # absolute: Dask workers have their own working directory
     inside = _inside(out_fs, out_path, root, options)
-    listing = list_dataset(root, options, derivatives=derivatives, exclude=inside)
+    listing = list_dataset(root, options, derivatives=derivatives, exclude=inside, pin_versions=pin_versions)
     report = Report(listing.url, out_fs.unstrip_protocol(out_path))
     # a manifest inside its dataset names the sources relative to itself: the two move (clone, upload) together
     settings = units.Settings(listing.url, zarr_format, extensions, relative=bool(inside))
     report.settings = {**settings.to_json(), "ref_format": ref_format, "derivatives": derivatives}
     problem_folders = _unlisted_folders(listing)
-    sources, problems = nifti_sources(listing)
+    sources, problems = nifti_sources(listing, pin_versions)
     for err in listing.problems + problems:
         report.skip(err)
     empty = [s for s in sources if int(s.info["size"]) == 0]
@@ -246,11 +249,13 @@ def _unlisted_folders(listing: Listing) -> tuple[str, ...]:
 
 
 def _unchanged(old: ImageEntry, source: Any) -> bool:
-    """Whether a source still looks as listed when it was indexed (size and mtime/ETag, and its data file's)."""
-    files = [(old.fingerprint, source.info)]
+    """Whether a source still looks as listed when it was indexed (size and mtime/ETag, and its data file's), at
+    the same object version if pinned — and pinned then only if pinned now."""
+    files = [(old.fingerprint, source.fingerprint)]
     if source.is_pair:
-        files.append((old.data_fp, source.data_info))
-    return all(all(recorded.get(k) == v for k, v in from_info(info).items()) for recorded, info in files)
+        files.append((old.data_fp, source.data_fingerprint))
+    return all(all(recorded.get(k) == v for k, v in current.items()) and recorded.get(VERSION) == current.get(VERSION)
+               for recorded, current in files)
 
 
 def _by_image(refs: dict[str, Any], names: set[str]) -> dict[str, dict[str, Any]]:

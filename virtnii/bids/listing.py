@@ -1,6 +1,7 @@
 """One listing of a BIDS dataset: every file under its root with its size and ETag/mtime, and what to index.
 
-A dataset on S3 is listed by one recursive ``find`` (paged ``ListObjectsV2`` calls, no per-file request); a local
+A dataset on S3 is listed by one recursive ``find`` (paged ``ListObjectsV2`` calls, or ``ListObjectVersions`` ones
+where object versions are pinned, which give each object's version id: no per-file request either); a local
 one by a ``scandir`` walk that follows no folder links (a tree reached twice would be indexed twice).  What is
 not BIDS data is left out: hidden folders (``.git``, ``.datalad``), ``sourcedata/``, ``code/``, ``stimuli/``,
 ``derivatives/`` unless asked for, and the manifest being written, when it lies inside the dataset.  A dandiset
@@ -17,7 +18,9 @@ from typing import Any
 import fsspec
 
 from ..errors import SourceAccessError, SourceNotFound, VirtniiError, from_os_error, storage_errors
-from ..sources import (NIFTI_SUFFIXES, Source, attach_data_file, data_files, file_part, is_local, walk_local,
+from .. import versions
+from ..sources import (NIFTI_SUFFIXES, Source, attach_data_file, data_files, file_part, is_local, list_versions,
+                       pin, walk_local,
                        with_s3_pool)
 
 #: Top-level folders of a BIDS dataset that hold no data to index (the specification's "sourcedata", "code",
@@ -60,28 +63,36 @@ class Listing:
 
 
 def list_dataset(root: str, options: dict[str, Any], *, derivatives: bool = False,
-                 exclude: tuple[str, ...] = ()) -> Listing:
+                 exclude: tuple[str, ...] = (), pin_versions: bool | None = None) -> Listing:
     """List the dataset at ``root`` (local folder, fsspec URL or ``dandi://`` folder); ``exclude``: folders
-    (relative to the root) to leave out, such as the manifest being written inside it."""
+    (relative to the root) to leave out, such as the manifest being written inside it;
+    ``pin_versions``: list object versions too (see :func:`virtnii.sources.list_versions`)."""
     if root[:8].lower() == "dandi://":
         listing = _list_dandiset(root, options)
         listing.files = {r: info for r, info in listing.files.items() if _wanted(r, derivatives, exclude)}
         return listing
     try:
-        fs, path = fsspec.core.url_to_fs(root, **with_s3_pool(root, options))
+        fs, path = fsspec.core.url_to_fs(root, **with_s3_pool(root, versions.listing_options(root, options,
+                                                                                             pin_versions)))
     except (ValueError, ImportError, TypeError) as err:
         raise SourceAccessError(root, f"cannot open this URL: {err}") from err
     path = posixpath.normpath(path) if getattr(fs, "local_file", False) else path.rstrip("/")
-    listing = Listing(fs, path, fs.unstrip_protocol(path))
-    try:
-        if not fs.isdir(path):
-            raise SourceNotFound(root, "is not a folder (a BIDS dataset is the folder holding "
-                                       "dataset_description.json)")
-        found = walk_local(path, fs, listing.problems, every_file=True, hidden=False,
-                           unlisted=listing.unlisted) if is_local(fs) else \
-            {p: info for p, info in fs.find(path, detail=True).items() if info.get("type") != "directory"}
-    except storage_errors() as err:
-        raise from_os_error(root, err, "list") from err
+    problems: list[VirtniiError] = []
+    unlisted: list[str] = []
+
+    def find(fs: fsspec.AbstractFileSystem) -> dict[str, dict[str, Any]]:
+        try:
+            if not fs.isdir(path):
+                raise SourceNotFound(root, "is not a folder (a BIDS dataset is the folder holding "
+                                           "dataset_description.json)")
+            return walk_local(path, fs, problems, every_file=True, hidden=False, unlisted=unlisted) \
+                if is_local(fs) else \
+                {p: info for p, info in fs.find(path, detail=True).items() if info.get("type") != "directory"}
+        except storage_errors() as err:
+            raise from_os_error(root, err, "list") from err
+
+    fs, found = list_versions(fs, pin_versions, find)
+    listing = Listing(fs, path, fs.unstrip_protocol(path), problems=problems, unlisted=unlisted)
     prefix = path + "/"
     for full, info in found.items():
         relative = full[len(prefix):] if full.startswith(prefix) else posixpath.relpath(full, path)
@@ -108,9 +119,10 @@ def _list_dandiset(root: str, options: dict[str, Any]) -> Listing:
     return listing
 
 
-def nifti_sources(listing: Listing) -> tuple[list[Source], list[VirtniiError]]:
+def nifti_sources(listing: Listing, pin_versions: bool | None = None) -> tuple[list[Source], list[VirtniiError]]:
     """The images of a listing as scan :class:`~virtnii.sources.Source` objects (``.hdr`` paired with its
-    ``.img`` from the same listing: no request per pair), and the pairs missing their data file."""
+    ``.img`` from the same listing: no request per pair), pinned to their versions as
+    :func:`virtnii.sources.pin` says, and the pairs missing their data file (or a version to pin)."""
     sources, problems = [], []
     by_path = {listing.path(relative): info for relative, info in listing.files.items()}
     for relative in sorted(listing.files):
@@ -125,6 +137,7 @@ def nifti_sources(listing: Listing) -> tuple[list[Source], list[VirtniiError]]:
                     raise SourceNotFound(source.listed_as, "no matching data file (.img) beside this .hdr")
                 source.data_path, source.data_info = listing.path(data), listing.files[data]
             attach_data_file(source, by_path)
+            pin(source, pin_versions)
         except VirtniiError as err:
             problems.append(err)
             continue

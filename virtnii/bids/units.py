@@ -18,6 +18,7 @@ from typing import Any
 
 import fsspec
 
+from .. import versions
 from ..errors import InvalidGzip, InvalidNifti, ManifestError, UnsupportedNifti, VirtniiError, storage_errors
 from ..fingerprint import from_info
 from ..manifest.writer import SidecarFolder
@@ -49,13 +50,14 @@ class Spec:
     data_info: dict[str, Any]
     gzip: bool  # the voxels are gzipped: indexed by a streaming pass, not a header read
     listed_as: str = ""  # a DANDI asset's dandi:// URL (path: its blob): see Source.listed_as
+    pin: bool = False  # read at the object versions listed (virtnii.sources.pin)
 
     @property
     def key(self) -> str:
         """What a journal record is valid for: this file (and data file) as listed, by image name (so a dataset
-        moved with its manifest keeps its records)."""
-        return json.dumps([self.name, from_info(self.info), self.data_path != self.path, from_info(self.data_info)],
-                          sort_keys=True)
+        moved with its manifest keeps its records), pinned or not."""
+        return json.dumps([self.name, from_info(self.info, version=self.pin), self.data_path != self.path,
+                           from_info(self.data_info, version=self.pin)], sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,7 @@ class Batch:
 
 def spec_of(source: Source) -> Spec:
     return Spec(source.name, source.path, dict(source.info), source.data_path, dict(source.data_info), source.is_gzip,
-                source.listed_as)
+                source.listed_as, source.pin)
 
 
 def plan(specs: list[Spec]) -> list[Batch]:
@@ -114,7 +116,9 @@ def run_batch(batch: Batch, settings: Settings, out: str, out_options: dict[str,
     """Index the sources of ``batch``; journal and return one record per source (see :func:`record`)."""
     where = batch.specs[0].path if batch.specs[0].listed_as else settings.root  # a DANDI blob is a URL itself
     fs, _ = fsspec.core.url_to_fs(where, **with_s3_pool(where, storage_options))
-    sources = [Source(fs, s.path, s.info, s.data_path, s.data_info, name=s.name, listed_as=s.listed_as)
+    if any(s.pin for s in batch.specs):
+        fs = versions.aware(fs)  # pinned sources are read at the versions listed
+    sources = [Source(fs, s.path, s.info, s.data_path, s.data_info, name=s.name, listed_as=s.listed_as, pin=s.pin)
                for s in batch.specs]
     out_fs, out_path = fsspec.core.url_to_fs(out, **out_options)
     out_path = out_path.rstrip("/")

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import fsspec
-from .. import fingerprint, gzindex
+from .. import fingerprint, gzindex, versions
 from ..errors import ManifestError, StaleSource, VirtniiError, storage_errors
 from ..references import chunk_key
 from .entry import ImageEntry
@@ -156,9 +156,10 @@ def _sidecar_problem(fs: fsspec.AbstractFileSystem, root: str, image: ImageEntry
 def check_content(fs: fsspec.AbstractFileSystem, path: str, url: str, recorded: fingerprint.Fingerprint) -> None:
     """Raise unless the file's bytes are those indexed: its SHA-256 when one was recorded; else, for gzip, a full
     inflate (zlib checks every member's CRC-32 and length: corruption, not a valid replacement of the same size,
-    which the trailer check catches unless the last member is identical); else a ManifestError saying why not."""
+    which the trailer check catches unless the last member is identical); else a ManifestError saying why not.
+    A source pinned to a version is read at that version."""
     if fingerprint.CONTENT_HASH in recorded:
-        digest = fingerprint.content_hash(fs, path, url, recorded["size"])
+        digest = fingerprint.content_hash(*versions.pinned(fs, path, recorded), url, recorded["size"])
         if digest != recorded[fingerprint.CONTENT_HASH]:
             raise StaleSource(url, f"content changed since it was indexed (sha256 was "
                                    f"{recorded[fingerprint.CONTENT_HASH]}, now {digest}) although its size and "
