@@ -288,3 +288,25 @@ def test_source_replaced_after_the_first_read_is_stale(indexed: tuple[Path, Path
     write_nifti(path, voxels((6, 5, 4, 3), "i2", seed=9))  # same size, other voxels
     os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns + 1_000_000_000))
     _assert_refused(lambda: array[0], virtnii.StaleSource, path)
+
+
+def test_listings_bisecting_the_keys_equal_fsspecs_folder_tree() -> None:
+    """The reader lists folders by bisecting the sorted keys (fsspec builds a tree of every key first): the
+    same entries for every folder, names that sort around "/" ("a.b", "a-b", "a0") included."""
+    from fsspec.implementations.reference import ReferenceFileSystem
+    from virtnii.reader import _ReferenceFileSystem
+
+    refs = {"zarr.json": "{}", "a/zarr.json": "{}", "a/b/zarr.json": "{}", "a/b/0/c/0": ["file:///x", 0, 8],
+            "a/b/nifti/c/0": "base64:AAAA", "a.b/zarr.json": "{}", "a-b/x/zarr.json": "{}", "a0/y": ["file:///y"],
+            "ab/zarr.json": "{}", "a/b0/zarr.json": "{}"}
+    ours = _ReferenceFileSystem(fo={"version": 1, "refs": refs}, skip_instance_cache=True)
+    theirs = ReferenceFileSystem(fo={"version": 1, "refs": refs}, skip_instance_cache=True)
+    folders = {""} | {key.rsplit("/", n)[0] for key in refs for n in range(1, key.count("/") + 1)}
+    for folder in sorted(folders):
+        assert sorted(ours.ls(folder), key=str) == sorted(theirs.ls(folder), key=str), folder
+        assert sorted(ours.ls(folder, detail=False)) == sorted(theirs.ls(folder, detail=False))
+        assert ours.isdir(folder) or not folder
+    assert ours.ls("a/b/0/c/0") == theirs.ls("a/b/0/c/0")  # a file lists as itself
+    assert not ours.isdir("a/zarr.json") and not ours.isdir("a/b/0/c/0") and not ours.isdir("a/c")
+    with pytest.raises(FileNotFoundError):
+        ours.ls("a/c")
