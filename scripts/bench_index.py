@@ -204,7 +204,14 @@ def manifest_queries(out: Path, subject: str) -> dict[str, Callable[[], int]]:
         f"virtnii.find(out, sub={subject!r}, suffix='T1w')":
             lambda: len(virtnii.find(str(out), sub=subject, suffix="T1w")),
         "virtnii.open(out) + list the root group (subjects)": lambda: len(list(virtnii.open(str(out)).keys())),
+        "virtnii.open(out) + every image group (members)": lambda: every_image(out),
     }
+
+
+def every_image(out: Path) -> int:
+    """Open the manifest and walk its whole group tree as a user listing it would
+    (``members(max_depth=None)``); the number of image groups (those holding a ``nifti`` array)."""
+    return sum(1 for name, node in virtnii.open(str(out)).members(max_depth=None) if name.endswith("/nifti"))
 
 
 def find_command(out: Path, subject: str) -> int:
@@ -536,6 +543,35 @@ def rel(path: Path) -> str:
     return os.path.relpath(path)
 
 
+def dataset_comparisons(args: argparse.Namespace, dataset: Path, work: Path) -> list[Row]:
+    """Every side on the BIDS dataset, locally and over S3 at each latency: the closing table's rows."""
+    t0 = time.perf_counter()
+    files = generate(dataset, args.count, args.small)
+    nifti = sorted(p for p in dataset.rglob("*.nii*"))
+    size = sum(p.stat().st_size for p in nifti)
+    print(f"dataset {rel(dataset)}: {len(nifti)} images ({size / 2**20:.0f} MiB, "
+          f"{sum(p.name.endswith('.gz') for p in nifti)} .nii.gz), {files} files in all, ready in "
+          f"{time.perf_counter() - t0:.1f} s")
+    with ExitStack() as stack:
+        # the server first: the cluster's worker processes inherit its (offline, fake-credential) environment
+        s3 = None if args.no_s3 else stack.enter_context(running_s3(separate_process=True))
+        client = stack.enter_context(local_cluster(2))
+        local = compare("local disk (warm page cache)", str(dataset), lambda: fsspec.filesystem("file"),
+                        len(nifti), work, client, args.repeat, args.baseline_repeat)
+        rows = location_rows(local, None)
+        if s3 is not None:
+            bucket = s3.create_bucket("bench")
+            start = time.perf_counter()
+            s3.filesystem().put(str(dataset) + "/", f"{bucket}/ds/", recursive=True)
+            print(f"\nuploaded to the local S3 server in {time.perf_counter() - start:.1f} s")
+            for latency in args.latency_ms:
+                with s3.latency(latency / 1000):
+                    where = compare(f"S3 {latency:g} ms (local moto server in another process)",
+                                    f"s3://{bucket}/ds", s3.filesystem, len(nifti), work, client,
+                                    args.repeat, args.baseline_repeat, args.sidecar_sample, s3)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=5000, help="NIfTI images in the dataset (default 5000)")
@@ -551,6 +587,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--manifest-count", type=int,
                         help="images in the queried manifest (default 10000; 1000 with --small)")
     parser.add_argument("--small", action="store_true", help="8x8x8 images and a manifest of 1000: a quick check")
+    parser.add_argument("--only", choices=["manifest"],
+                        help="run one part alone: 'manifest', the queries on a manifest of many images")
     parser.add_argument("--dir", type=Path, default=DATA, help=f"where inputs are generated and kept "
                                                                f"(default {rel(DATA)})")
     args = parser.parse_args(argv)
@@ -559,36 +597,13 @@ def main(argv: list[str] | None = None) -> int:
     dataset = folder / f"bids-{args.count}{'-small' if args.small else ''}"
     print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} (other work on the machine inflates "
           "every timing)")
-    t0 = time.perf_counter()
-    files = generate(dataset, args.count, args.small)
-    nifti = sorted(p for p in dataset.rglob("*.nii*"))
-    size = sum(p.stat().st_size for p in nifti)
-    print(f"dataset {rel(dataset)}: {len(nifti)} images ({size / 2**20:.0f} MiB, "
-          f"{sum(p.name.endswith('.gz') for p in nifti)} .nii.gz), {files} files in all, ready in "
-          f"{time.perf_counter() - t0:.1f} s")
     work = folder / RUN
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     rows: list[Row] = []
     try:
-        with ExitStack() as stack:
-            # the server first: the cluster's worker processes inherit its (offline, fake-credential) environment
-            s3 = None if args.no_s3 else stack.enter_context(running_s3(separate_process=True))
-            client = stack.enter_context(local_cluster(2))
-            local = compare("local disk (warm page cache)", str(dataset), lambda: fsspec.filesystem("file"),
-                            len(nifti), work, client, args.repeat, args.baseline_repeat)
-            rows += location_rows(local, None)
-            if s3 is not None:
-                bucket = s3.create_bucket("bench")
-                start = time.perf_counter()
-                s3.filesystem().put(str(dataset) + "/", f"{bucket}/ds/", recursive=True)
-                print(f"\nuploaded to the local S3 server in {time.perf_counter() - start:.1f} s")
-                for latency in args.latency_ms:
-                    with s3.latency(latency / 1000):
-                        where = compare(f"S3 {latency:g} ms (local moto server in another process)",
-                                        f"s3://{bucket}/ds", s3.filesystem, len(nifti), work, client,
-                                        args.repeat, args.baseline_repeat, args.sidecar_sample, s3)
-                    rows += location_rows(where, TARGET_S3)
+        if args.only != "manifest":
+            rows += dataset_comparisons(args, dataset, work)
         manifest = manifest_benchmark(folder / f"manifest-{manifest_count}", manifest_count, work, args.repeat)
     finally:
         shutil.rmtree(work, ignore_errors=True)

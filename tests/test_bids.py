@@ -178,12 +178,41 @@ def test_a_killed_runs_journal_is_not_used_with_other_settings(dataset: Path, tm
     assert read_index(str(out)).zarr_format == 2
 
 
-def test_a_dask_cluster_gives_the_same_manifest(dataset: Path, indexed: tuple[Path, Any], tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def dask_client() -> Any:
+    """A 2-worker LocalCluster (processes, as a real cluster's workers are), started once for the module."""
     distributed = pytest.importorskip("distributed")
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as c, \
             distributed.Client(c) as client:
-        virtnii.index(str(dataset), str(tmp_path / "out"), derivatives=True, dask=client)
+        yield client
+
+
+def test_a_dask_cluster_gives_the_same_manifest(dataset: Path, indexed: tuple[Path, Any], tmp_path: Path,
+                                                dask_client: Any) -> None:
+    virtnii.index(str(dataset), str(tmp_path / "out"), derivatives=True, dask=dask_client)
     assert manifest_state(tmp_path / "out") == manifest_state(indexed[0])
+
+
+def level_files(out: Path) -> dict[str, bytes]:
+    """Every file of the level stores under ``out/levels``, by path relative to it."""
+    return {str(p.relative_to(out / "levels")): p.read_bytes() for p in (out / "levels").rglob("*") if p.is_file()}
+
+
+def test_pyramids_on_a_dask_cluster_are_the_local_ones(dataset: Path, tmp_path: Path, dask_client: Any,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    local = virtnii.index(str(dataset), str(tmp_path / "local"), derivatives=True, pyramid=True)
+    monkeypatch.chdir(tmp_path)  # OUT as typed, relative: the workers must be given where it is
+    monkeypatch.setattr("virtnii.pyramid.BATCH_IMAGES", 2)  # several tasks, finishing in any order
+    from distributed import get_task_stream
+
+    with get_task_stream(dask_client) as tasks:
+        on_dask = virtnii.index(str(dataset), "dask", derivatives=True, pyramid=True, dask=dask_client)
+    assert sum(task["key"].startswith("build_batch-") for task in tasks.data) > 2  # built there, in batches
+    assert on_dask.report.pyramids_built == local.report.pyramids_built > 2
+    assert manifest_state(tmp_path / "dask") == manifest_state(tmp_path / "local")
+    assert level_files(tmp_path / "dask") == level_files(tmp_path / "local")
+    again = virtnii.index(str(dataset), "dask", derivatives=True, pyramid=True, dask=dask_client)
+    assert again.report.pyramids_built == 0 and again.report.pyramids_reused == local.report.pyramids_built
 
 
 def test_one_worker_gives_the_same_manifest(dataset: Path, indexed: tuple[Path, Any], tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -269,6 +270,35 @@ def test_unwritable_output_is_a_clear_error_and_nothing_changes(tmp_path: Path) 
     with pytest.raises(virtnii.ManifestError, match="cannot write pyramid levels"):
         build_pyramids(str(tmp_path / "m"), chunks=8, out=str(tmp_path / "blocked" / "levels"))
     assert (tmp_path / "m" / "virtnii.json").read_text() == before
+
+
+def test_dask_scheduler_address_builds_what_a_local_run_builds(tmp_path: Path, capsys) -> None:
+    """`virtnii pyramid --dask ADDRESS`: the images are built on the cluster's workers, a source that changed
+    comes back as that image's error line (exit status 1), and the others' levels and manifest entries are the
+    local run's."""
+    distributed = pytest.importorskip("distributed")
+    from virtnii.cli import main
+
+    for name in ("local", "dask"):
+        (tmp_path / name).mkdir()
+        for image in ("anatomical", "functional", "reoriented_anat_moved"):
+            shutil.copy2(REAL[image], tmp_path / name / f"{image}.nii")
+        virtnii.scan([str(tmp_path / name)], str(tmp_path / name / "m"))
+        os.utime(tmp_path / name / "functional.nii", ns=(0, 0))
+    local = build_pyramids(str(tmp_path / "local" / "m"), chunks=8)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as c:
+        status = main(["pyramid", str(tmp_path / "dask" / "m"), "--chunks", "8", "--dask", c.scheduler_address,
+                       "-q"])
+        assert "build_batch" in c.scheduler.task_prefixes  # the images were built there
+    assert status == 1 and "functional.nii" in capsys.readouterr().err
+    assert [type(f) for f in local.failures] == [virtnii.StaleSource]
+    def entries(name: str) -> list[dict[str, Any]]:  # all but what names the copy (sources, so store tags)
+        images = json.loads((tmp_path / name / "m" / "virtnii.json").read_text())["images"]
+        return [{**{k: v for k, v in e.items() if k not in ("source", "fingerprint")},
+                 **({"pyramid": {k: v for k, v in e["pyramid"].items() if k not in ("store", "tag")}}
+                    if "pyramid" in e else {})} for e in images]
+
+    assert entries("dask") == entries("local") and sum("pyramid" in e for e in entries("dask")) == 2
 
 
 def test_level_stores_elsewhere_are_referenced_by_url(tmp_path: Path) -> None:

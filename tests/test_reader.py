@@ -305,3 +305,23 @@ def test_parquet_level_with_unwritten_chunks_reads_as_fill_value(tmp_path: Path)
     combined = tmp_path / "combined"
     virtnii.combine([str(tmp_path / "parquet")], str(combined))  # the references are copied without the holes
     np.testing.assert_array_equal(virtnii.open(str(combined))["sparse"]["1"][...], by_json["1"][...])
+def test_listings_bisecting_the_keys_equal_fsspecs_folder_tree() -> None:
+    """The reader lists folders by bisecting the sorted keys (fsspec builds a tree of every key first): the
+    same entries for every folder, names that sort around "/" ("a.b", "a-b", "a0") included."""
+    from fsspec.implementations.reference import ReferenceFileSystem
+    from virtnii.reader import _ReferenceFileSystem
+
+    refs = {"zarr.json": "{}", "a/zarr.json": "{}", "a/b/zarr.json": "{}", "a/b/0/c/0": ["file:///x", 0, 8],
+            "a/b/nifti/c/0": "base64:AAAA", "a.b/zarr.json": "{}", "a-b/x/zarr.json": "{}", "a0/y": ["file:///y"],
+            "ab/zarr.json": "{}", "a/b0/zarr.json": "{}"}
+    ours = _ReferenceFileSystem(fo={"version": 1, "refs": refs}, skip_instance_cache=True)
+    theirs = ReferenceFileSystem(fo={"version": 1, "refs": refs}, skip_instance_cache=True)
+    folders = {""} | {key.rsplit("/", n)[0] for key in refs for n in range(1, key.count("/") + 1)}
+    for folder in sorted(folders):
+        assert sorted(ours.ls(folder), key=str) == sorted(theirs.ls(folder), key=str), folder
+        assert sorted(ours.ls(folder, detail=False)) == sorted(theirs.ls(folder, detail=False))
+        assert ours.isdir(folder) or not folder
+    assert ours.ls("a/b/0/c/0") == theirs.ls("a/b/0/c/0")  # a file lists as itself
+    assert not ours.isdir("a/zarr.json") and not ours.isdir("a/b/0/c/0") and not ours.isdir("a/c")
+    with pytest.raises(FileNotFoundError):
+        ours.ls("a/c")

@@ -186,8 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_index.add_argument("--derivatives", action="store_true", help="index derivatives/ too")
     p_index.add_argument("--workers", type=int, help="batches at once (default: one per core locally, "
                                                      "8 for remote datasets)")
-    p_index.add_argument("--dask", metavar="ADDRESS", help="run the batches on this Dask scheduler "
-                                                           "(its workers must reach ROOT and OUT)")
+    p_index.add_argument("--dask", metavar="ADDRESS", help="run the batches (and --pyramid's) on this Dask "
+                                                           "scheduler (its workers must reach ROOT and OUT)")
     p_index.add_argument("--zarr-format", type=int, choices=(2, 3), default=3,
                          help="3: Zarr v3 + OME 0.5 (default); 2: Zarr v2 + OME 0.4")
     p_index.add_argument("--format", dest="ref_format", choices=("json", "parquet"), default="json",
@@ -245,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_pyramid.add_argument("--codec", choices=sorted(CODECS), default=DEFAULT_CODEC,
                            help="compressor (default: %(default)s)")
     p_pyramid.add_argument("--out", help="where to write level stores (default: MANIFEST/levels)")
+    p_pyramid.add_argument("--dask", metavar="ADDRESS", help="build the images on this Dask scheduler (its "
+                                                             "workers must reach MANIFEST, the sources and --out)")
     p_pyramid.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _storage_arguments(p_pyramid)
     _trust_argument(p_pyramid)
@@ -424,7 +426,7 @@ def cmd_pyramid(args: argparse.Namespace) -> int:
     result = build_pyramids(args.manifest, args.images, method=args.method, levels=args.levels, chunks=args.chunks,
                             shards=args.shards, codec=args.codec, out=args.out,
                             manifest_options=manifest_options or None, progress=not args.quiet,
-                            allow_local_sources=args.allow_local_sources, **storage)
+                            allow_local_sources=args.allow_local_sources, dask=args.dask, **storage)
     for failure in result.failures:
         print(f"virtnii: error: {failure}", file=sys.stderr)
     written = sum(e.pyramid.stored_bytes for e in result.images if e.pyramid and e.name in result.built)

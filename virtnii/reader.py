@@ -7,6 +7,7 @@ data through the ``gzidx`` protocol), and zarr reads chunks straight from the so
 
 from __future__ import annotations
 
+import bisect
 import io
 import ipaddress
 import urllib.parse
@@ -17,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import zarr
 from nibabel.arrayproxy import ArrayProxy
-from fsspec.implementations.reference import ReferenceFileSystem, ReferenceNotReachable
+from fsspec.implementations.reference import LazyReferenceMapper, ReferenceFileSystem, ReferenceNotReachable
 from nibabel.fileslice import canonical_slicers
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError, HeaderTypeError
@@ -157,13 +158,58 @@ def reference_filesystem(manifest: str, manifest_options: dict[str, Any] | None 
 
 
 class _ReferenceFileSystem(ReferenceFileSystem):
-    """fsspec's ReferenceFileSystem, answering the ``/group`` listings zarr asks for, and raising our errors.
+    """fsspec's ReferenceFileSystem, answering the ``/group`` listings zarr asks for quickly, and raising our
+    errors.
 
     zarr's FsspecStore with an empty root lists ``"/" + prefix``, which ReferenceFileSystem (keys have no
-    leading slash) answers with nothing, so subgroups looked empty when walking a manifest.  And a
-    :class:`~virtnii.errors.VirtniiError` from a source (e.g. ``StaleSource``) surfaces as itself rather than
-    behind fsspec's generic ``ReferenceNotReachable``.
+    leading slash) answers with nothing, so subgroups looked empty when walking a manifest.  fsspec answers
+    the first listing by building a folder tree of every key (0.4-0.7 s for the 56,000 keys of 10,000
+    images); listings here bisect the sorted keys instead, so one costs its own entries, not the manifest's.
+    And a :class:`~virtnii.errors.VirtniiError` from a source (e.g. ``StaleSource``) surfaces as itself rather
+    than behind fsspec's generic ``ReferenceNotReachable``.
     """
+
+    _sorted: list[str] | None = None
+
+    def _keys(self) -> list[str]:
+        """Every key, sorted (once: the references of an opened manifest are not written to)."""
+        if self._sorted is None or len(self._sorted) != len(self.references):
+            self._sorted = sorted(self.references)
+        return self._sorted
+
+    def ls(self, path: str, detail: bool = True, **kwargs: Any) -> list[Any]:
+        if isinstance(self.references, LazyReferenceMapper):  # Parquet: the mapper lists itself
+            return super().ls(path, detail=detail, **kwargs)
+        path = self._strip_protocol(path)
+        if path in self.references:  # a file lists as itself, as in fsspec
+            entries = [self._file_entry(path)]
+            return entries if detail else [path]
+        keys, prefix = self._keys(), f"{path}/" if path else ""
+        entries, i = [], bisect.bisect_left(keys, prefix)
+        while i < len(keys) and keys[i].startswith(prefix):
+            slash = keys[i].find("/", len(prefix))
+            if slash < 0:
+                entries.append(self._file_entry(keys[i]))
+                i += 1
+            else:  # a folder: its keys are the run up to the next name past "<folder>/" ("0" follows "/")
+                entries.append({"name": keys[i][:slash], "type": "directory", "size": 0})
+                i = bisect.bisect_left(keys, keys[i][:slash] + "0", i)
+        if not entries and path:
+            raise FileNotFoundError(path)
+        return entries if detail else [entry["name"] for entry in entries]
+
+    def isdir(self, path: str) -> bool:
+        if isinstance(self.references, LazyReferenceMapper):
+            return super().isdir(path)
+        keys, prefix = self._keys(), f"{self._strip_protocol(path)}/"
+        i = bisect.bisect_left(keys, prefix)
+        return i < len(keys) and keys[i].startswith(prefix)
+
+    def _file_entry(self, key: str) -> dict[str, Any]:
+        """fsspec's listing entry of a key: inlined bytes have their length, ``[url]`` none, ranges theirs."""
+        part = self.references[key]
+        size = len(part) if isinstance(part, (bytes, str)) else None if len(part) == 1 else part[2]
+        return {"name": key, "type": "file", "size": size}
 
     async def _cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
         try:

@@ -20,6 +20,7 @@ from typing import Any, Iterable
 import fsspec
 from tqdm.auto import tqdm
 
+from ..cluster import dask_map
 from ..errors import InvalidNifti, ManifestError, error_class, storage_errors
 from ..fingerprint import from_info
 from ..versions import VERSION
@@ -61,7 +62,7 @@ def index(root: str, out: str, *, pyramid: bool = False, derivatives: bool = Fal
     drops removed ones, and finishes what a killed run left.  ``pin_versions`` as for :func:`virtnii.scan`: on a
     versioned bucket each image reads the object versions it was indexed from, listed by the same one listing.
     ``workers`` batches run at once (default: one per core locally, :data:`REMOTE_WORKERS` for remote data);
-    ``dask`` (a ``distributed.Client`` or a scheduler address) runs the batches on a Dask cluster instead, whose
+    ``dask`` (a ``distributed.Client`` or a scheduler address) runs the batches, and the pyramids' batches, on a Dask cluster instead, whose
     workers must reach ``root`` and ``out``.
     """
     started = time.perf_counter()
@@ -159,7 +160,7 @@ def index(root: str, out: str, *, pyramid: bool = False, derivatives: bool = Fal
         units.keep_lasting_failures(out_fs, out_path, settings, list(records.values()))
     report.bytes_referenced = sum(int(fp["size"]) for entry in final for _, fp in entry.checked_files)
     if pyramid:
-        _pyramids(out, final, out_options, options, report)
+        _pyramids(out, final, out_options, options, report, dask)
         new_index = read_index(out, out_options)
     report.bytes_written = _folder_bytes(out_fs, out_path)
     report.seconds = time.perf_counter() - started
@@ -284,8 +285,10 @@ def _run(batches: list[units.Batch], settings: units.Settings, out: str, out_opt
 
         if not batches:
             return
-        if dask is not None:
-            yield from _run_dask(batches, settings, out, out_options, options, dask, done)
+        if dask is not None:  # each worker writes its batch's sidecars and journal record itself
+            for batch, records in dask_map(dask, units.run_batch, batches, out, settings=settings, out=out,
+                                           out_options=out_options, storage_options=options):
+                yield from done(batch, records)
             return
         count = workers or ((os.cpu_count() or 1) if getattr(listing.fs, "local_file", False) else REMOTE_WORKERS)
         with concurrent.futures.ThreadPoolExecutor(max(1, count), thread_name_prefix="virtnii-index") as pool:
@@ -296,30 +299,6 @@ def _run(batches: list[units.Batch], settings: units.Settings, out: str, out_opt
             except BaseException:
                 pool.shutdown(cancel_futures=True)
                 raise
-
-
-def _run_dask(batches: list[units.Batch], settings: units.Settings, out: str, out_options: dict[str, Any],
-              options: dict[str, Any], dask: Any, done: Any) -> Iterable[tuple[str, dict[str, Any]]]:
-    """The batches as Dask tasks: each worker writes its batch's sidecars and journal record itself."""
-    try:
-        import distributed
-    except ImportError as err:
-        raise ManifestError(out, "--dask needs the distributed package: pip install 'virtnii[dask]'") from err
-    try:
-        client = dask if isinstance(dask, distributed.Client) else distributed.Client(dask, timeout=30)
-    except (OSError, TimeoutError, ValueError) as err:
-        raise ManifestError(str(dask), f"cannot reach this Dask scheduler: {err}") from err
-    futures = []
-    try:
-        futures = client.map(units.run_batch, batches, settings=settings, out=out, out_options=out_options,
-                             storage_options=options, pure=False)
-        by_key = {f.key: b for f, b in zip(futures, batches)}
-        for future in distributed.as_completed(futures):
-            yield from done(by_key[future.key], future.result())
-    finally:
-        client.cancel(futures)  # after a failure, nothing more is written into OUT behind the caller's back
-        if client is not dask:
-            client.close()
 
 
 def _remove_unreferenced(fs: fsspec.AbstractFileSystem, path: str, index: Index) -> None:
@@ -361,8 +340,9 @@ def _level_stores(fs: fsspec.AbstractFileSystem, levels: str) -> list[str]:
 
 
 def _pyramids(out: str, entries: list[ImageEntry], out_options: dict[str, Any], options: dict[str, Any],
-              report: Report) -> None:
-    """Levels for every image: label images (``_dseg``, ``_mask``) by mode, the rest by the default rule."""
+              report: Report, dask: Any) -> None:
+    """Levels for every image: label images (``_dseg``, ``_mask``) by mode, the rest by the default rule; on
+    the Dask cluster too when the batches ran there."""
     from ..pyramid import build_pyramids
 
     labels = [e.name for e in entries if e.bids and e.bids["entities"].get("suffix") in metadata.LABEL_SUFFIXES]
@@ -371,7 +351,7 @@ def _pyramids(out: str, entries: list[ImageEntry], out_options: dict[str, Any], 
         if names:
             # the sources are the ones this run was given and just listed, wherever the manifest is
             result = build_pyramids(out, names, method=method, manifest_options=out_options, allow_local_sources=True,
-                                    **options)
+                                    dask=dask, **options)
             report.pyramids_built += len(result.built)
             report.pyramids_reused += len(result.reused)
             for err in result.failures:

@@ -8,6 +8,7 @@ deep inside a read.
 
 from __future__ import annotations
 
+import functools
 import posixpath
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -163,7 +164,7 @@ class ImageEntry:
 
     @property
     def numpy_dtype(self) -> np.dtype:
-        return np.dtype(self.dtype if isinstance(self.dtype, str) else [tuple(f) for f in self.dtype])
+        return _numpy_dtype(self.dtype)
 
     @property
     def levels(self) -> tuple[Level, ...]:
@@ -203,8 +204,6 @@ class ImageEntry:
         """Parse one index-file entry; anything missing or mistyped is a ManifestError naming ``manifest``."""
         try:
             dtype = doc["dtype"]
-            known = {"name", "source", "fingerprint", "nifti_version", "shape", "axes", "chunks", "dtype", "nbytes",
-                     "gzip_index", "uncompressed_size", "data", "data_fingerprint", "pyramid", "zooms", "bids"}
             entry = cls(
                 name=_text(doc["name"]), source=_source(doc["source"]), fingerprint=_fingerprint(doc["fingerprint"]),
                 nifti_version=int(doc["nifti_version"]), shape=_ints(doc["shape"]), axes=_text(doc["axes"]),
@@ -217,9 +216,9 @@ class ImageEntry:
                 data_fingerprint=None if doc.get("data_fingerprint") is None
                 else _fingerprint(doc["data_fingerprint"]),
                 pyramid=None if doc.get("pyramid") is None else Pyramid.from_json(doc["pyramid"]),
-                zooms=None if doc.get("zooms") is None else tuple(float(z) for z in doc["zooms"]),
+                zooms=None if doc.get("zooms") is None else tuple(map(float, doc["zooms"])),
                 bids=None if doc.get("bids") is None else _bids(doc["bids"]),
-                extra={k: v for k, v in doc.items() if k not in known},
+                extra={k: v for k, v in doc.items() if k not in _KNOWN_KEYS},
             )
             entry.numpy_dtype  # noqa: B018  (an unknown dtype string is damage too)
         except (KeyError, TypeError, ValueError, AttributeError) as err:
@@ -232,6 +231,18 @@ class ImageEntry:
         if len(entry.shape) != len(entry.axes) or len(entry.chunks) != len(entry.shape):
             raise ManifestError(manifest, f"index file entry {entry.name}: shape, axes and chunks disagree")
         return entry
+
+
+#: The index-file keys :class:`ImageEntry` reads; others are kept as they are (``extra``).
+_KNOWN_KEYS = frozenset({"name", "source", "fingerprint", "nifti_version", "shape", "axes", "chunks", "dtype", "nbytes",
+                         "gzip_index", "uncompressed_size", "data", "data_fingerprint", "pyramid", "zooms", "bids"})
+
+
+@functools.lru_cache(maxsize=256)
+def _numpy_dtype(spec: str | tuple[tuple[str, str], ...]) -> np.dtype:
+    """numpy's dtype for an entry's ``dtype``, once per spelling: a manifest of 10,000 images has a handful,
+    and building one is most of what checking an entry costs."""
+    return np.dtype(spec if isinstance(spec, str) else [tuple(f) for f in spec])
 
 
 def is_url(name: str) -> bool:
@@ -316,7 +327,7 @@ def _source(value: Any) -> str:
 def _ints(values: Any) -> tuple[int, ...]:
     if not isinstance(values, (list, tuple)):
         raise TypeError(f"expected a list of integers, got {values!r}")
-    return tuple(int(v) for v in values)
+    return tuple(map(int, values))
 
 
 def _text(value: Any) -> str:

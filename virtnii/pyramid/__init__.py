@@ -9,15 +9,17 @@ multiscales naming how each level was made.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import fsspec
 from tqdm.auto import tqdm
 
 from .. import __version__, ome
+from ..cluster import dask_map
 from ..references import edit_group_attributes
-from ..manifest.entry import LEVELS_FOLDER, ImageEntry, is_url as _is_url
+from ..manifest.entry import LEVELS_FOLDER, ImageEntry, Pyramid, is_url as _is_url
 from ..errors import ManifestError, VirtniiError, storage_errors
 from ..manifest import (METADATA_KEYS, Index, load_refs, manifest_options_for, manifest_url, read_index,
                         update_manifest)
@@ -41,7 +43,7 @@ def build_pyramids(manifest: str, images: Sequence[str] | None = None, *, method
                    levels: int | None = None, chunks: int = 64, shards: int | None = None,
                    codec: str = DEFAULT_CODEC, out: str | None = None,
                    manifest_options: dict[str, Any] | None = None, out_options: dict[str, Any] | None = None,
-                   progress: bool = False, allow_local_sources: bool = False,
+                   progress: bool = False, allow_local_sources: bool = False, dask: Any = None,
                    **storage_options: Any) -> PyramidResult:
     """Build (or reuse) the pyramid levels of ``images`` (default: all) of a manifest, and add them to it.
 
@@ -61,6 +63,10 @@ def build_pyramids(manifest: str, images: Sequence[str] | None = None, *, method
         by paths relative to the manifest so that it can be moved or uploaded whole.
     storage_options, allow_local_sources
         For reading the sources, as for :func:`virtnii.open`.
+    dask
+        A ``distributed.Client`` or a scheduler address: the images are built as Dask tasks, in batches
+        (:func:`build_batch`), with the same results; the manifest is updated here once they are all done.
+        The workers must reach the manifest, the sources and the level stores at the same URLs.
 
     A level store that is complete and was made from the same inputs (source fingerprint, settings) is reused;
     one left by an interrupted run is deleted and rebuilt.  The manifest is updated once, at the end, atomically.
@@ -69,51 +75,34 @@ def build_pyramids(manifest: str, images: Sequence[str] | None = None, *, method
         settings = Settings(method, levels, chunks, shards, codec)
     except ValueError as err:
         raise ManifestError(manifest, str(err)) from err
-    from ..reader import open as open_manifest
-
     manifest = manifest.rstrip("/")
     options = manifest_options_for(manifest, manifest_options, storage_options)
     index = read_index(manifest, options)
     if shards and index.zarr_format != 3:
         raise ManifestError(manifest, "sharding (--shards) needs a Zarr v3 manifest (scan with --zarr-format 3)")
-    chosen = _choose(manifest, index, images)
+    chosen = [entry for entry in _choose(manifest, index, images) if plan_levels(entry.shape, entry.axes, settings)]
     base = manifest_url(manifest, options)
-    group = open_manifest(manifest, manifest_options, allow_local_sources=allow_local_sources, **storage_options)
     store_options = dict(out_options if out_options is not None else options) if out else options
-    root = _absolute_url(out, store_options) if out else f"{manifest}/{LEVELS_FOLDER}"
+    job = _Job(base if dask is not None else manifest, manifest_options, dict(storage_options), allow_local_sources,
+               settings, index.zarr_format, _absolute_url(out, store_options) if out else None, store_options)
+    outcomes: dict[str, tuple[Pyramid | VirtniiError, bool]] = {}
+    total = sum(entry.nbytes for entry in chosen)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="pyramid", disable=not progress) as bar:
+        if dask is not None:  # batches as tasks, each opening the manifest once on its worker
+            for batch, results in dask_map(dask, build_batch, _batches(chosen), manifest, job=job):
+                outcomes.update(zip((entry.name for entry in batch), results))
+                bar.update(sum(entry.nbytes for entry in batch))
+        elif chosen:
+            outcomes.update(zip((entry.name for entry in chosen), build_batch(chosen, job, bar.update, progress)))
     updated: dict[str, ImageEntry] = {}
     built, reused, failures = [], [], []
-    total = sum(entry.nbytes for entry in chosen if plan_levels(entry.shape, entry.axes, settings))
-    with tqdm(total=total, unit="B", unit_scale=True, desc="pyramid", disable=not progress) as bar, \
-            tqdm(unit="B", unit_scale=True, disable=not progress, position=1, leave=False) as image_bar:
-        def advance(n: int) -> None:
-            bar.update(n)
-            image_bar.update(n)
-
-        for entry in chosen:
-            if not plan_levels(entry.shape, entry.axes, settings):
-                continue  # fits one chunk already: level 0 is the whole pyramid
-            image_bar.reset(total=entry.nbytes)
-            image_bar.set_description_str(entry.name[-40:])
-            image = group[entry.name]
-            chosen_method = method_for(image["nifti"].attrs.get("Intent", ""), settings)
-            store_tag = tag(entry, chosen_method, settings, index.zarr_format)
-            relative = f"{LEVELS_FOLDER}/{entry.name}.{store_tag}"
-            store_url = f"{root}/{entry.name}.{store_tag}"
-            store_ref = relative if not out else store_url
-            before = bar.n
-            try:
-                pyramid, was_built = build_image(entry, image["0"], store_url, store_ref, store_tag, chosen_method, settings,
-                                      index.zarr_format, store_options,
-                                      entry.files_to_check(base, options, storage_options), advance)
-            except VirtniiError as err:
-                failures.append(err)
-                bar.update(entry.nbytes - (bar.n - before))
-                continue
-            except storage_errors() as err:
-                raise ManifestError(store_url, f"cannot write pyramid levels here: {err}") from err
-            (built if was_built else reused).append(entry.name)
-            updated[entry.name] = entry.with_pyramid(pyramid)
+    for entry in chosen:  # in the manifest's order, however the batches finished
+        outcome, was_built = outcomes[entry.name]
+        if isinstance(outcome, VirtniiError):
+            failures.append(outcome)
+            continue
+        (built if was_built else reused).append(entry.name)
+        updated[entry.name] = entry.with_pyramid(outcome)
     entries = [updated.get(entry.name, entry) for entry in index.images]
     if updated:
         refs = load_refs(manifest, index, options)
@@ -123,6 +112,89 @@ def build_pyramids(manifest: str, images: Sequence[str] | None = None, *, method
         update_manifest(manifest, index, entries, refs, options)
         _remove_unreferenced_stores(manifest, options, entries, {e.pyramid.store for e in index.images if e.pyramid})
     return PyramidResult(entries, built, reused, failures)
+
+
+#: A pyramid task on Dask holds images totalling up to this many level-0 bytes, or :data:`BATCH_IMAGES` images:
+#: each task opens the manifest (reads its index and references) once, which for small images costs more than
+#: building them.
+BATCH_BYTES = 256 * 2**20
+BATCH_IMAGES = 64
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What every image of a pyramid run shares, picklable for Dask workers: the manifest and how to read it,
+    the settings, and where level stores go (``out``: an absolute URL, or None for ``MANIFEST/levels``)."""
+
+    manifest: str
+    manifest_options: dict[str, Any] | None
+    storage_options: dict[str, Any]
+    allow_local_sources: bool
+    settings: Settings
+    zarr_format: int
+    out: str | None
+    store_options: dict[str, Any]
+
+
+def build_batch(entries: Sequence[ImageEntry], job: _Job, advance: Callable[[int], Any] = lambda n: None,
+                progress: bool = False) -> list[tuple[Pyramid | VirtniiError, bool]]:
+    """Build (or reuse) the levels of ``entries``, one image at a time: the unit of a pyramid run, here or on a
+    Dask worker.  Returns per image its :class:`Pyramid` and whether it was built, or the error that stopped
+    it (a source that changed or cannot be read); a level store that cannot be written stops the batch.
+    ``advance(n)`` hears of every ``n`` level-0 bytes consumed (a failed image's are counted too).
+    """
+    from ..reader import open as open_manifest
+
+    manifest = job.manifest
+    group = open_manifest(manifest, job.manifest_options, allow_local_sources=job.allow_local_sources,
+                          **job.storage_options)
+    options = manifest_options_for(manifest, job.manifest_options, job.storage_options)
+    base = manifest_url(manifest, options)
+    root = job.out or f"{manifest}/{LEVELS_FOLDER}"
+    results: list[tuple[Pyramid | VirtniiError, bool]] = []
+    with tqdm(unit="B", unit_scale=True, disable=not progress, position=1, leave=False) as image_bar:
+        def consumed(n: int) -> None:
+            advance(n)
+            image_bar.update(n)
+
+        for entry in entries:
+            image_bar.reset(total=entry.nbytes)
+            image_bar.set_description_str(entry.name[-40:])
+            image = group[entry.name]
+            chosen_method = method_for(image["nifti"].attrs.get("Intent", ""), job.settings)
+            store_tag = tag(entry, chosen_method, job.settings, job.zarr_format)
+            store_url = f"{root}/{entry.name}.{store_tag}"
+            store_ref = store_url if job.out else f"{LEVELS_FOLDER}/{entry.name}.{store_tag}"
+            done = 0
+
+            def counted(n: int) -> None:
+                nonlocal done
+                done += n
+                consumed(n)
+
+            try:
+                results.append(build_image(entry, image["0"], store_url, store_ref, store_tag, chosen_method,
+                                           job.settings, job.zarr_format, job.store_options,
+                                           entry.files_to_check(base, options, job.storage_options), counted))
+            except VirtniiError as err:
+                results.append((err, False))
+                consumed(entry.nbytes - done)
+            except storage_errors() as err:
+                raise ManifestError(store_url, f"cannot write pyramid levels here: {err}") from err
+    return results
+
+
+def _batches(entries: Sequence[ImageEntry]) -> list[list[ImageEntry]]:
+    """``entries`` in order, cut into Dask tasks of up to :data:`BATCH_BYTES` or :data:`BATCH_IMAGES`."""
+    batches: list[list[ImageEntry]] = []
+    size = 0
+    for entry in entries:
+        if not batches or len(batches[-1]) >= BATCH_IMAGES or size + entry.nbytes > BATCH_BYTES:
+            batches.append([])
+            size = 0
+        batches[-1].append(entry)
+        size += entry.nbytes
+    return batches
 
 
 def _absolute_url(url: str, options: dict[str, Any]) -> str:
