@@ -62,8 +62,8 @@ def index(root: str, out: str, *, pyramid: bool = False, derivatives: bool = Fal
     drops removed ones, and finishes what a killed run left.  ``pin_versions`` as for :func:`virtnii.scan`: on a
     versioned bucket each image reads the object versions it was indexed from, listed by the same one listing.
     ``workers`` batches run at once (default: one per core locally, :data:`REMOTE_WORKERS` for remote data);
-    ``dask`` (a ``distributed.Client`` or a scheduler address) runs the batches, and the pyramids' batches, on a Dask cluster instead, whose
-    workers must reach ``root`` and ``out``.
+    ``dask`` (a ``distributed.Client`` or a scheduler address) runs the batches, and the pyramids' batches, on
+    a Dask cluster instead, whose workers must reach ``root`` and ``out``.
     """
     started = time.perf_counter()
     if zarr_format not in ZARR_FORMATS:
