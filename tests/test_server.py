@@ -315,7 +315,7 @@ def test_cors_for_any_origin_and_preflight(v3: str) -> None:
 
 def test_unknown_keys_and_methods(v3: str) -> None:
     for path in ["zarr/anatomical/0/c/9/9/9", "zarr/nope/zarr.json", "zarr/", "zarr", "zarr/virtnii.json",
-                 "zarr/secret.txt", "zarr/levels", "api/images/x", "static/missing.js", "view/anatomical/zarr.json",
+                 "zarr/secret.txt", "zarr/levels", "api/images/x", "static/missing.js", "view/nope/zarr.json", "view/anatomical/9/c/0/0/0/0/0",
                  "nope"]:
         status, headers, body = fetch(v3 + path)
         assert status == 404, path
