@@ -28,7 +28,7 @@ import fsspec
 from fsspec.asyn import AsyncFileSystem
 from fsspec.spec import AbstractBufferedFile
 
-from . import fingerprint, gzindex
+from . import fingerprint, gzindex, retry
 from .manifest.entry import GZIP_INDEX_FOLDER, inside, is_url, resolve
 from .errors import ManifestError, SourceNotFound, from_os_error, storage_errors
 from .verified import call, exact_range
@@ -144,11 +144,11 @@ class GzipIndexFileSystem(AsyncFileSystem):
                     while len(_INDEXES) > _MAX_INDEXES:
                         _INDEXES.popitem(last=False)
         if is_url(index.source):
-            fs, source_path = fsspec.core.url_to_fs(index.source, **self.target_options)
+            fs, source_path = retry.open_fs(index.source, self.target_options)
             return _Source(index, fs, source_path, index.source)
         source_url = resolve(self._root_fs.unstrip_protocol(self._root_path), index.source)
         fs, source_path = fsspec.core.url_to_fs(source_url, **self.root_options)
-        return _Source(index, fs, source_path, source_url)
+        return _Source(index, retry.wrap(fs, retry.policy_of(self.target_options)), source_path, source_url)
 
     async def _fetch(self, source: _Source, start: int, end: int) -> bytes:
         """Compressed bytes ``[start, end)`` of the source, in one ranged read (from any loop: see ``call``), once

@@ -25,6 +25,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from .errors import (InvalidNifti, ManifestError, SourceAccessError, SourceNotFound, VirtniiError, from_os_error,
                      is_secret_name, storage_errors)
+from .retry import open_fs
 
 #: File names the scanner picks up in folders; ``.img``/``.img.gz`` are found through their ``.hdr``.
 NIFTI_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".hdr.gz")
@@ -182,7 +183,7 @@ def _expand_one(src: str, options: dict[str, Any], found: dict[str, Source], fai
                                                   "give them as storage options (-s KEY=VALUE) instead"))
         return
     try:
-        fs, path = fsspec.core.url_to_fs(src, **with_s3_pool(src, options))
+        fs, path = open_fs(src, with_s3_pool(src, options))
     except (ValueError, ImportError, TypeError) as err:
         failures.append(SourceAccessError(src, f"cannot open this URL: {err}"))
         return

@@ -16,6 +16,7 @@ from typing import Any
 import fsspec
 
 from ..errors import SourceAccessError, SourceNotFound, VirtniiError, from_os_error, storage_errors
+from ..retry import open_fs
 from ..sources import NIFTI_SUFFIXES, Source, attach_data_file, file_part, is_local, walk_local, with_s3_pool
 
 #: Top-level folders of a BIDS dataset that hold no data to index (the specification's "sourcedata", "code",
@@ -54,7 +55,7 @@ def list_dataset(root: str, options: dict[str, Any], *, derivatives: bool = Fals
     """List the dataset at ``root`` (local folder or fsspec URL); ``exclude``: folders (relative to the root)
     to leave out, such as the manifest being written inside it."""
     try:
-        fs, path = fsspec.core.url_to_fs(root, **with_s3_pool(root, options))
+        fs, path = open_fs(root, with_s3_pool(root, options))
     except (ValueError, ImportError, TypeError) as err:
         raise SourceAccessError(root, f"cannot open this URL: {err}") from err
     path = posixpath.normpath(path) if getattr(fs, "local_file", False) else path.rstrip("/")

@@ -22,6 +22,7 @@ from ..errors import InvalidGzip, InvalidNifti, ManifestError, UnsupportedNifti,
 from ..fingerprint import from_info
 from ..manifest.writer import SidecarFolder
 from ..scan import _plain_images, index_gzip_source, named, read_plain_headers, relative_names
+from ..retry import open_fs
 from ..sources import Source, is_local, with_s3_pool
 
 JOURNAL = ".journal"
@@ -110,7 +111,7 @@ def plan(specs: list[Spec]) -> list[Batch]:
 def run_batch(batch: Batch, settings: Settings, out: str, out_options: dict[str, Any],
               storage_options: dict[str, Any]) -> list[dict[str, Any]]:
     """Index the sources of ``batch``; journal and return one record per source (see :func:`record`)."""
-    fs, _ = fsspec.core.url_to_fs(settings.root, **with_s3_pool(settings.root, storage_options))
+    fs, _ = open_fs(settings.root, with_s3_pool(settings.root, storage_options))
     sources = [Source(fs, s.path, s.info, s.data_path, s.data_info, name=s.name) for s in batch.specs]
     out_fs, out_path = fsspec.core.url_to_fs(out, **out_options)
     out_path = out_path.rstrip("/")
