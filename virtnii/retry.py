@@ -230,7 +230,7 @@ def _kinds() -> _Kinds:
     return _Kinds(aiohttp.ClientResponseError, boto.ClientError, (aiohttp.ClientSSLError, boto.SSLError),
                   (asyncio.TimeoutError, TimeoutError, fsspec.exceptions.FSTimeoutError, ConnectionError,
                    aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, http.client.IncompleteRead,
-                   boto.HTTPClientError, boto.IncompleteReadError, ResponseParserError))
+                   boto.ConnectionError, boto.HTTPClientError, boto.IncompleteReadError, ResponseParserError))
 
 
 def describe(err: BaseException) -> str:
