@@ -320,6 +320,7 @@ def test_s3_bids_index_through_faults(flaky_s3: tuple[FaultProxy, str, dict[str,
     fs.put_file(str(DATA / "anatomical.nii"), f"{bucket}/bids/sub-01/anat/sub-01_T1w.nii")
     fs.put_file(str(DATA / "example4d.nii.gz"), f"{bucket}/bids/sub-01/func/sub-01_task-rest_bold.nii.gz")
     proxy.reset_counters()
+    proxy.kinds = ("reset", "truncate", 500, 503)  # stalls are tested above, and each costs a timeout
     result = virtnii.index(f"s3://{bucket}/bids", f"s3://{bucket}/manifest", storage_options=options)
     assert not result.skipped and len(result.images) == 2
     group = virtnii.open(f"s3://{bucket}/manifest", **options)  # the manifest is read without the retry option
@@ -381,11 +382,12 @@ def test_plain_zarr_with_reference_options_retries_too(flaky_s3: tuple[FaultProx
     proxy, bucket, options = flaky_s3
     assert not virtnii.scan(f"s3://{bucket}/ds", str(tmp_path / "out"), storage_options=options).failures
     proxy.reset_counters()
+    proxy.rate, proxy.kinds = 1.0, ("reset", 503)  # every request fails twice, then gets through
     group = zarr.open_group("reference://", mode="r",
                             storage_options=virtnii.reference_options(str(tmp_path / "out"), **options))
     np.testing.assert_array_equal(np.asarray(group["anat"]["0"][...]),
                                   np.asanyarray(nib.load(DATA / "anatomical.nii").dataobj.get_unscaled()).T)
-    assert proxy.injected
+    assert proxy.injected["reset"] + proxy.injected["503"] == 2 * sum(proxy.requests.values()) // 3
 
 
 def test_fsspec_filesystems_are_wrapped_once_per_backend_instance() -> None:
