@@ -180,3 +180,40 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.close()
         except OSError:
             pass
+
+
+def _serve_until_stdin_closes() -> None:
+    """Subprocess mode, for benchmarks (the proxy's threads then do not compete with the client for its GIL):
+    ``python tests/faults.py (--upstream URL | --serve DIR) [--s3] [--rate R] [--kinds reset,503] [--seed N]``
+    prints the port, proxies until stdin closes, then prints its counters as one JSON line."""
+    import argparse
+    import json
+    import sys
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser()
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--upstream", help="server to proxy, http://127.0.0.1:PORT")
+    where.add_argument("--serve", type=Path, help="folder to serve over HTTP (the tests' LocalHTTP) and proxy")
+    parser.add_argument("--s3", action="store_true", help="answer errors with S3's XML bodies")
+    parser.add_argument("--rate", type=float, default=0.0)
+    parser.add_argument("--kinds", default=",".join(map(str, KINDS)))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    server = None
+    if args.serve is not None:
+        from conftest import LocalHTTP
+
+        server = LocalHTTP(args.serve)
+    kinds = tuple(int(k) if k.isdigit() else k for k in args.kinds.split(","))
+    proxy = FaultProxy(args.upstream or server.url, rate=args.rate, kinds=kinds, seed=args.seed, s3=args.s3)
+    print(proxy.url.rsplit(":", 1)[1], flush=True)
+    sys.stdin.read()
+    print(json.dumps({"requests": sum(proxy.requests.values()), "injected": dict(proxy.injected)}), flush=True)
+    proxy.stop()
+    if server is not None:
+        server.stop()
+
+
+if __name__ == "__main__":
+    _serve_until_stdin_closes()
