@@ -202,8 +202,11 @@ def _serve_until_stdin_closes() -> None:
     args = parser.parse_args()
     server = None
     if args.serve is not None:
+        import logging
+
         from conftest import LocalHTTP
 
+        logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "task queue depth" under load is expected
         server = LocalHTTP(args.serve)
     kinds = tuple(int(k) if k.isdigit() else k for k in args.kinds.split(","))
     proxy = FaultProxy(args.upstream or server.url, rate=args.rate, kinds=kinds, seed=args.seed, s3=args.s3)

@@ -109,7 +109,7 @@ def _storage_arguments(parser: argparse.ArgumentParser, sources: str = "sources"
 
 
 def _retry_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags for :class:`~virtnii.retry.RetryPolicy` (the storage option ``retry``, see docs/remote.md)."""
+    """Flags for :class:`~virtnii.retry.RetryPolicy` (the storage option ``retry``, see docs/network.md)."""
     default = RetryPolicy()
     group = parser.add_argument_group("flaky networks", "failed requests to remote sources that may pass (resets, "
                                       "timeouts, HTTP 429/5xx, S3 SlowDown) are retried with exponential backoff")

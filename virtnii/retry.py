@@ -25,7 +25,7 @@ each operation as a whole ends at its ``deadline``.
 Settings come from the storage option ``retry`` (a dict of :class:`RetryPolicy` fields, or a RetryPolicy), which
 virtnii takes out before the options reach fsspec: ``virtnii.open(m, retry={"attempts": 8})``,
 ``virtnii.scan(…, storage_options={"retry": {"deadline": 600}})``, ``virtnii scan … --retries 8 --timeout 60``.
-See docs/remote.md.
+See docs/network.md.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class RetryPolicy:
     """
 
     attempts: int = 5
-    base_delay: float = 0.5
+    base_delay: float = 0.25
     max_delay: float = 10.0
     deadline: float = 120.0
     timeout: float = 15.0
