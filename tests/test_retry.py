@@ -169,7 +169,7 @@ class _Flaky(MemoryFileSystem):
 
 
 def _retrying(flaky: _Flaky, **settings: Any) -> RetryingFileSystem:
-    return RetryingFileSystem(flaky, RetryPolicy(**{**QUICK, **settings}), skip_instance_cache=True)
+    return RetryingFileSystem(flaky, RetryPolicy(**{**QUICK, **settings}))
 
 
 def test_transient_failures_are_retried_until_they_pass() -> None:
