@@ -147,9 +147,8 @@ class GzipIndexFileSystem(AsyncFileSystem):
             fs, source_path = retry.open_fs(index.source, self.target_options)
             return _Source(index, fs, source_path, index.source)
         source_url = resolve(self._root_fs.unstrip_protocol(self._root_path), index.source)
-        fs, source_path = retry.open_fs(source_url, {**self.root_options,  # the sources' retries, the folder's options
-                                                     retry.OPTION: retry.policy_of(self.target_options)})
-        return _Source(index, fs, source_path, source_url)
+        fs, source_path = fsspec.core.url_to_fs(source_url, **self.root_options)
+        return _Source(index, retry.wrap(fs, retry.policy_of(self.target_options)), source_path, source_url)
 
     async def _fetch(self, source: _Source, start: int, end: int) -> bytes:
         """Compressed bytes ``[start, end)`` of the source, in one ranged read (from any loop: see ``call``), once

@@ -80,10 +80,9 @@ def reference_options(manifest: str, manifest_options: dict[str, Any] | None = N
         for protocol in {**expected, **trusted}}
     # references without a protocol are files of the manifest folder (pyramid levels) or sources on its
     # filesystem named relative to it: only those it lists
-    # with the sources' retry settings: sources may be named relative to the manifest folder
-    manifest_fs, manifest_path = retry.open_fs(manifest, {**manifest_options,
-                                                         retry.OPTION: retry.policy_of(storage_options)})
-    fss[None] = VerifiedFileSystem(manifest_fs, inside, relative, root=manifest_path)
+    manifest_fs, manifest_path = fsspec.core.url_to_fs(manifest, **manifest_options)
+    fss[None] = VerifiedFileSystem(retry.wrap(manifest_fs, retry.policy_of(storage_options)), inside, relative,
+                                   root=manifest_path)
     # always, even with no .nii.gz listed: references may outlive an interrupted replacement of the index file
     fss["gzidx"] = fsspec.filesystem("gzidx", root=manifest, root_options=manifest_options,
                                      target_options=storage_options, asynchronous=True, skip_instance_cache=True)

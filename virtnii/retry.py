@@ -130,23 +130,13 @@ def open_fs(url: str, options: dict[str, Any]) -> tuple[fsspec.AbstractFileSyste
     policy = policy_of(options)
     fs, path = fsspec.core.url_to_fs(url, **backend_options(fsspec.core.split_protocol(url)[0] or "file",
                                                             without_policy(options), policy))
-    return wrap(_one_attempt(fs), policy), path
+    return wrap(fs, policy), path
 
 
 def filesystem(protocol: str, options: dict[str, Any]) -> fsspec.AbstractFileSystem:
     """``fsspec.filesystem(protocol, **options)`` for sources, as :func:`open_fs` makes them."""
     policy = policy_of(options)
-    return wrap(_one_attempt(fsspec.filesystem(protocol, **backend_options(protocol, without_policy(options),
-                                                                           policy))), policy)
-
-
-def _one_attempt(fs: fsspec.AbstractFileSystem) -> fsspec.AbstractFileSystem:
-    """An s3fs instance set to one attempt per call (its ``retries``, a class attribute no option sets): the
-    wrapper retries instead.  Only instances made with :func:`backend_options`, whose botocore settings keep
-    them apart in fsspec's cache from those the manifest folder is read with (which keep their retries)."""
-    if type(fs).__module__.startswith("s3fs."):
-        fs.retries = 1
-    return fs
+    return wrap(fsspec.filesystem(protocol, **backend_options(protocol, without_policy(options), policy)), policy)
 
 
 def backend_options(protocol: str, options: dict[str, Any], policy: RetryPolicy) -> dict[str, Any]:
@@ -171,13 +161,14 @@ def backend_options(protocol: str, options: dict[str, Any], policy: RetryPolicy)
 def wrap(fs: fsspec.AbstractFileSystem, policy: RetryPolicy) -> fsspec.AbstractFileSystem:
     """``fs`` behind :class:`RetryingFileSystem`, unless it is local or in memory (no network to retry).
 
-    One wrapper per backend instance and policy, kept on the instance (fsspec caches backends by their options):
-    sources found by separate arguments then share one filesystem, as the scan's concurrent header reads need.
+    An s3fs instance is set to one attempt per call (its ``retries``, a class attribute no option sets): the
+    wrapper retries instead.
     """
     if getattr(fs, "local_file", False) or isinstance(fs, (MemoryFileSystem, RetryingFileSystem)):
         return fs
-    wrappers = fs.__dict__.setdefault("_virtnii_retrying", {})
-    return wrappers.get(policy) or wrappers.setdefault(policy, RetryingFileSystem(fs, policy))
+    if type(fs).__module__.startswith("s3fs."):
+        fs.retries = 1
+    return RetryingFileSystem(fs, policy)
 
 
 # ------------------------------------------------------------------------------------------ classification
@@ -267,8 +258,6 @@ class RetryingFileSystem(AsyncFileSystem):
     ``cat_file``), and files opened for reading fetch each piece through a retried ``cat_file``.  Read-only.
     """
 
-    cachable = False  # see wrap()
-
     def __init__(self, fs: fsspec.AbstractFileSystem, policy: RetryPolicy, **kwargs: Any) -> None:
         asynchronous = bool(fs.async_impl and getattr(fs, "asynchronous", False))
         super().__init__(asynchronous=asynchronous, loop=fs.loop if fs.async_impl and not asynchronous else None,
@@ -345,11 +334,7 @@ class RetryingFileSystem(AsyncFileSystem):
 
 
 class _RetryingFile(AbstractBufferedFile):
-    """A source opened for reading (``fs.open``): each piece is one retried ``cat_file`` of its range, checked to
-    be exactly that range (a web server ignoring ``Range`` answers every piece with the whole file)."""
+    """A source opened for reading (``fs.open``): each piece is one retried ``cat_file`` of its range."""
 
     def _fetch_range(self, start: int, end: int) -> bytes:
-        from .verified import exact_range
-
-        return exact_range(self.fs.unstrip_protocol(self.path), start, end,
-                           self.fs.cat_file(self.path, start=start, end=end, **self.kwargs))
+        return self.fs.cat_file(self.path, start=start, end=end, **self.kwargs)
