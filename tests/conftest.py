@@ -305,6 +305,7 @@ def clear_fsspec_caches() -> None:
 
     s3fs.S3FileSystem.clear_instance_cache()
     fsspec.AbstractFileSystem.clear_instance_cache()
+    fsspec.get_filesystem_class("http").clear_instance_cache()  # virtnii.retry's wrappers live on these
 
 
 @contextmanager

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -24,6 +25,7 @@ from bids2table import load_bids_metadata
 from bids_samples import PLACEHOLDERS, build, image_names
 from conftest import LocalS3
 from fake_dandi import FakeDandi
+from faults import FaultProxy
 from nifti_samples import DATA, assert_same_voxels, file_to_zarr_order, nibabel_raw, voxels, write_nifti
 from virtnii.cli import main
 
@@ -320,3 +322,45 @@ def test_a_bids_dandiset_is_indexed_like_its_local_copy(fake: FakeDandi, tmp_pat
     fake.reset_requests()
     again = virtnii.index("dandi://fake/000027@draft/", str(out), derivatives=True)
     assert again.report.indexed == 0 and len(fake.requests) == 1
+
+
+@pytest.fixture
+def faulty_api(fake: FakeDandi, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultProxy]:
+    """The fake archive's API behind a fault proxy, as the instance ``faulty`` (its blobs on S3 are not)."""
+    proxy = FaultProxy(fake.url.removesuffix("/api"), rate=0.3, stall=3.0)
+    monkeypatch.setenv(virtnii.dandi.INSTANCES_VARIABLE, f"fake={fake.url},faulty={proxy.url}/api")
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+#: Retries quick enough for tests: a stalled API request is given up after a second, any request after 30 s.
+_QUICK_RETRY = {"retry": {"attempts": 4, "base_delay": 0.01, "max_delay": 0.05, "timeout": 1.0, "deadline": 30.0}}
+
+
+def test_api_requests_failing_transiently_are_retried(
+        faulty_api: FaultProxy, fake: FakeDandi, archive: dict[str, Any], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 30 % share of the API's answers reset, stall, truncate or are 429/500/503 (never more than twice in a
+    row): the dandiset record and the pages are retried, so the scan finds what a fault-free one finds and reads
+    it bit for bit."""
+    monkeypatch.setattr(virtnii.dandi, "PAGE_SIZE", 3)
+    clean = virtnii.scan([f"dandi://fake/{DANDISET}"], str(tmp_path / "clean"), storage_options=_QUICK_RETRY)
+    result = virtnii.scan([f"dandi://faulty/{DANDISET}"], str(tmp_path / "out"), storage_options=_QUICK_RETRY)
+    assert sum(faulty_api.injected.values()) > 0, "no fault injected: the test proves nothing"
+    assert {e.name for e in result.images} == {e.name for e in clean.images}
+    assert sorted(str(f).replace("dandi://faulty/", "dandi://fake/") for f in result.failures) == \
+        sorted(map(str, clean.failures))
+    for name, original in [(p.split(".")[0], o) for p, o in archive["originals"].items()]:
+        _assert_reads_like_nibabel(tmp_path / "out", name, original)
+
+
+def test_an_api_that_stays_down_is_reported_with_its_attempts(faulty_api: FaultProxy, tmp_path: Path) -> None:
+    faulty_api.fail[f"/api/dandisets/{DANDISET}/"] = 503
+    result = virtnii.scan([f"dandi://faulty/{DANDISET}"], str(tmp_path / "out"), storage_options=_QUICK_RETRY)
+    assert not result.images
+    [failure] = result.failures
+    assert isinstance(failure, virtnii.SourceUnavailable)
+    assert re.search(r"4 attempt\(s\).*HTTP 503", str(failure)), failure
+    assert faulty_api.requests[f"/api/dandisets/{DANDISET}/"] == 4

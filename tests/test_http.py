@@ -109,16 +109,21 @@ def test_server_that_stops_honouring_ranges_is_named_at_read(http_root: tuple[Pa
         virtnii.open(str(tmp_path / "out"))[name]["0"][...]
 
 
+#: Retries that fail fast: the errors below are about what the server said, not about waiting.
+QUICK_RETRY = {"retry": {"attempts": 2, "base_delay": 0.01}}
+
+
 @pytest.mark.parametrize("status, error_class, words", [(403, virtnii.SourceAccessError, "permission denied"),
-                                                        (500, virtnii.SourceAccessError, "500"),
+                                                        (500, virtnii.SourceUnavailable, "2 attempt(s) failed"),
                                                         (404, virtnii.SourceNotFound, "no such file")])
 def test_http_errors_are_named_by_what_the_server_said(http_root: tuple[Path, LocalHTTP], tmp_path: Path,
                                                        status: int, error_class: type, words: str) -> None:
-    """fsspec reports every failed HTTP request as FileNotFoundError; virtnii tells a 403 from a 404."""
+    """fsspec reports every failed HTTP request as FileNotFoundError; virtnii tells a 403 from a 404, and a 500
+    (retried, then given up on) from both."""
     root, server = http_root
     _serve(root)
     server.fail["anat.nii"] = status
-    [error] = virtnii.scan([f"{server.url}/anat.nii"], str(tmp_path / "out")).failures
+    [error] = virtnii.scan([f"{server.url}/anat.nii"], str(tmp_path / "out"), storage_options=QUICK_RETRY).failures
     assert type(error) is error_class and words in str(error) and error.source == f"{server.url}/anat.nii"
 
 
@@ -127,8 +132,8 @@ def test_unreachable_server_is_an_access_error_not_a_missing_file(tmp_path: Path
     root.mkdir()
     server = LocalHTTP(root)
     server.stop()  # nothing listens on its port any more
-    [error] = virtnii.scan([f"{server.url}/anat.nii"], str(tmp_path / "out")).failures
-    assert type(error) is virtnii.SourceAccessError and "Cannot connect" in str(error)
+    [error] = virtnii.scan([f"{server.url}/anat.nii"], str(tmp_path / "out"), storage_options=QUICK_RETRY).failures
+    assert type(error) is virtnii.SourceUnavailable and "Cannot connect" in str(error)
 
 
 def test_http_refusal_at_read_time_is_not_a_missing_file(http_root: tuple[Path, LocalHTTP], tmp_path: Path) -> None:

@@ -10,13 +10,14 @@ dataset (entities, sidecars, resumable batches, optionally on Dask), :func:`tabl
 
 __version__ = "0.1.0"  # first: subpackages import it while this package is initialising
 
-from .errors import (InvalidGzip, InvalidNifti, ManifestError, SourceAccessError, SourceNotFound, StaleSource,
-                     UnsupportedNifti, VirtniiError)
+from .errors import (InvalidGzip, InvalidNifti, ManifestError, SourceAccessError, SourceNotFound, SourceUnavailable,
+                     StaleSource, UnsupportedNifti, VirtniiError)
 from .bids import IndexResult, find, index, table
 from .export import export
 from .manifest.combine import combine
 from .pyramid import PyramidResult, build_pyramids
 from .reader import open, reference_options, to_nibabel
+from .retry import RetryPolicy
 from .scan import ScanResult, scan
 from .server import serve
 from .verified import verify
@@ -25,5 +26,5 @@ __all__ = [
     "scan", "build_pyramids", "combine", "open", "to_nibabel", "export", "reference_options", "verify",
     "index", "table", "find", "serve", "ScanResult", "PyramidResult", "IndexResult",
     "VirtniiError", "SourceNotFound", "SourceAccessError", "InvalidNifti", "UnsupportedNifti", "InvalidGzip",
-    "StaleSource", "ManifestError",
+    "StaleSource", "ManifestError", "SourceUnavailable", "RetryPolicy",
 ]

@@ -24,6 +24,7 @@ from .errors import ManifestError, VirtniiError, redact
 from .export import export
 from .manifest import manifest_options_for, manifest_url, read_index
 from .pyramid import CODECS, DEFAULT_CODEC, METHODS, build_pyramids
+from .retry import OPTION as RETRY_OPTION, RetryPolicy, policy_of
 from .scan import scan
 from .server import DEFAULT_HOST, DEFAULT_PORT
 from .verified import verify
@@ -97,7 +98,7 @@ def _entity(text: str) -> tuple[str, str]:
     return key, value
 
 
-def _storage_arguments(parser: argparse.ArgumentParser, sources: str = "sources") -> None:
+def _storage_arguments(parser: argparse.ArgumentParser, sources: str = "sources", network: bool = True) -> None:
     parser.add_argument("-s", "--storage-option", dest="storage_options", metavar="KEY=VALUE", type=_option,
                         action="append", default=[],
                         help=f"fsspec option for reading {sources}, e.g. -s anon=true or -s endpoint_url=http://… "
@@ -105,6 +106,26 @@ def _storage_arguments(parser: argparse.ArgumentParser, sources: str = "sources"
     parser.add_argument("--anon", action="store_true", help="anonymous access to public buckets (= -s anon=true)")
     parser.add_argument("-m", "--manifest-option", dest="manifest_options", metavar="KEY=VALUE", type=_option,
                         action="append", default=[], help="fsspec option for the manifest folder when it is remote")
+    if network:
+        _retry_arguments(parser)
+
+
+def _retry_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags for :class:`~virtnii.retry.RetryPolicy` (the storage option ``retry``, see docs/network.md)."""
+    default = RetryPolicy()
+    group = parser.add_argument_group("flaky networks", "failed requests to remote sources that may pass (resets, "
+                                      "timeouts, HTTP 429/5xx, S3 SlowDown) are retried with exponential backoff")
+    group.add_argument("--retries", dest="attempts", type=int, metavar="N",
+                       help=f"attempts per request in all (default {default.attempts}; 1: never retry)")
+    group.add_argument("--retry-delay", dest="base_delay", type=float, metavar="SECONDS",
+                       help=f"base of the backoff: retry k waits up to DELAY*2^(k-1) (default {default.base_delay:g})")
+    group.add_argument("--retry-max-delay", dest="max_delay", type=float, metavar="SECONDS",
+                       help=f"longest wait between attempts (default {default.max_delay:g})")
+    group.add_argument("--retry-deadline", dest="deadline", type=float, metavar="SECONDS",
+                       help=f"longest one request may take over all its attempts (default {default.deadline:g})")
+    group.add_argument("--timeout", type=float, metavar="SECONDS",
+                       help="seconds without a connection or new bytes before a request counts as failed "
+                            f"(default {default.timeout:g})")
 
 
 def _pin_argument(parser: argparse.ArgumentParser) -> None:
@@ -125,6 +146,12 @@ def _options(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     storage = dict(args.storage_options)
     if args.anon:
         storage["anon"] = True
+    flags = {name: getattr(args, name, None) for name in ("attempts", "base_delay", "max_delay", "deadline", "timeout")}
+    flags = {name: value for name, value in flags.items() if value is not None}
+    if flags:  # over -s retry={...}; checked now, so that a bad value stops the command before it starts
+        storage[RETRY_OPTION] = {**(storage.get(RETRY_OPTION) or {}), **flags}
+    if RETRY_OPTION in storage:
+        policy_of(storage)
     return storage, dict(args.manifest_options)
 
 
@@ -208,12 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="entity (sub, ses, task, run, ..., datatype, suffix, ext) and value; "
                              "a value a,b matches either")
     p_find.add_argument("--json", action="store_true", help="print one JSON row per image (entities, shape, ...)")
-    _storage_arguments(p_find, sources="a remote manifest")
+    _storage_arguments(p_find, sources="a remote manifest", network=False)
 
     p_info = commands.add_parser("info", help="summarise a manifest: images, shapes, dtypes, bytes referenced",
                                  parents=[common])
     p_info.add_argument("manifest")
-    _storage_arguments(p_info, sources="a remote manifest (unless -m is given)")
+    _storage_arguments(p_info, sources="a remote manifest (unless -m is given)", network=False)
 
     p_verify = commands.add_parser("verify", help="check the manifest's files, and that no source changed since "
                                                   "it was indexed", parents=[common], epilog=EXIT_STATUS,

@@ -36,6 +36,7 @@ import fsspec
 import fsspec.asyn
 from fsspec.utils import glob_translate
 
+from . import retry
 from .errors import (InvalidNifti, ManifestError, SourceAccessError, SourceNotFound, VirtniiError, from_os_error,
                      storage_errors)
 from .sources import NIFTI_SUFFIXES, Source, data_files
@@ -150,9 +151,10 @@ def _asset(record: dict[str, Any]) -> Asset:
 class DandiAPI:
     """The few read-only requests a scan makes to one instance's REST API, over fsspec's HTTP filesystem."""
 
-    def __init__(self, api: str) -> None:
+    def __init__(self, api: str, policy: retry.RetryPolicy) -> None:
         self.api = api.rstrip("/")
-        self.fs = fsspec.filesystem("http")
+        self.policy = policy
+        self.fs = retry.filesystem("http", {retry.OPTION: policy})  # each request retried on its own
 
     def get_many(self, urls: list[str], where: str) -> list[dict[str, Any]]:
         """The JSON answers to ``GET`` each of ``urls``, :data:`REQUESTS_AT_ONCE` at a time; errors name ``where``
@@ -229,12 +231,20 @@ class DandiAPI:
         """Give assets listed with only the API's download URL their blob URL: where that URL redirects (one
         request each, not followed), its presigned query dropped; one outcome per asset: None, what the API
         answered instead of a redirect, or the exception of a request that failed."""
+        async def redirect(asset: Asset) -> tuple[int, str | None]:
+            """The status and ``Location`` the download URL answers; transient statuses raised, to be retried."""
+            session = await self.fs.fs.set_session()
+            async with session.get(asset.download_url, allow_redirects=False) as response:
+                if response.status in retry.TRANSIENT_STATUS:
+                    response.raise_for_status()
+                return response.status, response.headers.get("Location")
+
         async def resolve(asset: Asset, limit: asyncio.Semaphore) -> str | None:
-            session = await self.fs.set_session()
-            async with limit, session.get(asset.download_url, allow_redirects=False) as response:
-                location = response.headers.get("Location")
-                if response.status not in (301, 302, 303, 307, 308) or not location:
-                    return f"HTTP {response.status} instead of a redirect"
+            async with limit:
+                status, location = await retry.retried(self.policy, asset.download_url, "resolve its download URL",
+                                                       lambda: redirect(asset))
+            if status not in (301, 302, 303, 307, 308) or not location:
+                return f"HTTP {status} instead of a redirect"
             target = urllib.parse.urlsplit(urllib.parse.urljoin(str(asset.download_url), location))
             asset.blob_url = target._replace(query="", fragment="").geturl()
             return None
@@ -258,7 +268,7 @@ def expand(url: str, options: dict[str, Any], name: str = "",
     how a listing of many pages is getting on.
     """
     location = parse(url)
-    api = DandiAPI(location.api)
+    api = DandiAPI(location.api, retry.policy_of(options))
     version = api.version(location, url)
     path = location.path
     if _GLOB.search(path):
@@ -309,7 +319,7 @@ def expand(url: str, options: dict[str, Any], name: str = "",
         for f in files:
             protocol = fsspec.core.split_protocol(f.blob_url)[0] or "file"
             if protocol not in filesystems:
-                filesystems[protocol] = fsspec.core.url_to_fs(f.blob_url, **options)[0]
+                filesystems[protocol] = retry.open_fs(f.blob_url, options)[0]
             sources.append((filesystems[protocol], f))
         (fs, header), (data_fs, data) = sources[0], sources[-1]
         source = Source(fs, fs._strip_protocol(header.blob_url), header.info(), base=f"{root}/{base}".rstrip("/"),
@@ -329,13 +339,13 @@ class DandiFolder:
     problems: list[VirtniiError]
 
 
-def list_folder(url: str) -> DandiFolder:
+def list_folder(url: str, options: dict[str, Any]) -> DandiFolder:
     """Every file asset below the folder ``url`` names (``dandi://dandi/000026@draft/`` for a whole dandiset), in
     one paged listing, for a dataset index (:func:`virtnii.bids.listing.list_dataset`)."""
     location = parse(url)
     if _GLOB.search(location.path):
         raise SourceAccessError(url, "is a glob: a dataset is a folder")
-    api = DandiAPI(location.api)
+    api = DandiAPI(location.api, retry.policy_of(options))
     version = api.version(location, url)
     base = location.path.rstrip("/")
     prefix = f"{base}/" if base else ""

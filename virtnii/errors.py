@@ -59,6 +59,11 @@ class SourceAccessError(VirtniiError):
     """The source exists but cannot be read (permissions, network, credentials)."""
 
 
+class SourceUnavailable(SourceAccessError):
+    """The source kept failing for reasons that usually pass (dropped connections, timeouts, HTTP 503, S3
+    ``SlowDown``) through every retry (:mod:`virtnii.retry`): trying again later may work."""
+
+
 class InvalidNifti(VirtniiError):
     """The bytes are not a NIfTI-1/NIfTI-2 image virtnii can expose (bad magic, sizes, dims, truncation)."""
 
@@ -81,7 +86,7 @@ class ManifestError(VirtniiError):
 
 def error_class(name: str) -> type[VirtniiError]:
     """The VirtniiError subclass called ``name`` (as recorded in a job journal), or VirtniiError itself."""
-    for cls in (SourceNotFound, SourceAccessError, InvalidNifti, UnsupportedNifti, InvalidGzip, StaleSource,
+    for cls in (SourceNotFound, SourceAccessError, SourceUnavailable, InvalidNifti, UnsupportedNifti, InvalidGzip, StaleSource,
                 ManifestError):
         if cls.__name__ == name:
             return cls
@@ -123,7 +128,10 @@ def is_missing(err: BaseException) -> bool:
 
 
 def from_os_error(source: str, err: Exception, doing: str) -> VirtniiError:
-    """The VirtniiError for a storage error met while ``doing`` something with ``source`` (e.g. ``"read"``)."""
+    """The VirtniiError for a storage error met while ``doing`` something with ``source`` (e.g. ``"read"``); one
+    that already is a VirtniiError (a request that failed every retry) as it is."""
+    if isinstance(err, VirtniiError):
+        return err
     if is_missing(err):
         return SourceNotFound(source, "no such file or object")
     if isinstance(err, FileNotFoundError):  # not missing: see is_missing

@@ -51,6 +51,7 @@ from isal import igzip, isal_zlib
 from . import fingerprint, versions
 from .errors import InvalidGzip, ManifestError, StaleSource, from_os_error, storage_errors
 from .manifest.entry import is_url, relative_source
+from .retry import open_fs
 
 #: Bytes of output kept with each seek point: the largest distance a deflate back-reference can reach.
 WINDOW_SIZE = 32768
@@ -932,7 +933,7 @@ def build_index(url: str, offsets: Sequence[int], storage_options: dict[str, Any
         The file changed size while it was being read.
     """
     if fs is None:
-        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        fs, path = open_fs(url, storage_options or {})
     else:
         path = fs._strip_protocol(url)
     source = fs.unstrip_protocol(path)

@@ -30,7 +30,7 @@ import fsspec
 from fsspec.asyn import AsyncFileSystem
 from fsspec.spec import AbstractBufferedFile
 
-from . import fingerprint, gzindex, versions
+from . import fingerprint, gzindex, retry, versions
 from .manifest.entry import GZIP_INDEX_FOLDER, inside, is_url, resolve
 from .errors import ManifestError, SourceNotFound, from_os_error, storage_errors
 from .verified import call, exact_range
@@ -156,10 +156,12 @@ class GzipIndexFileSystem(AsyncFileSystem):
                     while len(_INDEXES) > _MAX_INDEXES:
                         _INDEXES.popitem(last=False)
         if is_url(index.source):
-            fs, source_path = fsspec.core.url_to_fs(index.source, **self.target_options)
+            fs, source_path = retry.open_fs(index.source, self.target_options)
             return _Source(index, fs, source_path, index.source)
         source_url = resolve(self._root_fs.unstrip_protocol(self._root_path), index.source)
-        fs, source_path = fsspec.core.url_to_fs(source_url, **self.root_options)
+        # the manifest folder's storage options, the sources' retry settings
+        fs, source_path = retry.open_fs(source_url, {**self.root_options,
+                                                     retry.OPTION: retry.policy_of(self.target_options)})
         return _Source(index, fs, source_path, source_url)
 
     async def _fetch(self, source: _Source, start: int, end: int) -> bytes:

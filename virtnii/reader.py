@@ -26,6 +26,7 @@ from zarr.storage import FsspecStore
 
 from .errors import InvalidNifti, ManifestError, VirtniiError, is_missing, redact, storage_errors
 from .header import MAGICS, header_size
+from . import retry
 from .layout import ZARR_TO_FILE
 from .manifest import Index, manifest_options_for, read_index
 from .verified import VerifiedFileSystem
@@ -75,12 +76,14 @@ def reference_options(manifest: str, manifest_options: dict[str, Any] | None = N
         else:
             expected.setdefault(_protocol(image.data_url), {})[image.data_url] = image.data_fp
     fss: dict[str | None, Any] = {
-        protocol: VerifiedFileSystem(fsspec.filesystem(protocol, **storage_options), expected.get(protocol, {}),
+        protocol: VerifiedFileSystem(retry.filesystem(protocol, storage_options), expected.get(protocol, {}),
                                      trusted.get(protocol, ()))
         for protocol in {**expected, **trusted}}
     # references without a protocol are files of the manifest folder (pyramid levels) or sources on its
     # filesystem named relative to it: only those it lists
-    manifest_fs, manifest_path = fsspec.core.url_to_fs(manifest, **manifest_options)
+    # its options, with the sources' retry settings (sources named relative to the folder are read through it)
+    manifest_fs, manifest_path = retry.open_fs(manifest, {**manifest_options,
+                                                          retry.OPTION: retry.policy_of(storage_options)})
     fss[None] = VerifiedFileSystem(manifest_fs, inside, relative, root=manifest_path)
     # always, even with no .nii.gz listed: references may outlive an interrupted replacement of the index file
     fss["gzidx"] = fsspec.filesystem("gzidx", root=manifest, root_options=manifest_options,

@@ -28,6 +28,7 @@ from . import versions
 from .errors import (InvalidNifti, ManifestError, SourceAccessError, SourceNotFound, VirtniiError, from_os_error,
                      is_secret_name, storage_errors)
 from .fingerprint import Fingerprint, from_info
+from .retry import open_fs
 
 #: File names the scanner picks up in folders; ``.img``/``.img.gz`` are found through their ``.hdr``.
 NIFTI_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".hdr.gz")
@@ -221,7 +222,7 @@ def _expand_one(src: str, options: dict[str, Any], found: dict[str, Source], fai
         _expand_dandi(src, options, found, failures, name, paging)
         return
     try:
-        fs, path = fsspec.core.url_to_fs(src, **with_s3_pool(src, versions.listing_options(src, options, pin_versions)))
+        fs, path = open_fs(src, with_s3_pool(src, versions.listing_options(src, options, pin_versions)))
     except (ValueError, ImportError, TypeError) as err:
         failures.append(SourceAccessError(src, f"cannot open this URL: {err}"))
         return

@@ -24,6 +24,7 @@ from .manifest import integrity
 from .errors import ManifestError, SourceAccessError, StaleSource, VirtniiError, from_os_error, storage_errors
 from .manifest import manifest_options_for, manifest_url, read_index
 from .manifest.entry import is_url, resolve
+from .retry import open_fs
 
 
 async def call(fs: fsspec.AbstractFileSystem, method: str, *args: Any, **kwargs: Any) -> Any:
@@ -163,7 +164,7 @@ def verify(manifest: str, manifest_options: dict[str, Any] | None = None, *, con
     def check(item: tuple[str, fingerprint.Fingerprint, dict[str, Any]]) -> VirtniiError | None:
         url, recorded, source_options = item
         try:
-            fs, path = fsspec.core.url_to_fs(url, **source_options)
+            fs, path = open_fs(url, source_options)
             fingerprint.check(fs, path, url, recorded, trailer=True)
             if content:
                 integrity.check_content(fs, path, url, recorded)

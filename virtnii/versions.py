@@ -19,6 +19,8 @@ from typing import Any
 
 import fsspec
 
+from . import retry
+
 #: Fingerprint key of the pinned version id (text).
 VERSION = "version"
 #: Per protocol: the listing/info key holding an object's version, and what joins a path to a version id.
@@ -59,6 +61,8 @@ def aware(fs: fsspec.AbstractFileSystem, on: bool = True) -> fsspec.AbstractFile
     options) made to, or not to: ``on=False`` lists without versions."""
     if bool(getattr(fs, "version_aware", False)) == on or not has_versions(fs):
         return fs
+    if isinstance(fs, retry.RetryingFileSystem):  # the backend made so, behind the same retries
+        return retry.wrap(retry.one_attempt(aware(fs.fs, on)), fs.policy)
     return type(fs)(**{**fs.storage_options, "version_aware": on})
 
 

@@ -27,6 +27,7 @@ from ..versions import VERSION
 from ..manifest import GZIP_INDEX_FOLDER, INDEX_FILE, LEVELS_FOLDER, ImageEntry, load_refs, read_index
 from ..manifest.index import Index, manifest_options_for, manifest_url
 from ..manifest.writer import REF_FILES, publish
+from ..retry import without_policy
 from ..references import ZARR_FORMATS, edit_group_attributes, hierarchy_docs
 from ..sources import assign_names, is_local
 from . import metadata, units
@@ -379,7 +380,7 @@ def _write_report(fs: fsspec.AbstractFileSystem, path: str, out: str, report: Re
 def _inside(out_fs: fsspec.AbstractFileSystem, out_path: str, root: str, options: dict[str, Any]) -> tuple[str, ...]:
     """OUT relative to the dataset root when it lies inside it (so it is not indexed), else nothing."""
     try:
-        fs, path = fsspec.core.url_to_fs(root, **options)
+        fs, path = fsspec.core.url_to_fs(root, **without_policy(options))
     except (ValueError, ImportError, TypeError):
         return ()
     if type(fs) is not type(out_fs):

@@ -19,9 +19,9 @@ import fsspec
 
 from ..errors import SourceAccessError, SourceNotFound, VirtniiError, from_os_error, storage_errors
 from .. import versions
+from ..retry import open_fs
 from ..sources import (NIFTI_SUFFIXES, Source, attach_data_file, data_files, file_part, is_local, list_versions,
-                       pin, walk_local,
-                       with_s3_pool)
+                       pin, walk_local, with_s3_pool)
 
 #: Top-level folders of a BIDS dataset that hold no data to index (the specification's "sourcedata", "code",
 #: "stimuli"); ``derivatives`` is indexed only when asked.
@@ -72,8 +72,7 @@ def list_dataset(root: str, options: dict[str, Any], *, derivatives: bool = Fals
         listing.files = {r: info for r, info in listing.files.items() if _wanted(r, derivatives, exclude)}
         return listing
     try:
-        fs, path = fsspec.core.url_to_fs(root, **with_s3_pool(root, versions.listing_options(root, options,
-                                                                                             pin_versions)))
+        fs, path = open_fs(root, with_s3_pool(root, versions.listing_options(root, options, pin_versions)))
     except (ValueError, ImportError, TypeError) as err:
         raise SourceAccessError(root, f"cannot open this URL: {err}") from err
     path = posixpath.normpath(path) if getattr(fs, "local_file", False) else path.rstrip("/")
@@ -106,13 +105,13 @@ def _list_dandiset(root: str, options: dict[str, Any]) -> Listing:
     """A dandiset (or a folder of one) listed through the DANDI API: every file asset, read at its blob."""
     from .. import dandi  # here, not at the top: it builds Sources (an import cycle)
 
-    folder = dandi.list_folder(root)
+    folder = dandi.list_folder(root, options)
     url = folder.url
     blobs = {relative: asset.blob_url for relative, asset in folder.assets.items() if asset.blob_url}
     if not blobs:
         raise SourceNotFound(root, "holds no file asset (a BIDS dataset is the folder holding "
                                    "dataset_description.json)")
-    fs = fsspec.core.url_to_fs(next(iter(blobs.values())), **options)[0]
+    fs = open_fs(next(iter(blobs.values())), options)[0]
     listing = Listing(fs, url.split("://", 1)[1], url, problems=folder.problems,
                       blobs={relative: fs._strip_protocol(blob) for relative, blob in blobs.items()})
     listing.files = {relative: folder.assets[relative].info() for relative in blobs}

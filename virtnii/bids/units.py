@@ -23,6 +23,7 @@ from ..errors import InvalidGzip, InvalidNifti, ManifestError, UnsupportedNifti,
 from ..fingerprint import from_info
 from ..manifest.writer import SidecarFolder
 from ..scan import _plain_images, index_gzip_source, named, read_plain_headers, relative_names
+from ..retry import open_fs
 from ..sources import Source, by_listed_name, is_local, with_s3_pool
 
 JOURNAL = ".journal"
@@ -115,7 +116,7 @@ def run_batch(batch: Batch, settings: Settings, out: str, out_options: dict[str,
               storage_options: dict[str, Any]) -> list[dict[str, Any]]:
     """Index the sources of ``batch``; journal and return one record per source (see :func:`record`)."""
     where = batch.specs[0].path if batch.specs[0].listed_as else settings.root  # a DANDI blob is a URL itself
-    fs, _ = fsspec.core.url_to_fs(where, **with_s3_pool(where, storage_options))
+    fs, _ = open_fs(where, with_s3_pool(where, storage_options))
     if any(s.pin for s in batch.specs):
         fs = versions.aware(fs)  # pinned sources are read at the versions listed
     sources = [Source(fs, s.path, s.info, s.data_path, s.data_info, name=s.name, listed_as=s.listed_as, pin=s.pin)

@@ -13,6 +13,7 @@ from typing import Any
 import fsspec
 
 from ..errors import ManifestError, is_missing, storage_errors
+from ..retry import without_policy
 from . import recovery
 from .entry import ImageEntry
 
@@ -63,11 +64,12 @@ class Index:
 def manifest_options_for(manifest: str, manifest_options: dict[str, Any] | None,
                          storage_options: dict[str, Any]) -> dict[str, Any]:
     """Options for reading a manifest folder: as given, else the sources' options for a remote folder (usually
-    the same bucket or store) and none for a local one."""
+    the same bucket or store) and none for a local one — without their ``retry`` settings, which are the
+    sources' (:mod:`virtnii.retry`)."""
     if manifest_options is not None:
         return manifest_options
     remote = (fsspec.core.split_protocol(manifest)[0] or "file") not in ("file", "local")
-    return dict(storage_options) if remote else {}
+    return dict(without_policy(storage_options)) if remote else {}
 
 
 def manifest_url(manifest: str, storage_options: dict[str, Any] | None = None) -> str:

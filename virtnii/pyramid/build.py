@@ -31,6 +31,7 @@ from zarr.codecs import BloscCodec
 from .. import fingerprint, slabs
 from ..manifest import ImageEntry, Level, Pyramid
 from ..errors import storage_errors
+from ..retry import open_fs
 from .downsample import LABEL_INTENTS, METHODS, factors, halved, plane_stream
 
 #: Marker written last into a finished level store.
@@ -176,7 +177,7 @@ def build_image(entry: ImageEntry, level0: zarr.Array, store_url: str, store_ref
                                         fill_value=fill, zarr_format=zarr_format, **kwargs))
     _stream_levels(entry, level0, arrays, method, out_dtype, progress)
     for url, recorded, source_options in sources:  # a source changed mid-build: these levels may mix versions
-        source_fs, source_path = fsspec.core.url_to_fs(url, **source_options)
+        source_fs, source_path = open_fs(url, source_options)
         fingerprint.check(source_fs, source_path, url, recorded)
     levels = tuple(Level(str(k), shape, tuple(a.chunks), None if a.shards is None else tuple(a.shards), total,
                          _stored_bytes(fs, f"{path}/{k}"))
