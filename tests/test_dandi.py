@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -364,3 +365,28 @@ def test_an_api_that_stays_down_is_reported_with_its_attempts(faulty_api: FaultP
     assert isinstance(failure, virtnii.SourceUnavailable)
     assert re.search(r"4 attempt\(s\).*HTTP 503", str(failure)), failure
     assert faulty_api.requests[f"/api/dandisets/{DANDISET}/"] == 4
+
+
+def test_download_redirects_failing_transiently_are_retried(faulty_api: FaultProxy, fake: FakeDandi,
+                                                            archive: dict[str, Any]) -> None:
+    """An asset listed with only its API download URL is resolved by one redirect, retried like any request:
+    through a proxy failing every request for it twice running (a reset, a 503) it resolves at the third attempt,
+    and a redirect that stays 503 is given up after exactly its attempts."""
+    policy = virtnii.RetryPolicy(**_QUICK_RETRY["retry"])
+    api = virtnii.dandi.DandiAPI(f"{faulty_api.url}/api", policy)
+    listed = api.assets(DANDISET, "draft", "rawdata/sub-04/", "dandi://faulty/")
+    [asset] = [a for a in listed.values() if a.path.endswith("sub-04_T1w.nii.gz")]
+    assert asset.blob_url is None and asset.download_url.startswith(fake.url)
+    asset.download_url = asset.download_url.replace(fake.url, f"{faulty_api.url}/api")
+    faulty_api.reset_counters()
+    faulty_api.rate, faulty_api.kinds = 1.0, ("reset", 503)
+    assert api.resolve_downloads([asset]) == [None]
+    download = urllib.parse.urlsplit(asset.download_url).path
+    assert faulty_api.requests[download] == 3 and sum(faulty_api.injected.values()) == 2
+    assert asset.blob_url == fake.dandisets[DANDISET].versions["draft"][asset.path].blob_url  # no presigned query
+    faulty_api.reset_counters()
+    faulty_api.fail[download] = 503
+    asset.blob_url = None
+    [failure] = api.resolve_downloads([asset])
+    assert isinstance(failure, virtnii.SourceUnavailable) and "4 attempt(s)" in str(failure), failure
+    assert faulty_api.requests[download] == 4 and asset.blob_url is None
