@@ -32,6 +32,8 @@ import pytest
 import zarr
 
 import virtnii
+from conftest import LocalHTTP
+from faults import FaultProxy
 from nifti_samples import DATA, assert_same_voxels, bids_tree, file_to_zarr_order, nibabel_raw
 from test_pyramid import assert_level_equal, expected_levels
 from virtnii.errors import ManifestError
@@ -295,6 +297,29 @@ def test_a_changed_source_is_a_502_never_a_404_and_names_no_file(tmp_path: Path)
         status, _, body = fetch(f"{url}zarr/anatomical/0/c/0/0/0")
         assert status == 502 and b"StaleSource" in body and str(tmp_path).encode() not in body
         assert fetch(f"{url}zarr/anatomical/zarr.json")[0] == 200  # metadata needs no source
+
+
+def test_a_source_that_stays_down_is_a_502_after_its_retries(
+        http_root: tuple[Path, LocalHTTP], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An HTTP source behind a proxy that answers 503 for good: the chunk request is a 502 (never a 404, which
+    zarr would take for fill values) once its attempts are spent, the log says so, and it is answered again once
+    the source is back."""
+    root, server = http_root
+    shutil.copy(DATA / "anatomical.nii", root / "anatomical.nii")
+    proxy = FaultProxy(server.url)
+    try:
+        virtnii.scan([f"{proxy.url}/anatomical.nii"], str(tmp_path / "m"))
+        retry = {"attempts": 3, "base_delay": 0.01, "max_delay": 0.02, "timeout": 2.0, "deadline": 20.0}
+        with running([str(tmp_path / "m")], storage_options={"retry": retry}) as url:
+            proxy.fail["/anatomical.nii"] = 503
+            status, _, body = fetch(f"{url}zarr/anatomical/0/c/0/0/0")
+            assert status == 502 and b"SourceUnavailable" in body and proxy.url.encode() not in body, body
+            assert proxy.requests["/anatomical.nii"] == 3
+            assert "3 attempt(s) failed" in caplog.text and "HTTP 503" in caplog.text
+            del proxy.fail["/anatomical.nii"]
+            assert fetch(f"{url}zarr/anatomical/0/c/0/0/0")[0] == 200
+    finally:
+        proxy.stop()
 
 
 def test_cors_for_any_origin_and_preflight(v3: str) -> None:
