@@ -390,3 +390,14 @@ def test_download_redirects_failing_transiently_are_retried(faulty_api: FaultPro
     [failure] = api.resolve_downloads([asset])
     assert isinstance(failure, virtnii.SourceUnavailable) and "4 attempt(s)" in str(failure), failure
     assert faulty_api.requests[download] == 4 and asset.blob_url is None
+
+
+def test_an_asset_pointing_at_a_local_file_is_not_read() -> None:
+    """A listing (an instance is any server named in the environment) whose asset's content URL is ``file://``
+    must not make the scan read the scanning machine's files: only HTTP(S) and S3 blobs are taken."""
+    record = {"path": "sub-01/anat/sub-01_T1w.nii.gz", "size": 10, "metadata": {
+        "contentUrl": ["https://api.example/api/assets/a/download/", "file:///etc/passwd"], "digest": {}}}
+    asset = virtnii.dandi._asset(record)
+    assert asset.blob_url is None and asset.download_url == "https://api.example/api/assets/a/download/"
+    record["metadata"]["contentUrl"].append("https://bucket.example/blobs/a")
+    assert virtnii.dandi._asset(record).blob_url == "https://bucket.example/blobs/a"

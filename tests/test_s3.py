@@ -356,3 +356,27 @@ def test_extensionless_keys_are_told_by_content(s3: LocalS3, tmp_path: Path) -> 
     [nothing] = virtnii.scan(f"s3://{bucket}/blobs", str(tmp_path / "listed"),
                              storage_options=s3.storage_options).failures
     assert isinstance(nothing, virtnii.SourceNotFound) and "folder holds no NIfTI files" in str(nothing)
+
+
+@pytest.mark.parametrize("key", ["sub-01/../../../../../../../{escape}/x.nii.gz", "sub-01/./anat//x.nii.gz",
+                                 "sub-01/__zarr/x.nii.gz"])
+def test_keys_that_would_name_files_outside_the_manifest_are_refused(s3: LocalS3, tmp_path: Path, key: str) -> None:
+    """An S3 key is any string: one with ``..`` segments must not become a group name, or its gzip sidecar
+    would be written outside the manifest (scan) — it is reported (scan and index), nothing is written outside
+    OUT, and the other images are indexed; so are keys with ``.``, empty or Zarr-reserved parts."""
+    bucket = s3.create_bucket("keys")
+    escape = tmp_path / "escaped"
+    fs = s3.filesystem()
+    fs.put_file(str(DATA / "example4d.nii.gz"), f"{bucket}/ds/{key.format(escape=str(escape).lstrip('/'))}")
+    fs.put_file(str(DATA / "anatomical.nii"), f"{bucket}/ds/sub-02/anat/sub-02_T1w.nii")
+    fs.pipe_file(f"{bucket}/ds/dataset_description.json", b'{"Name": "keys", "BIDSVersion": "1.10.0"}')
+    result = virtnii.scan(f"s3://{bucket}/ds", str(tmp_path / "out"), storage_options=s3.storage_options)
+    assert [e.name for e in result.images] == ["sub-02/anat/sub-02_T1w"]
+    [refused] = result.failures
+    assert isinstance(refused, virtnii.ManifestError) and "not indexed" in str(refused), refused
+    assert not escape.exists()
+    _assert_same_image(virtnii.open(str(tmp_path / "out"), **s3.storage_options), "sub-02/anat/sub-02_T1w",
+                       DATA / "anatomical.nii")
+    report = virtnii.index(f"s3://{bucket}/ds", str(tmp_path / "index"), storage_options=s3.storage_options)
+    assert [e.name for e in report.images] == ["sub-02/anat/sub-02_T1w"] and not escape.exists()
+    assert [s["reason"] for s in report.skipped] == ["bad-name"], report.skipped

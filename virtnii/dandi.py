@@ -133,13 +133,19 @@ class Asset:
         return info
 
 
+def _remote(url: str) -> bool:
+    """Whether ``url`` is one a DANDI archive serves assets at (HTTP(S) or S3)."""
+    return url.lower().startswith(("https://", "http://", "s3://"))
+
+
 def _asset(record: dict[str, Any]) -> Asset:
     """An :class:`Asset` from one listing record."""
     path = str(record.get("path", ""))
     if record.get("zarr") or path.lower().endswith(_ZARR_SUFFIXES):
         return Asset(path, None, None, None, None, zarr=True)
     metadata = record.get("metadata") or {}
-    urls = [u for u in metadata.get("contentUrl") or [] if isinstance(u, str)]
+    # only addresses an archive gives: never a file:// (or other local) URL that would read the scanning machine
+    urls = [u for u in metadata.get("contentUrl") or [] if isinstance(u, str) and _remote(u)]
     downloads = [u for u in urls if u.rstrip("/").endswith("/download")]
     direct = [u for u in urls if u not in downloads]
     digest = metadata.get("digest") or {}
@@ -245,7 +251,10 @@ class DandiAPI:
                                                        lambda: redirect(asset))
             if status not in (301, 302, 303, 307, 308) or not location:
                 return f"HTTP {status} instead of a redirect"
-            target = urllib.parse.urlsplit(urllib.parse.urljoin(str(asset.download_url), location))
+            absolute = urllib.parse.urljoin(str(asset.download_url), location)
+            if not _remote(absolute):
+                return f"a redirect to {absolute.split(':', 1)[0]}:, not to an HTTP(S) or S3 URL"
+            target = urllib.parse.urlsplit(absolute)
             asset.blob_url = target._replace(query="", fragment="").geturl()
             return None
 

@@ -26,7 +26,7 @@ from .errors import InvalidGzip, InvalidNifti, ManifestError, VirtniiError, from
 from .header import (HEAD_BYTES, MAX_HEADER_BYTES, NiftiHeader, check_data_size, header_extent, is_markup, parse,
                      parse_many, single_file_magic, without_extensions)
 from .manifest import REF_FILES, ManifestWriter, manifest_url
-from .manifest.entry import relative_to
+from .manifest.entry import inside, relative_to
 from .manifest.writer import SidecarFolder
 from .references import ZARR_FORMATS, ImageRefs, image_refs
 from .sources import CONCURRENT_READS, Source, SourceSpec, assign_names, by_listed_name, expand, is_local
@@ -125,7 +125,7 @@ def scan(sources: Iterable[SourceSpec] | str, out: str, *, zarr_format: int = 3,
 
         found, failures = expand(sources, options, listed, write_url_secrets=write_url_secrets,
                                  paging=listing.set_postfix_str, pin_versions=pin_versions)
-    assign_names(found)
+    failures += assign_names(found)
     names = relative_names(out, manifest_options, found) if relative_sources else {}
     images: list[ImageRefs] = []
     entries: list[ImageEntry] = []
@@ -491,7 +491,8 @@ def index_gzip_source(source: Source, writer: SidecarFolder, zarr_format: int,
                                 content_hash=content_hash)
     check_data_size(source.data_url, header, index.uncompressed_size)
     folder, _, base = source.name.rpartition("/")
-    relative = f"{GZIP_INDEX_FOLDER}/{folder}".rstrip("/")
+    # names were checked (assign_names, check_names); this guards the write itself
+    relative = inside(f"{GZIP_INDEX_FOLDER}/{folder}".rstrip("/"), GZIP_INDEX_FOLDER)
     with writer.writing():
         written = gzindex.write_sidecar(index, writer.fs, f"{writer.tmp}/{relative}", f"{base}.{_version_tag(index)}",
                                         (names or {}).get(index.source))

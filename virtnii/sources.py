@@ -500,8 +500,9 @@ def data_files(header: str) -> tuple[str, str]:
     return stem + suffix, stem + suffix.upper()
 
 
-def assign_names(sources: list[Source]) -> None:
-    """Group names: each path relative to the folder it was found under, extension dropped.
+def assign_names(sources: list[Source]) -> list[VirtniiError]:
+    """Group names: each path relative to the folder it was found under, extension dropped; returns the sources
+    refused (taken out of ``sources``), whose names could not be made safe.
 
     A file given by path is named by its stem (an extension-less URL by its last segment: a DANDI blob by its
     uuid); a folder's files keep their sub-paths (BIDS ``sub-01/anat/…``).
@@ -512,6 +513,7 @@ def assign_names(sources: list[Source]) -> None:
     def stem(rel: str) -> str:
         return re.sub(r"\.(nii|hdr)(\.gz)?$", "", rel, flags=re.IGNORECASE)
 
+    listed = sources
     given = {s.name for s in sources if s.name}
     # a found name may not be an image group holding a given one (a beside a/b): it is treated as taken
     holding = {"/".join(parts[:k]) for parts in (n.split("/") for n in given) for k in range(1, len(parts))}
@@ -542,6 +544,18 @@ def assign_names(sources: list[Source]) -> None:
             unique = f"{name}_{count}"
         taken.add(unique)
         source.name = unique
+    refused = [s for s in sources if unsafe_name(s.name)]
+    listed[:] = [s for s in listed if s not in refused]
+    return [ManifestError(s.listed_as or s.url, f"not indexed: its path makes the group name {s.name!r}, whose "
+                                                "'.', '..', empty or '__' parts would escape or break the "
+                                                "manifest (rename the object, or give it a name)")
+            for s in refused]
+
+
+def unsafe_name(name: str) -> bool:
+    """Whether a group name has a part that is empty, dots only (``..`` climbs out of the folders the name is
+    joined to: the gzip sidecars', the pyramid levels') or reserved by Zarr v3 (``__``)."""
+    return any(not part or set(part) == {"."} or part.startswith("__") for part in name.split("/"))
 
 
 def by_listed_name(failures: list[VirtniiError], sources: list[Source]) -> list[VirtniiError]:

@@ -94,7 +94,8 @@ def index(root: str, out: str, *, pyramid: bool = False, derivatives: bool = Fal
     for source in empty:
         report.skip(InvalidNifti(source.listed_as or source.url, "empty file (zero bytes): a placeholder"))
     sources = [s for s in sources if int(s.info["size"]) > 0]
-    assign_names(sources)
+    for err in assign_names(sources):
+        report.skip(err)
     relative = {s.name: listing.relative(s) for s in sources}
 
     previous = _previous(out_fs, out_path, out, out_options, settings.to_json())

@@ -17,7 +17,7 @@ from typing import Any
 
 import fsspec
 
-from ..errors import SourceAccessError, SourceNotFound, VirtniiError, from_os_error, storage_errors
+from ..errors import ManifestError, SourceAccessError, SourceNotFound, VirtniiError, from_os_error, storage_errors
 from .. import versions
 from ..retry import open_fs
 from ..sources import (NIFTI_SUFFIXES, Source, attach_data_file, data_files, file_part, is_local, list_versions,
@@ -93,11 +93,19 @@ def list_dataset(root: str, options: dict[str, Any], *, derivatives: bool = Fals
     fs, found = list_versions(fs, pin_versions, find)
     listing = Listing(fs, path, fs.unstrip_protocol(path), problems=problems, unlisted=unlisted)
     prefix = path + "/"
+    refused: list[VirtniiError] = []
     for full, info in found.items():
         relative = full[len(prefix):] if full.startswith(prefix) else posixpath.relpath(full, path)
+        if any(part in ("", ".", "..") for part in relative.split("/")):  # an object key may be any string
+            if relative.lower().endswith(NIFTI_SUFFIXES):
+                refused.append(ManifestError(f"{listing.url}/{relative}", "not indexed: '.', '..' or empty "
+                                             "parts in its path would name files outside the manifest (rename "
+                                             "the object)"))
+            continue
         if _wanted(relative, derivatives, exclude):
             listing.files[relative] = info
-    listing.problems = [p for p in listing.problems if _wanted(_relative_url(p.source, listing), derivatives, exclude)]
+    listing.problems = [p for p in listing.problems
+                        if _wanted(_relative_url(p.source, listing), derivatives, exclude)] + refused
     return listing
 
 

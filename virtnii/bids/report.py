@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import InvalidGzip, InvalidNifti, SourceAccessError, SourceNotFound, UnsupportedNifti, VirtniiError
+from ..errors import (InvalidGzip, InvalidNifti, ManifestError, SourceAccessError, SourceNotFound, UnsupportedNifti,
+                      VirtniiError)
 
 REPORT_FILE = "index-report.json"
 
@@ -45,6 +46,8 @@ def reason(err: VirtniiError) -> str:
         if text.startswith("data truncated"):
             return "header-only"
         return "not-nifti"
+    if isinstance(err, ManifestError):
+        return "bad-name"
     return "unreadable"
 
 
