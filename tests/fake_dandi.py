@@ -106,6 +106,10 @@ class FakeDandi:
         self.requests: list[str] = []
         #: Whether pages say how many items there are in all (an API may leave ``count`` out: follow ``next``).
         self.counts = True
+        #: The longest page it gives (dandi-archive's cap; another instance may have a lower one).
+        self.max_page_size = MAX_PAGE_SIZE
+        #: Added to every count: a version changed between the pages of one listing.
+        self.miscount = 0
         self._lock = threading.Lock()
         self.meter = MeteredApp(self._app)
         self._server = waitress.create_server(self.meter, host="127.0.0.1", port=0, threads=threads,
@@ -269,11 +273,11 @@ class FakeDandi:
         return self._page(environ, params, list(children.values()))
 
     def _page(self, environ: dict[str, Any], params: dict[str, str], items: list[Any]) -> dict[str, Any]:
-        size = min(int(params.get("page_size", DEFAULT_PAGE_SIZE)), MAX_PAGE_SIZE)
+        size = min(int(params.get("page_size", DEFAULT_PAGE_SIZE)), self.max_page_size)
         number = int(params.get("page", 1))
         start = (number - 1) * size
         base = f"{self.url.rsplit('/api', 1)[0]}{environ['PATH_INFO']}"
         link = lambda n: f"{base}?{urllib.parse.urlencode({**params, 'page': n})}"  # noqa: E731
-        return {"count": len(items) if self.counts else None, "next": link(number + 1) if start + size < len(items) else None,
+        return {"count": len(items) + self.miscount if self.counts else None, "next": link(number + 1) if start + size < len(items) else None,
                 "previous": link(number - 1) if number > 1 else None, "results": items[start:start + size]}
 

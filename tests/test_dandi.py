@@ -176,6 +176,28 @@ def test_pages_without_a_count_are_followed_one_after_the_other(
     assert all("page=" in r for r in pages[1:])
 
 
+def test_an_instance_capping_pages_lower_is_listed_whole(
+        fake: FakeDandi, archive: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pages are as long as the server makes them, not as long as asked: asked for 3, given 2, every asset of
+    the version is still listed (the pages to ask for come from the first page's length)."""
+    monkeypatch.setattr(virtnii.dandi, "PAGE_SIZE", 3)
+    monkeypatch.setattr(fake, "max_page_size", 2)
+    result = virtnii.scan([f"dandi://fake/{DANDISET}"], str(tmp_path / "out"))
+    assert {e.name for e in result.images} == {p.split(".")[0] for p in archive["originals"]}
+    published = fake.dandisets[DANDISET].versions["0.230101.0000"]
+    pages = [r for r in fake.requests if "/versions/0.230101.0000/assets/?" in r]
+    assert len(pages) == math.ceil(len(published) / 2)
+
+
+def test_a_listing_short_of_its_count_is_an_error_not_a_partial_manifest(
+        fake: FakeDandi, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fake, "miscount", 1)
+    result = virtnii.scan([f"dandi://fake/{DANDISET}"], str(tmp_path / "out"))
+    [failure] = result.failures
+    assert not result.images and isinstance(failure, virtnii.SourceAccessError)
+    assert "where it counted" in str(failure) and "try again" in str(failure)
+
+
 def test_dandi_and_other_sources_mix_in_one_scan(fake: FakeDandi, tmp_path: Path) -> None:
     result = virtnii.scan([f"dandi://fake/{DANDISET}@draft/rawdata/sub-01/anat/sub-01_T1w.nii",
                            str(DATA / "functional.nii")], str(tmp_path / "out"))

@@ -218,9 +218,10 @@ class DandiAPI:
         records = list(first.get("results") or [])
         count, following = first.get("count"), first.get("next")
         total = f"/{count}" if isinstance(count, int) else ""
-        if following and total:
+        if following and total and records:
+            # pages as long as the first one: an instance may cap page_size below what was asked
             pages = [f"{base}?{urllib.parse.urlencode({**query, 'page': str(n)})}"
-                     for n in range(2, math.ceil(count / PAGE_SIZE) + 1)]
+                     for n in range(2, math.ceil(count / len(records)) + 1)]
             for start in range(0, len(pages), REQUESTS_AT_ONCE):
                 paging(f"{len(records)}{total} assets listed")
                 for page in self.get_many(pages[start:start + REQUESTS_AT_ONCE], where):
@@ -231,7 +232,11 @@ class DandiAPI:
                 page = self.get(following, where)
                 records += page.get("results") or []
                 following = page.get("next")
-        return {asset.path: asset for asset in map(_asset, records)}
+        assets = {asset.path: asset for asset in map(_asset, records)}
+        if isinstance(count, int) and len(assets) != count:  # never a silently partial listing
+            raise SourceAccessError(where, f"the DANDI API listed {len(assets)} distinct assets where it counted "
+                                           f"{count} (was the version changed while being listed?): try again")
+        return assets
 
     def resolve_downloads(self, assets: list[Asset]) -> list[str | BaseException | None]:
         """Give assets listed with only the API's download URL their blob URL: where that URL redirects (one
