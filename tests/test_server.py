@@ -21,6 +21,7 @@ import threading
 import time
 import types
 import urllib.error
+import urllib.parse
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
@@ -167,6 +168,21 @@ def test_v2_manifests_are_served_as_v2(tree: dict[str, Any]) -> None:
         assert fetch(f"{url}zarr/zarr.json")[0] == 404
         assert fetch(f"{url}zarr/anatomical/0/zarr.json")[0] == 404
         assert fetch(f"{url}zarr/anatomical/0/9.9.9")[0] == 404  # outside the grid of a Parquet reference set
+
+
+def test_parquet_keys_are_looked_up_exactly(tree: dict[str, Any]) -> None:
+    """fsspec's lazy Parquet mapper makes a row number of any key below an array: only the keys zarr itself
+    would ask for are served, each with its own chunk's bytes; other spellings and shapes are 404."""
+    with running([str(tree["manifests"]["v2"])]) as url:
+        array = f"{url}zarr/anatomical/1"  # a written level in 16³ chunks: a grid of several rows
+        meta = json.loads(fetch(f"{array}/.zarray")[2])
+        grid = [-(-size // step) for size, step in zip(meta["shape"], meta["chunks"])]
+        assert grid == [1, 2, 2], grid
+        bodies = [fetch(f"{array}/0.{y}.{x}") for y in range(2) for x in range(2)]
+        assert all(status == 200 for status, _, _ in bodies) and len({b for _, _, b in bodies}) == 4
+        for bad in ["1.0.0", "0.2.0", "0.0.2", "0.1", "0.0.0.0", "0", "00.0.0", "0.01.0", "+0.0.0", " 0.0.0",
+                    "0_0.0.0", "\u0660.0.0", "-1.0.0", "0/0/0", "0.0.0.", "0..0.0"]:
+            assert fetch(f"{array}/{urllib.parse.quote(bad)}")[0] == 404, bad
 
 
 def test_several_manifests_are_one_subgroup_each_under_a_root_group(tree: dict[str, Any]) -> None:

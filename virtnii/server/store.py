@@ -163,7 +163,7 @@ class Store:
         served, inner = self._manifest_of(key)
         if served is None or not inner:
             return None
-        lookup = functools.partial(_reference, served.references, inner)
+        lookup = functools.partial(_reference, served.references, inner, served.lazy)
         ref = await asyncio.to_thread(lookup) if served.lazy else lookup()
         if ref is None:
             return None
@@ -210,8 +210,15 @@ def content_type(name: str) -> str:
     return _TYPES.get(posixpath.splitext(name)[1].lower(), "application/octet-stream")
 
 
-def _reference(references: ReferenceFileSystem, key: str) -> Any:
-    """The reference of ``key`` (a list, or inlined text/bytes), or None when the manifest has no such key."""
+def _reference(references: ReferenceFileSystem, key: str, lazy: bool = False) -> Any:
+    """The reference of ``key`` (a list, or inlined text/bytes), or None when the manifest has no such key.
+
+    ``lazy`` (Parquet references): fsspec's lazy mapper turns any key below an array into a row number without
+    checking it (``0.1.0`` of a 2×1×1 grid is row 1, ``00.0.0`` row 0), so a chunk key is first checked to be
+    one the array has, spelled as zarr spells it: else another chunk's bytes would answer a key that is not.
+    """
+    if lazy and posixpath.basename(key) not in METADATA_KEYS and not _chunk_of_v2_array(references, key):
+        return None
     try:
         ref = references.references[key]
     except (KeyError, ValueError, IndexError, TypeError):  # Parquet: a key outside any array's grid
@@ -219,6 +226,26 @@ def _reference(references: ReferenceFileSystem, key: str) -> Any:
     if isinstance(ref, (list, tuple)):  # Parquet marks a chunk it does not have [nan]
         return [ref[0], *map(int, ref[1:])] if ref and isinstance(ref[0], str) else None
     return ref
+
+
+def _chunk_of_v2_array(references: ReferenceFileSystem, key: str) -> bool:
+    """Whether ``key`` is ``ARRAY/CHUNK`` for a Zarr v2 array of ``references`` and a chunk inside its grid,
+    in canonical form (ASCII decimal indices without leading zeros, one per dimension, the array's separator)."""
+    for cut in [i for i, c in enumerate(key) if c == "/"][::-1]:
+        array, chunk = key[:cut], key[cut + 1:]
+        try:
+            meta = json.loads(references.references[f"{array}/.zarray"])
+        except (KeyError, ValueError, IndexError, TypeError):
+            continue
+        separator = meta.get("dimension_separator") or "."
+        indices = chunk.split(separator)
+        grid = [-(-size // step) for size, step in zip(meta["shape"], meta["chunks"])]
+        if not grid:  # a 0-d array's one chunk
+            return chunk == "0"
+        return len(indices) == len(grid) and all(
+            index.isascii() and index.isdigit() and str(int(index)) == index and int(index) < extent
+            for index, extent in zip(indices, grid))
+    return False
 
 
 def _etag(parts: Sequence[bytes]) -> str:
