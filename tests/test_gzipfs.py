@@ -329,3 +329,15 @@ def test_concurrent_first_reads_from_threads_are_exact_and_read_each_window_once
     starts, ends = offsets[4:12], offsets[5:13]
     assert fresh.cat_ranges([url] * len(starts), starts, ends) == [plain[a:b] for a, b in zip(starts, ends)]
     assert len(reads) == 1
+
+
+def test_load_locks_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One lock per descriptor met would grow without end in a long-running server: unheld ones are dropped."""
+    monkeypatch.setattr(gzipfs, "_LOCKS", {})
+    monkeypatch.setattr(gzipfs, "_MAX_LOCKS", 8)
+    held = gzipfs._lock("held")
+    with held:
+        for n in range(100):
+            gzipfs._lock(f"d{n}")
+        assert len(gzipfs._LOCKS) <= 8 and gzipfs._LOCKS["held"] is held
+        assert gzipfs._lock("held") is held

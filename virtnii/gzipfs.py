@@ -56,6 +56,7 @@ _MAX_INDEXES = 64
 _INDEXES_LOCK = threading.Lock()
 _CHECKER = fingerprint.Checker()
 _LOCKS: dict[str, threading.Lock] = {}
+_MAX_LOCKS = 4096
 _LOCKS_GUARD = threading.Lock()
 _POOL: ThreadPoolExecutor | None = None
 #: Uncompressed bytes after which a run of touching ranges is split into another fetch: one huge request
@@ -64,8 +65,9 @@ _MAX_RUN = 64 << 20
 
 
 def clear_caches() -> None:
-    """Forget this process's parsed indexes, passed source checks and ``gzidx`` filesystem instances: the next
-    read of every file is a first read again (as benchmarks of cold reads need), and their memory is freed."""
+    """Forget this process's parsed indexes, passed source checks and cached ``gzidx`` filesystem instances, and
+    free their memory: the next read through a manifest opened *after* this is a first read again (as
+    benchmarks of cold reads need).  Groups opened before keep their own reader, and what it has loaded."""
     with _INDEXES_LOCK:
         _INDEXES.clear()
     _CHECKER.forget()
@@ -82,7 +84,13 @@ def _decode_pool() -> ThreadPoolExecutor:
 
 
 def _lock(url: str) -> threading.Lock:
+    """The lock under which the descriptor at ``url`` is loaded.  Locks not held are dropped once there are
+    :data:`_MAX_LOCKS` (a long-running server meets many descriptors): at worst two first reads then load one
+    descriptor twice, which is only work."""
     with _LOCKS_GUARD:
+        if url not in _LOCKS and len(_LOCKS) >= _MAX_LOCKS:
+            for key in [key for key, lock in _LOCKS.items() if not lock.locked()]:
+                del _LOCKS[key]
         return _LOCKS.setdefault(url, threading.Lock())
 
 
