@@ -527,6 +527,54 @@ def test_the_view_module_is_mounted_when_installed(tree: dict[str, Any], monkeyp
     assert made[0][1] is made[1][1]
 
 
+def test_view_chunks_assembled_at_once_are_bounded(tree: dict[str, Any]) -> None:
+    """Each view chunk reads a band of its source: however many requests come, at most MAX_VIEWS run at once."""
+    from virtnii.server.app import MAX_VIEWS
+
+    running_now, most = 0, 0
+
+    async def view(image: Any, key: str) -> bytes | None:
+        nonlocal running_now, most
+        running_now += 1
+        most = max(most, running_now)
+        await asyncio.sleep(0.05)
+        running_now -= 1
+        return key.encode()
+
+    with running([str(tree["manifests"]["v3"])], view=view) as url:
+        threads = [threading.Thread(target=fetch, args=(f"{url}view/anatomical/0/c/0/0/{n}",)) for n in range(40)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert most == MAX_VIEWS
+
+
+def test_a_view_that_failed_to_open_is_tried_again(tree: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A view whose construction failed (its source unreadable just then) is not kept: the next request makes
+    it again, and succeeds once the source is back."""
+    attempts = []
+
+    class ImageView:
+        def __init__(self, group: zarr.Group, *, cache: Any) -> None:
+            attempts.append(1)
+            if len(attempts) == 1:
+                raise virtnii.SourceUnavailable("s3://bucket/x.nii", "cannot stat: 5 attempt(s) failed")
+
+        async def get(self, key: str) -> bytes | None:
+            return b"{}" if key == "zarr.json" else None
+
+    module = types.ModuleType("virtnii.server.view")
+    module.__spec__ = importlib.machinery.ModuleSpec("virtnii.server.view", None)
+    module.ImageView, module.SlabCache = ImageView, object  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "virtnii.server.view", module)
+    with running([str(tree["manifests"]["v3"])]) as url:
+        assert fetch(f"{url}view/anatomical/zarr.json")[0] == 502
+        assert fetch(f"{url}view/anatomical/zarr.json")[0] == 200
+        assert fetch(f"{url}view/anatomical/zarr.json")[0] == 200
+    assert len(attempts) == 2
+
+
 # -- the command line ---------------------------------------------------------------------------------------
 
 

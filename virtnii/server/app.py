@@ -7,8 +7,8 @@ viewer-compatible view of an image (:data:`ViewFunction`, from ``virtnii.server.
 One handler takes every request: the raw path is checked (:func:`~.semantics.request_path`) before any routing,
 so a refused path never reaches a lookup, and every answer goes through :func:`_respond` (HEAD, one Range,
 conditional requests, CORS).  Source reads run on the reference filesystems' own thread pools (file reads,
-inflates) and never block the event loop; at most :data:`MAX_READS` are under way, bounding the memory that
-chunks being read can take.
+inflates) and never block the event loop; at most :data:`MAX_READS` key reads and :data:`MAX_VIEWS` view chunks
+are under way, bounding the memory that chunks being read can take.
 
 aiohttp rather than Starlette + uvicorn (measured, docs/serve.md): the same requests/s for small chunk responses
 on loopback, no new dependency (s3fs and fsspec's HTTP filesystem already need it), and its client drives the
@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -48,6 +49,9 @@ log = logging.getLogger("virtnii.server")
 STATIC = Path(__file__).with_name("static")
 #: Source reads under way at once; more requests wait.  Each holds one chunk (~4 MiB) in memory.
 MAX_READS = 32
+#: Viewer-view chunks assembled at once; more requests wait.  Each reads its block's band of the source (a
+#: ``.nii.gz`` slab is decoded behind the view's shared cache), tens to hundreds of MB for a big image.
+MAX_VIEWS = 4
 METHODS = "GET, HEAD, OPTIONS"
 #: Response headers a page's script may read (CORS exposes only a few by default).
 EXPOSED = "Content-Length, Content-Range, Accept-Ranges, ETag, Last-Modified"
@@ -61,6 +65,7 @@ CACHE_CONTROL = "no-cache"
 ViewFunction = Callable[[ServedImage, str], "Awaitable[bytes | None] | bytes | None"]
 
 _READS = web.AppKey("reads", asyncio.Semaphore)
+_VIEWS = web.AppKey("views", asyncio.Semaphore)
 
 
 @dataclass(frozen=True)
@@ -91,12 +96,19 @@ def default_view() -> ViewFunction | None:
 
     async def view_key(image: ServedImage, key: str) -> bytes | None:
         if image.path not in views:  # concurrent first requests share one construction
-            views[image.path] = asyncio.ensure_future(
+            made = views[image.path] = asyncio.ensure_future(
                 asyncio.to_thread(lambda: module.ImageView(image.group, cache=cache)))
+            made.add_done_callback(functools.partial(_forget_failed, views, image.path))
         made = await asyncio.shield(views[image.path])  # a cancelled request leaves it to the others
         return await made.get(key)
 
     return view_key
+
+
+def _forget_failed(views: dict[str, asyncio.Task[Any]], path: str, made: asyncio.Task[Any]) -> None:
+    """Drop a view whose construction failed (a source unreadable just then): the next request tries again."""
+    if made.cancelled() or made.exception() is not None:
+        views.pop(path, None)
 
 
 def create_app(store: Store, *, view: ViewFunction | None = None, static: Path = STATIC) -> web.Application:
@@ -141,10 +153,11 @@ def create_app(store: Store, *, view: ViewFunction | None = None, static: Path =
         if image is None or not path.startswith(image.path + "/"):
             return None
         key = path[len(image.path) + 1:]
-        if inspect.iscoroutinefunction(view):
-            data = await view(image, key)  # type: ignore[misc]
-        else:
-            data = await asyncio.to_thread(view, image, key)  # type: ignore[arg-type]
+        async with app[_VIEWS]:
+            if inspect.iscoroutinefunction(view):
+                data = await view(image, key)  # type: ignore[misc]
+            else:
+                data = await asyncio.to_thread(view, image, key)  # type: ignore[arg-type]
         if data is None:
             return None
         etag = await asyncio.to_thread(_digest, [data])
@@ -161,6 +174,7 @@ def create_app(store: Store, *, view: ViewFunction | None = None, static: Path =
 
     async def startup(app: web.Application) -> None:
         app[_READS] = asyncio.Semaphore(MAX_READS)
+        app[_VIEWS] = asyncio.Semaphore(MAX_VIEWS)
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handle)
